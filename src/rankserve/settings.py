@@ -1,0 +1,200 @@
+"""Settings as frozen, validated dataclasses, with named presets.
+
+Every knob of the build and of the served pipeline lives here. ``config.pbtxt`` files are generated
+from these objects (see :mod:`rankserve.builder.configs`), and the stage adapters read them back from
+the model configuration's ``parameters`` through :func:`from_parameters`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, TypeVar
+
+from rankserve.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """How (query, product text) pairs become model inputs."""
+
+    max_length: int = 128
+    """Pairs longer than this many tokens are truncated (longest side first: the product text)."""
+    max_candidates: int = 1000
+    """Largest number of candidate texts one request may carry."""
+    max_text_bytes: int = 4096
+    """Largest UTF-8 size of the query or of one candidate text."""
+
+    def __post_init__(self) -> None:
+        _require(8 <= self.max_length <= 512, f"max_length must be in [8, 512], got {self.max_length}")
+        _require(1 <= self.max_candidates <= 100_000, f"max_candidates must be in [1, 100000], got {self.max_candidates}")
+        _require(self.max_text_bytes >= 16, f"max_text_bytes must be >= 16, got {self.max_text_bytes}")
+
+
+@dataclass(frozen=True)
+class OrtSettings:
+    """ONNX Runtime session options of the CPU rank stage."""
+
+    intra_op_threads: int = 0
+    """0 lets ONNX Runtime use one thread per physical core."""
+    inter_op_threads: int = 1
+    graph_optimization: str = "all"
+
+    def __post_init__(self) -> None:
+        _require(self.intra_op_threads >= 0, "intra_op_threads must be >= 0")
+        _require(self.inter_op_threads >= 1, "inter_op_threads must be >= 1")
+        _require(
+            self.graph_optimization in ("disable", "basic", "extended", "all"),
+            f"graph_optimization must be disable|basic|extended|all, got {self.graph_optimization!r}",
+        )
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """The numeric check of the exported ONNX model against PyTorch."""
+
+    shapes: tuple[tuple[int, int], ...] = ((1, 8), (4, 32), (16, 64), (3, 128))
+    """(batch, sequence length) pairs checked on fresh random inputs."""
+    atol: float = 1e-4
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _require(len(self.shapes) > 0, "at least one check shape is needed")
+        for b, n in self.shapes:
+            _require(b >= 1 and n >= 4, f"check shape ({b}, {n}) must have batch >= 1 and length >= 4")
+        _require(0 < self.atol < 1, f"atol must be in (0, 1), got {self.atol}")
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Everything ``rankserve build`` needs besides the ranker directory and the output path."""
+
+    target: str = "cpu"
+    opset: int = 17
+    tokenize: TokenizeSettings = field(default_factory=TokenizeSettings)
+    ort: OrtSettings = field(default_factory=OrtSettings)
+    check: CheckSettings = field(default_factory=CheckSettings)
+    rank_instances: int = 1
+    """Instances of the rank stage (each holds one ONNX Runtime session)."""
+
+    def __post_init__(self) -> None:
+        _require(self.target in ("cpu",), f"target {self.target!r} is not supported yet (cpu)")
+        _require(14 <= self.opset <= 20, f"opset must be in [14, 20], got {self.opset}")
+        _require(self.rank_instances >= 1, "rank_instances must be >= 1")
+        _require(
+            max(n for _, n in self.check.shapes) <= self.tokenize.max_length,
+            "every check length must be <= tokenize.max_length",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The demo catalog and labels generated around the WANDS queries."""
+
+    seed: int = 13
+    heldout_fraction: float = 0.2
+    exact_per_query: int = 3
+    partial_per_query: int = 4
+    hard_negatives_per_query: int = 5
+    easy_negatives_per_query: int = 8
+
+    def __post_init__(self) -> None:
+        _require(0 < self.heldout_fraction < 1, "heldout_fraction must be in (0, 1)")
+        for name in ("exact_per_query", "partial_per_query", "hard_negatives_per_query", "easy_negatives_per_query"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Fine-tuning of the demo cross-encoder."""
+
+    epochs: int = 2
+    queries_per_step: int = 2
+    """Each step scores every candidate of this many queries (pointwise + listwise loss)."""
+    learning_rate: float = 5e-5
+    warmup_fraction: float = 0.1
+    max_length: int = 64
+    seed: int = 7
+    threads: int = 0
+    """0 keeps PyTorch's default (one per core)."""
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "epochs must be >= 1")
+        _require(self.queries_per_step >= 1, "queries_per_step must be >= 1")
+        _require(0 < self.learning_rate < 1, "learning_rate must be in (0, 1)")
+        _require(0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)")
+        _require(8 <= self.max_length <= 512, "max_length must be in [8, 512]")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The embedded tritonserver."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    ready_timeout_s: float = 180.0
+    exit_timeout_s: int = 30
+    log_verbose: int = 0
+
+    def __post_init__(self) -> None:
+        ports = (self.http_port, self.grpc_port, self.metrics_port)
+        for p in ports:
+            _require(0 < p < 65536, f"port {p} out of range")
+        _require(len(set(ports)) == 3, f"http, grpc and metrics ports must differ, got {ports}")
+        _require(self.ready_timeout_s > 0, "ready_timeout_s must be > 0")
+        _require(self.exit_timeout_s >= 1, "exit_timeout_s must be >= 1")
+
+
+PRESETS: dict[str, BuildSettings] = {
+    # The demo ranker: pairs are short (WANDS queries + product titles), 128 tokens covers them all.
+    "default": BuildSettings(),
+    # A quick build for tests: a single rank instance, fewer check shapes.
+    "tiny": BuildSettings(
+        tokenize=TokenizeSettings(max_length=64),
+        check=CheckSettings(shapes=((1, 8), (4, 24), (7, 64))),
+    ),
+}
+
+
+def preset(name: str) -> BuildSettings:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown build preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def from_parameters(cls: type[T], parameters: Mapping[str, Any]) -> T:
+    """Rebuild a flat settings dataclass from Triton ``parameters`` (``{"k": {"string_value": "v"}}``).
+
+    Keys not in ``cls`` are ignored, missing keys keep their defaults, values are converted to the
+    field's type and then validated by the dataclass itself.
+    """
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in parameters:
+            continue
+        raw = parameters[f.name]
+        value = raw.get("string_value") if isinstance(raw, Mapping) else raw
+        default = getattr(cls(), f.name)
+        try:
+            kwargs[f.name] = type(default)(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"parameter {f.name}={value!r} is not a valid {type(default).__name__}") from exc
+    return cls(**kwargs)
+
+
+def to_parameters(settings: Any) -> dict[str, str]:
+    """The flat fields of a settings dataclass as Triton string parameters."""
+    return {f.name: str(getattr(settings, f.name)) for f in dataclasses.fields(settings)}

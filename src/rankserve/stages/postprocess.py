@@ -1,0 +1,33 @@
+"""Pure functions of the ``postprocess`` stage: order candidates by score and keep the top k."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rankserve.errors import InvalidInput
+
+
+def parse_top_k(top_k: np.ndarray | None, n: int) -> int:
+    """The number of results to return: ``top_k`` clamped to ``n``, or ``n`` when absent."""
+    if top_k is None:
+        return n
+    values = np.asarray(top_k).reshape(-1)
+    if values.size != 1:
+        raise InvalidInput(f"'top_k' must hold one value, got {values.size}")
+    if not np.issubdtype(values.dtype, np.integer):
+        raise InvalidInput(f"'top_k' must be an integer, got {values.dtype}")
+    k = int(values[0])
+    if k < 1:
+        raise InvalidInput(f"'top_k' must be >= 1, got {k}")
+    return min(k, n)
+
+
+def order(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (int32) and scores (float32) of the ``k`` best candidates, best first.
+
+    Ties keep input order; NaN scores sort last.
+    """
+    s = np.asarray(scores, dtype=np.float32).reshape(-1)
+    key = np.where(np.isnan(s), -np.inf, s)
+    idx = np.lexsort((np.arange(s.size), np.isnan(s), -key))[:k]
+    return idx.astype(np.int32), s[idx]

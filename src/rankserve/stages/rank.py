@@ -1,0 +1,53 @@
+"""The ``rank`` stage on CPU: an ONNX Runtime session scoring encoded pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from rankserve.errors import InvalidInput
+from rankserve.settings import OrtSettings
+
+_GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def create_session(model_path: str | Path, settings: OrtSettings):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_LEVELS[settings.graph_optimization])
+    return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def check_encoded(encoded: Mapping[str, np.ndarray | None], required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Check that the encoded inputs the model needs are present, 2-D int64 and of one shape."""
+    feeds: dict[str, np.ndarray] = {}
+    for name in required:
+        value = encoded.get(name)
+        if value is None:
+            raise InvalidInput(f"input '{name}' is required")
+        if value.ndim != 2 or value.dtype != np.int64:
+            raise InvalidInput(f"'{name}' must be a 2-D INT64 tensor, got {value.ndim}-D {value.dtype}")
+        feeds[name] = value
+    shapes = {v.shape for v in feeds.values()}
+    if len(shapes) != 1:
+        raise InvalidInput(f"encoded inputs disagree in shape: {sorted(shapes)}")
+    return feeds
+
+
+class OnnxRanker:
+    """Scores encoded pairs with an ONNX model whose single output is one logit per pair."""
+
+    def __init__(self, model_path: str | Path, settings: OrtSettings) -> None:
+        self.session = create_session(model_path, settings)
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_name = self.session.get_outputs()[0].name
+
+    def score(self, encoded: Mapping[str, np.ndarray | None]) -> np.ndarray:
+        feeds = check_encoded(encoded, self.input_names)
+        (logits,) = self.session.run([self.output_name], feeds)
+        return np.asarray(logits, dtype=np.float32).reshape(-1)

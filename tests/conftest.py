@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny real cross-encoder, its model repository built by the real build code,
+and the real embedded tritonserver serving it on free loopback ports."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rankserve.data.catalog import Dataset, generate
+from rankserve.data.wands import load_queries
+from rankserve.settings import PRESETS, DataSettings, ServeSettings
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="session")
+def wands_queries():
+    return load_queries()
+
+
+@pytest.fixture(scope="session")
+def dataset(wands_queries) -> Dataset:
+    return generate(wands_queries, DataSettings())
+
+
+def make_tiny_ranker(out: Path, num_labels: int = 1, seed: int = 0) -> Path:
+    """A 2-layer BERT cross-encoder (random weights) with the all-MiniLM-L6-v2 tokenizer, saved
+    in Hugging Face format: the same kind of directory users bring, small enough to build in seconds."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from rankserve.train.finetune import pretrained_encoder_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_encoder_dir())
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, num_labels=num_labels, initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ranker(tmp_path_factory) -> Path:
+    return make_tiny_ranker(tmp_path_factory.mktemp("tiny_ranker"))
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tiny_ranker, tmp_path_factory) -> Path:
+    from rankserve.builder.repository import build_repository
+
+    out = tmp_path_factory.mktemp("model_repository")
+    build_repository(tiny_ranker, out, TINY, log=lambda _msg: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def offline_scorer(tiny_ranker):
+    """PyTorch scores of the tiny ranker, tokenized by Hugging Face: the reference for served scores."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_ranker).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_ranker)
+
+    def score(query: str, texts: list[str]) -> np.ndarray:
+        with torch.inference_mode():
+            enc = tokenizer([query] * len(texts), texts, truncation=True, max_length=TINY.tokenize.max_length,
+                            padding=True, return_tensors="pt")
+            return model(**enc).logits[:, 0].numpy()
+
+    return score
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_serve_settings() -> ServeSettings:
+    ports = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    http, grpc, metrics = ports
+    return ServeSettings(http_port=http, grpc_port=grpc, metrics_port=metrics, exit_timeout_s=10)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_repo, tmp_path_factory):
+    from rankserve.server.embedded import EmbeddedServer
+
+    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    with EmbeddedServer(tiny_repo, free_serve_settings(), log) as srv:
+        yield srv
