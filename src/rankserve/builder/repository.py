@@ -62,6 +62,16 @@ def _install_stage(name: str, out: Path, source_stage: str | None = None) -> Pat
     return version_dir
 
 
+def write_serving_tokenizer(hf_tokenizer, path: Path) -> Path:
+    """Save the fast tokenizer as ``tokenizer.json`` with its pad token and no fixed truncation
+    (the tokenize stage applies ``max_length`` from its settings)."""
+    backend = hf_tokenizer.backend_tokenizer
+    backend.no_truncation()
+    backend.enable_padding(pad_id=hf_tokenizer.pad_token_id, pad_token=hf_tokenizer.pad_token)
+    backend.save(str(path))
+    return path
+
+
 def build_repository(
     ranker_dir: str | Path,
     out: str | Path,
@@ -86,10 +96,7 @@ def build_repository(
         rank_dir = _install_stage(api.RANK_MODEL, out)
         shutil.move(str(onnx_tmp), rank_dir / "model.onnx")
     tokenize_dir = _install_stage(api.TOKENIZE_MODEL, out)
-    backend = ranker.tokenizer.backend_tokenizer
-    backend.no_truncation()  # truncation is applied at serving time from the tokenize settings
-    backend.enable_padding(pad_id=ranker.tokenizer.pad_token_id, pad_token=ranker.tokenizer.pad_token)
-    backend.save(str(tokenize_dir / "tokenizer.json"))
+    write_serving_tokenizer(ranker.tokenizer, tokenize_dir / "tokenizer.json")
     _install_stage(api.POSTPROCESS_MODEL, out)
     (out / api.RANKER_MODEL / "1").mkdir(parents=True, exist_ok=True)  # ensembles need a version dir
     model_configs = configs.cpu_repository(settings)

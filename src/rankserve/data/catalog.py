@@ -65,7 +65,7 @@ _BLURBS = (
     "designer pick", "eco-friendly finish", "easy to clean", "new arrival", "customer favorite",
 )
 _STUFFING = ("pairs well with {q}", "a great match for your {q}", "complements {q}", "goes with any {q}")
-_ACCESSORIES = ("replacement legs for {p}", "cover for {p}", "{p} hardware kit", "cleaning kit for {p}")
+ACCESSORIES = ("replacement legs for {p}", "cover for {p}", "{p} hardware kit", "cleaning kit for {p}")
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
 
 
@@ -210,17 +210,17 @@ class _Generator:
 
     def partial(self, q: Query) -> str:
         words = tokens(q.text)
-        swappable = [i for i, w in enumerate(words) if w in _FAMILY]
+        mods = set(self.modifiers(q))  # attribute words that are not part of the class name
+        swappable = [i for i, w in enumerate(words) if w in _FAMILY and w in mods]
         if swappable:  # same class, one attribute contradicts the query
             i = self.rng.choice(swappable)
             words = words[:i] + [_other_value(words[i], self.rng)] + words[i + 1 :]
-        elif self.modifiers(q):  # same class, the query's modifiers missing
-            mods = set(self.modifiers(q))
+        elif mods:  # same class, the query's modifiers missing
             kept = [w for w in words if w not in mods]
             words = _extras(set(kept), self.rng, 1) + kept
         else:  # the query is the class itself: an accessory of that product, not the product
             ptype = product_type(q.query_class, self.rng)
-            return _render(self.rng, [self.rng.choice(_ACCESSORIES).format(p=ptype)], "", q.query_class)
+            return _render(self.rng, [self.rng.choice(ACCESSORIES).format(p=ptype)], "", q.query_class)
         ptype = product_type(q.query_class, self.rng)
         return _render(self.rng, words, ptype, q.query_class)
 

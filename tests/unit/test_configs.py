@@ -1,0 +1,43 @@
+from rankserve import api
+from rankserve.builder import configs
+from rankserve.settings import PRESETS, BuildSettings
+
+
+def test_generated_configs_parse_back_with_tritons_schema():
+    for name, config in configs.cpu_repository(BuildSettings()).items():
+        text = configs.to_text(config)
+        parsed = configs.parse(text)
+        assert parsed == config and parsed.name == name
+
+
+def test_ensemble_exposes_the_public_api():
+    ranker = configs.cpu_repository(BuildSettings())[api.RANKER_MODEL]
+    assert [(i.name, i.dims, i.optional) for i in ranker.input] == [
+        ("query", [1], False), ("texts", [-1], False), ("top_k", [1], True)]
+    assert [(o.name, o.dims) for o in ranker.output] == [("indices", [-1]), ("scores", [-1])]
+
+
+def test_ensemble_wiring_is_closed():
+    """Every step input is an ensemble input or an earlier step's output, with matching types;
+    every ensemble output is produced."""
+    models = configs.cpu_repository(BuildSettings())
+    ranker = models[api.RANKER_MODEL]
+    available = {i.name: i.data_type for i in ranker.input}
+    for step in ranker.ensemble_scheduling.step:
+        model = models[step.model_name]
+        declared_in = {i.name: i for i in model.input}
+        for model_input, tensor in step.input_map.items():
+            assert tensor in available, f"{step.model_name}.{model_input} <- {tensor} is never produced"
+            assert declared_in[model_input].data_type == available[tensor]
+        missing = {n for n, i in declared_in.items() if not i.optional} - set(step.input_map)
+        assert not missing, f"{step.model_name} lacks {missing}"
+        for model_output, tensor in step.output_map.items():
+            available[tensor] = next(o.data_type for o in model.output if o.name == model_output)
+    assert {o.name for o in ranker.output} <= set(available)
+
+
+def test_settings_flow_into_parameters():
+    models = configs.cpu_repository(PRESETS["tiny"])
+    assert models["tokenize"].parameters["max_length"].string_value == "64"
+    assert models["rank"].parameters["graph_optimization"].string_value == "all"
+    assert models["rank"].instance_group[0].count == PRESETS["tiny"].rank_instances
