@@ -52,7 +52,6 @@ def load_ranker(ranker_dir: str | Path, settings: BuildSettings) -> LoadedRanker
     names = tuple(n for n in MODEL_INPUT_NAMES if n in accepted)
     if "input_ids" not in names or "attention_mask" not in names:
         raise BuildError(f"{source}: tokenizer inputs {sorted(accepted)} lack input_ids/attention_mask")
-    torch.set_grad_enabled(False)
     return LoadedRanker(model, tokenizer, names, source)
 
 
@@ -105,6 +104,7 @@ def torch_scores(ranker: LoadedRanker, feeds: dict[str, np.ndarray]) -> np.ndarr
 
 def export_onnx(ranker: LoadedRanker, path: str | Path, opset: int) -> Path:
     """Export with dynamic batch and sequence axes; the output is ``logits`` FP32 [batch]."""
+    import onnx
     import torch
 
     path = Path(path)
@@ -113,22 +113,21 @@ def export_onnx(ranker: LoadedRanker, path: str | Path, opset: int) -> Path:
     dynamic = {name: {0: "batch", 1: "sequence"} for name in ranker.input_names}
     dynamic[LOGITS.name] = {0: "batch"}
     try:
-        torch.onnx.export(
-            _wrapped(ranker),
-            tuple(torch.from_numpy(example[n]) for n in ranker.input_names),
-            str(path),
-            input_names=list(ranker.input_names),
-            output_names=[LOGITS.name],
-            dynamic_axes=dynamic,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,  # the TorchScript exporter gives the graph ORT's transformer fusions expect
-        )
-    except Exception as exc:  # noqa: BLE001
+        with torch.no_grad():
+            torch.onnx.export(
+                _wrapped(ranker),
+                tuple(torch.from_numpy(example[n]) for n in ranker.input_names),
+                str(path),
+                input_names=list(ranker.input_names),
+                output_names=[LOGITS.name],
+                dynamic_axes=dynamic,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,  # the TorchScript exporter gives the graph ORT's transformer fusions expect
+            )
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - any exporter failure is a build failure
         raise BuildError(f"ONNX export of {ranker.source} failed: {exc}") from exc
-    import onnx
-
-    onnx.checker.check_model(str(path))
     return path
 
 
