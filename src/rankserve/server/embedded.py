@@ -9,6 +9,7 @@ cleanly (SIGTERM to its process group, then SIGKILL after the exit timeout) so n
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,9 @@ from pathlib import Path
 
 from rankserve.errors import ServeError
 from rankserve.settings import ServeSettings
+
+
+_LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (.*?)(?:\\n\\nAt:|\"$)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -160,19 +164,30 @@ class EmbeddedServer:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def load_failures(self) -> list[str]:
+        """One line per model that failed to load, from the server log, without Python tracebacks."""
+        if not self.log_path or not self.log_path.exists():
+            return []
+        text = self.log_path.read_text(errors="replace")
+        escaped_newline = "\\n"  # the log writes newlines inside messages as a literal backslash-n
+        return [f"model '{m}' failed to load: {why.split(escaped_newline)[0]}" for m, why in _LOAD_FAILURE.findall(text)]
+
+    def _startup_error(self, what: str) -> ServeError:
+        failures = self.load_failures()
+        detail = "\n".join(failures) if failures else self.log_tail()
+        self.stop()
+        return ServeError(f"{what}:\n{detail}\n(full log: {self.log_path})")
+
     def wait_ready(self) -> "EmbeddedServer":
         deadline = time.monotonic() + self.settings.ready_timeout_s
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
-                self.stop()
-                raise ServeError(f"tritonserver exited (code {code}) before it was ready:\n{self.log_tail()}")
+                raise self._startup_error(f"tritonserver exited (code {code}) before it was ready")
             if self.is_ready():
                 return self
             time.sleep(0.25)
-        tail = self.log_tail()
-        self.stop()
-        raise ServeError(f"tritonserver not ready after {self.settings.ready_timeout_s:.0f} s:\n{tail}")
+        raise self._startup_error(f"tritonserver not ready after {self.settings.ready_timeout_s:.0f} s")
 
     def stop(self) -> int | None:
         """SIGTERM the server's process group, wait for the exit timeout, then SIGKILL what is left."""
