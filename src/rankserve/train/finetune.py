@@ -103,7 +103,7 @@ def train(model, tokenizer, dataset: Dataset, settings: TrainSettings, progress:
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-20:]):.3f}")
             bar.update()
     bar.close()
