@@ -74,3 +74,34 @@ def test_rejects_a_classifier_with_several_labels(tmp_path):
 def test_rejects_a_directory_that_is_not_a_model(tmp_path):
     with pytest.raises(BuildError, match="no config.json"):
         load_ranker(tmp_path, TINY)
+
+
+def test_a_ranker_without_token_type_ids_builds_and_scores_like_pytorch(tmp_path):
+    """DistilBERT-style cross-encoders take no token_type_ids: the export drops that input and the
+    CPU rank stage ignores the tensor tokenize sends."""
+    import torch
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    from rankserve.builder.repository import build_repository
+    from rankserve.stages.rank import OnnxRanker
+    from rankserve.stages.tokenize import encode_pairs, load_tokenizer
+    from rankserve.train.finetune import pretrained_encoder_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_encoder_dir())
+    config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                              num_labels=1, initializer_range=0.2)
+    torch.manual_seed(0)
+    DistilBertForSequenceClassification(config).eval().save_pretrained(tmp_path / "ranker")
+    tokenizer.save_pretrained(tmp_path / "ranker")
+    manifest = build_repository(tmp_path / "ranker", tmp_path / "repo", TINY, log=lambda _m: None)
+    assert manifest["ranker"]["inputs"] == ["input_ids", "attention_mask"]
+
+    texts = ["Larkin Salon Chair | Massage Chairs", "Oak Dining Table | Dining Tables", "rug"]
+    encoded = encode_pairs(load_tokenizer(tmp_path / "repo/tokenize/1/tokenizer.json", TINY.tokenize), "salon chair", texts)
+    served = OnnxRanker(tmp_path / "repo/rank/1/model.onnx", TINY.ort).score(encoded)
+    model = DistilBertForSequenceClassification.from_pretrained(tmp_path / "ranker").eval()
+    with torch.inference_mode():
+        enc = tokenizer(["salon chair"] * 3, texts, truncation=True, max_length=TINY.tokenize.max_length,
+                        padding=True, return_tensors="pt", return_token_type_ids=False)
+        expected = model(**enc).logits[:, 0].numpy()
+    assert np.max(np.abs(served - expected)) <= 1e-4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +50,11 @@ def load_ranker(ranker_dir: str | Path, settings: BuildSettings) -> LoadedRanker
     except (TypeError, ValueError):  # architectures without an eager/attn switch
         model = AutoModelForSequenceClassification.from_pretrained(source)
     model.eval()
-    accepted = set(tokenizer.model_input_names)
-    names = tuple(n for n in MODEL_INPUT_NAMES if n in accepted)
+    # Inputs both the tokenizer produces and the model's forward takes (DistilBERT, RoBERTa-style
+    # rankers have no token_type_ids; the rank stage then ignores that tensor).
+    produced = set(tokenizer.model_input_names)
+    taken = set(inspect.signature(model.forward).parameters)
+    names = tuple(n for n in MODEL_INPUT_NAMES if n in produced and n in taken)
     if "input_ids" not in names or "attention_mask" not in names:
         raise BuildError(f"{source}: tokenizer inputs {sorted(accepted)} lack input_ids/attention_mask")
     return LoadedRanker(model, tokenizer, names, source)
