@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from rankserve.errors import InvalidInput
-from rankserve.stages.postprocess import order, parse_top_k
+from rankserve.stages.postprocess import order, parse_top_k, postprocess
 
 
 def test_order_sorts_descending_and_keeps_top_k():
@@ -30,3 +30,11 @@ def test_top_k_absent_means_all_and_is_clamped():
 def test_bad_top_k(value, message):
     with pytest.raises(InvalidInput, match=message):
         parse_top_k(value, 5)
+
+
+def test_postprocess_stage_outputs():
+    out = postprocess(np.array([0.2, 0.9, 0.5], dtype=np.float32), np.array([2], dtype=np.int32))
+    assert out["indices"].tolist() == [1, 2] and out["scores"].tolist() == pytest.approx([0.9, 0.5])
+    assert postprocess(np.array([1.0], dtype=np.float32), None)["indices"].tolist() == [0]
+    with pytest.raises(InvalidInput, match="'logits' is required"):
+        postprocess(None, None)

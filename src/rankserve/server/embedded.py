@@ -208,7 +208,10 @@ class EmbeddedServer:
             self._log.close()
             self._log = None
         if self._tmp is not None:
-            shutil.rmtree(self._tmp / "backends", ignore_errors=True)
+            # Keep a log we chose ourselves for reading after the fact; drop everything else.
+            keep_log = self.log_path is not None and self._tmp in self.log_path.parents
+            shutil.rmtree(self._tmp / "backends" if keep_log else self._tmp, ignore_errors=True)
+            self._tmp = None
         return code
 
     def __enter__(self) -> "EmbeddedServer":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rankserve.api import INDICES, LOGITS, SCORES
 from rankserve.errors import InvalidInput
 
 
@@ -31,3 +32,12 @@ def order(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     key = np.where(np.isnan(s), -np.inf, s)
     idx = np.lexsort((np.arange(s.size), np.isnan(s), -key))[:k]
     return idx.astype(np.int32), s[idx]
+
+
+def postprocess(logits: np.ndarray | None, top_k: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The stage as a whole: ``indices`` and ``scores`` of the best ``top_k`` candidates."""
+    if logits is None:
+        raise InvalidInput(f"input '{LOGITS.name}' is required")
+    scores = np.asarray(logits).reshape(-1)
+    indices, ordered = order(scores, parse_top_k(top_k, scores.size))
+    return {INDICES.name: indices, SCORES.name: ordered}

@@ -1,0 +1,33 @@
+"""The one piece of glue every stage adapter shares: exactly one response per request.
+
+``pb_utils`` is passed in because ``triton_python_backend_utils`` only exists inside the
+Python-backend stub; everything else a stage does lives in pure functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from rankserve.errors import triton_error
+
+Handler = Callable[[Mapping[str, "np.ndarray | None"]], Mapping[str, np.ndarray]]
+
+
+def respond_each(pb_utils: Any, requests: Iterable[Any], input_names: Iterable[str], handler: Handler) -> list:
+    """Run ``handler`` on each request's inputs (``None`` when absent) and answer every request:
+    its outputs, or a ``TritonError`` with the right code (never a traceback) when it raises."""
+    names = tuple(input_names)
+    responses = []
+    for request in requests:
+        try:
+            arrays = {}
+            for name in names:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                arrays[name] = None if tensor is None else tensor.as_numpy()
+            outputs = handler(arrays)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()]))
+        except Exception as exc:  # one response per request, whatever happens
+            responses.append(pb_utils.InferenceResponse(error=triton_error(exc, pb_utils)))
+    return responses
