@@ -117,15 +117,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-length", type=int, help="override tokenize.max_length")
     s.set_defaults(func=_build)
 
-    for name, helptext in (("serve", "run the embedded tritonserver on a model repository"),):
-        s = sub.add_parser(name, help=helptext)
-        s.add_argument("--model-repository", default="model_repository")
-        s.add_argument("--host", default=ServeSettings.host)
-        s.add_argument("--http-port", type=int, default=ServeSettings.http_port)
-        s.add_argument("--grpc-port", type=int, default=ServeSettings.grpc_port)
-        s.add_argument("--metrics-port", type=int, default=ServeSettings.metrics_port)
-        s.add_argument("--log-file", help="tritonserver log (default: a temporary file)")
-        s.set_defaults(func=_serve)
+    s = sub.add_parser("serve", help="run the embedded tritonserver on a model repository")
+    s.add_argument("--model-repository", default="model_repository")
+    s.add_argument("--host", default=ServeSettings.host)
+    s.add_argument("--http-port", type=int, default=ServeSettings.http_port)
+    s.add_argument("--grpc-port", type=int, default=ServeSettings.grpc_port)
+    s.add_argument("--metrics-port", type=int, default=ServeSettings.metrics_port)
+    s.add_argument("--log-file", help="tritonserver log (default: a temporary file)")
+    s.set_defaults(func=_serve)
 
     s = sub.add_parser("rank", help="rank candidate texts for a query through a running server")
     s.add_argument("--url", default="127.0.0.1:8000")

@@ -38,6 +38,7 @@ class RankerClient:
         self.timeout_s = timeout_s
         self._tc = _module(protocol)
         url = url.split("://", 1)[-1]
+        self.url = url
         if protocol == "http":
             self._client = self._tc.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
         else:
@@ -71,7 +72,7 @@ class RankerClient:
         except tc.InferenceServerException as exc:
             raise _map(exc) from None
         except OSError as exc:  # connection refused / reset (HTTP)
-            raise Unavailable(f"cannot reach the ranker at {self.model}: {exc}") from None
+            raise Unavailable(f"cannot reach {self.url} ({self.protocol}): {exc}") from None
         indices = result.as_numpy(api.INDICES.name)
         scores = result.as_numpy(api.SCORES.name)
         return [Ranked(r + 1, int(i), float(s), texts[int(i)]) for r, (i, s) in enumerate(zip(indices, scores))]

@@ -64,7 +64,8 @@ def test_curl_example(server):
     assert outputs["indices"]["shape"] == [3] and len(set(outputs["indices"]["data"])) == 3
 
 
-def test_serve_command_starts_reports_endpoints_and_stops_cleanly_on_sigterm(tiny_repo, tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_serve_command_starts_reports_endpoints_and_stops_cleanly(tiny_repo, tmp_path, stop_signal):
     import shutil
 
     repo = tmp_path / "repo"  # a copy: the session's server fixture serves tiny_repo itself
@@ -87,7 +88,7 @@ def test_serve_command_starts_reports_endpoints_and_stops_cleanly_on_sigterm(tin
         assert "tritonserver ready" in banner, banner
         assert f"http://127.0.0.1:{s.http_port}" in banner and f"127.0.0.1:{s.grpc_port}" in banner
         assert len(_processes_mentioning(str(repo))) == 4  # the server and one stub per Python model
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop_signal)
         rest = proc.communicate(timeout=60)[0]
     finally:
         if proc.poll() is None:
@@ -133,3 +134,14 @@ def test_server_that_fails_to_load_reports_the_log(tiny_repo, tmp_path):
 def test_serve_command_refuses_a_repository_without_manifest(tmp_path):
     out = _rankserve("serve", "--model-repository", str(tmp_path))
     assert out.returncode == 2 and "has no manifest.json" in out.stderr
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_client_reports_a_server_that_is_down_as_unavailable(protocol):
+    from conftest import free_port
+    from rankserve.client import RankerClient
+    from rankserve.errors import Unavailable
+
+    with RankerClient(f"127.0.0.1:{free_port()}", protocol, timeout_s=5) as client:
+        with pytest.raises(Unavailable):
+            client.rank("sofa", ["gray sofa"])
