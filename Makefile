@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS := build,serve,client,dev
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast build serve clean
+.PHONY: venv demo test test-fast build serve report clean
 
 # (Re)create the venv and install the package with its extras whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -28,7 +28,11 @@ test-fast: venv
 	$(BIN)/python -m pytest -m "not triton and not slow" $(PYTEST_ARGS)
 
 build: venv
-	$(BIN)/rankserve build --ranker artifacts/ranker --target cpu --out model_repository
+	$(BIN)/rankserve build --ranker artifacts/ranker --target cpu --out model_repository \
+		--variants all --data artifacts/data --work-dir artifacts/variants
+
+report: venv
+	$(BIN)/rankserve report --model-repository model_repository --data artifacts/data --out reports/optimization
 
 serve: venv
 	$(BIN)/rankserve serve --model-repository model_repository

@@ -99,3 +99,29 @@ def server(tiny_repo, tmp_path_factory):
     log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
     with EmbeddedServer(tiny_repo, free_serve_settings(), log) as srv:
         yield srv
+
+
+TINY_VARIANTS = ("fp32", "fused", "int8", "int8_dynamic", "bf16", "pruned", "pruned_int8", "fp16")
+
+
+@pytest.fixture(scope="session")
+def tiny_variants_repo(tiny_ranker, dataset, tmp_path_factory):
+    """The tiny ranker built with every variant by the real variant pipeline (lenient tiny gate)."""
+    import dataclasses
+
+    from rankserve.builder.repository import build_repository
+
+    out = tmp_path_factory.mktemp("variants_repository")
+    settings = dataclasses.replace(TINY, variants=TINY_VARIANTS)
+    build_repository(tiny_ranker, out, settings, log=lambda _m: None, dataset=dataset,
+                     work_dir=tmp_path_factory.mktemp("variants_work"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def variants_server(tiny_variants_repo, tmp_path_factory):
+    from rankserve.server.embedded import EmbeddedServer
+
+    log = tmp_path_factory.mktemp("triton_variants") / "tritonserver.log"
+    with EmbeddedServer(tiny_variants_repo, free_serve_settings(), log) as srv:
+        yield srv

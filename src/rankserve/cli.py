@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from rankserve.errors import RankserveError
-from rankserve.settings import DataSettings, ServeSettings, TrainSettings, preset
+from rankserve.settings import CPU_VARIANTS, GPU_VARIANTS, DataSettings, ServeSettings, TrainSettings, preset
 
 
 def _data(args) -> None:
@@ -31,12 +31,15 @@ def _train(args) -> None:
 
 def _build(args) -> None:
     from rankserve.builder.repository import build_repository
+    from rankserve.data.catalog import Dataset
 
     settings = preset(args.preset)
     if args.max_length:
         settings = dataclasses.replace(settings, tokenize=dataclasses.replace(settings.tokenize, max_length=args.max_length))
-    settings = dataclasses.replace(settings, target=args.target)
-    build_repository(args.ranker, args.out, settings)
+    variants = CPU_VARIANTS + GPU_VARIANTS if args.variants == "all" else tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    settings = dataclasses.replace(settings, target=args.target, variants=variants)
+    dataset = Dataset.load(args.data) if args.data else None
+    build_repository(args.ranker, args.out, settings, dataset=dataset, work_dir=args.work_dir)
 
 
 def _serve_settings(args) -> ServeSettings:
@@ -85,6 +88,12 @@ def _rank(args) -> None:
         print(f"{r.rank:>4}. {r.score:+8.4f}  [{r.index}] {r.text}")
 
 
+def _report(args) -> None:
+    from rankserve.optimize.report import run_report
+
+    run_report(Path(args.model_repository), Path(args.data), Path(args.out))
+
+
 def _demo(args) -> None:
     from rankserve.demo import run_demo
 
@@ -115,6 +124,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="model_repository")
     s.add_argument("--preset", default="default")
     s.add_argument("--max-length", type=int, help="override tokenize.max_length")
+    s.add_argument("--variants", default="fp32",
+                   help=f"comma-separated, or 'all': {','.join(CPU_VARIANTS + GPU_VARIANTS)} (default fp32)")
+    s.add_argument("--data", help="dataset dir (queries/products/judgments.jsonl): calibration pairs and the accuracy gate")
+    s.add_argument("--work-dir", help="keep intermediate variant files (and the distilled pruned ranker) here")
     s.set_defaults(func=_build)
 
     s = sub.add_parser("serve", help="run the embedded tritonserver on a model repository")
@@ -135,6 +148,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int)
     s.add_argument("--timeout", type=float, default=30.0)
     s.set_defaults(func=_rank)
+
+    s = sub.add_parser("report", help="measure every variant side by side: size, load, memory, latency, throughput, quality")
+    s.add_argument("--model-repository", default="model_repository")
+    s.add_argument("--data", default="artifacts/data")
+    s.add_argument("--out", default="reports/optimization")
+    s.set_defaults(func=_report)
 
     s = sub.add_parser("demo", help="data, training (cached), build, serve, rank real queries over HTTP and gRPC")
     s.add_argument("--work", default="artifacts")

@@ -16,7 +16,7 @@ from rankserve.client import RankerClient
 from rankserve.data.catalog import LABEL_NAMES, Dataset
 from rankserve.errors import BuildError
 from rankserve.server.embedded import EmbeddedServer
-from rankserve.settings import BuildSettings, DataSettings, ServeSettings, TrainSettings
+from rankserve.settings import CPU_VARIANTS, GPU_VARIANTS, BuildSettings, DataSettings, ServeSettings, TrainSettings
 from rankserve.train.pipeline import format_report, make_dataset, train_ranker
 
 DEMO_QUERIES = 5
@@ -80,12 +80,28 @@ def _up_to_date(repo: Path, ranker_dir: Path, settings: BuildSettings) -> bool:
     return manifest["ranker"]["files"] == files and same_settings
 
 
-def ensure_repository(repo: Path, ranker_dir: Path, settings: BuildSettings = BuildSettings()) -> None:
+DEMO_BUILD = BuildSettings(variants=CPU_VARIANTS + GPU_VARIANTS)
+
+
+def ensure_repository(repo: Path, ranker_dir: Path, dataset: Dataset, work: Path, settings: BuildSettings = DEMO_BUILD) -> dict:
     if _up_to_date(repo, ranker_dir, settings):
         print(f"== build: {repo} is up to date with {ranker_dir} (manifest checksums match)")
-        return
-    print(f"== build: {ranker_dir} -> {repo}")
-    build_repository(ranker_dir, repo, settings)
+        return verify_repository(repo)
+    print(f"== build: {ranker_dir} -> {repo}, variants {', '.join(settings.variants)}")
+    return build_repository(ranker_dir, repo, settings, dataset=dataset, work_dir=work / "variants")
+
+
+def show_variants(manifest: dict) -> None:
+    print(f"\n| variant | runtime | NDCG@10 | vs FP32 | top-10 overlap | Kendall tau | pairs/s (build) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, v in manifest["variants"].items():
+        g = v["gate"]
+        runtime = f"{v['runtime']} {v['inference_precision']}" if v["served_on_cpu"] else "GPU only"
+        speed = max(v["build_speed_pairs_per_s"].values()) if v["build_speed_pairs_per_s"] else float("nan")
+        print(f"| {name}{' (default)' if name == manifest['default_variant'] else ''} | {runtime} | {g['ndcg']:.4f} | "
+              f"{-100 * g['relative_drop']:+.2f}% | {g['top_k_overlap']:.3f} | {g['kendall_tau']:.3f} | {speed:.0f} |")
+    for skipped in manifest.get("skipped_variants", []):
+        print(f"| {skipped} | skipped on this CPU | | | | | |")
 
 
 def show_rankings(server: EmbeddedServer, dataset: Dataset) -> None:
@@ -113,7 +129,7 @@ def run_demo(work: Path, repo: Path, retrain: bool = False) -> None:
     started = time.perf_counter()
     dataset = ensure_dataset(work)
     ranker_dir = ensure_ranker(work, dataset, retrain)
-    ensure_repository(repo, ranker_dir)
+    show_variants(ensure_repository(repo, ranker_dir, dataset, work))
     settings = serve_settings()
     print(f"== serve: starting tritonserver on {settings.host} (HTTP {settings.http_port}, gRPC {settings.grpc_port})")
     t0 = time.perf_counter()

@@ -21,6 +21,13 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+RUNTIMES = ("onnxruntime", "openvino")
+CPU_VARIANTS = ("fp32", "fused", "int8", "int8_dynamic", "bf16", "pruned", "pruned_int8")
+GPU_VARIANTS = ("fp16",)
+VARIANTS = CPU_VARIANTS + GPU_VARIANTS
+
+
 @dataclass(frozen=True)
 class TokenizeSettings:
     """How (query, product text) pairs become model inputs."""
@@ -57,6 +64,20 @@ class OrtSettings:
 
 
 @dataclass(frozen=True)
+class RuntimeSettings:
+    """Which CPU runtime the rank stage runs a variant's ONNX model with."""
+
+    runtime: str = "onnxruntime"
+    inference_precision: str = "f32"
+    """OpenVINO only: ``bf16`` runs matrix products on the CPU's BF16 units (AMX / AVX512-BF16)."""
+
+    def __post_init__(self) -> None:
+        _require(self.runtime in RUNTIMES, f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        _require(self.inference_precision in ("f32", "bf16"), "inference_precision must be f32 or bf16")
+        _require(self.runtime == "openvino" or self.inference_precision == "f32", "bf16 inference needs the openvino runtime")
+
+
+@dataclass(frozen=True)
 class CheckSettings:
     """The numeric check of the exported ONNX model against PyTorch."""
 
@@ -73,6 +94,58 @@ class CheckSettings:
 
 
 @dataclass(frozen=True)
+class QuantSettings:
+    """INT8 post-training quantization (QDQ, symmetric, per-channel weights: TensorRT's explicit form)."""
+
+    calibration_pairs: int = 512
+    """Real (query, product) pairs from the training split used to calibrate activations."""
+    method: str = "percentile"
+    percentile: float = 99.99
+    calibration_length: int = 64
+    """Calibration batches are padded to this length (the histogram methods need one shape)."""
+
+    def __post_init__(self) -> None:
+        _require(self.calibration_pairs >= 8, "calibration_pairs must be >= 8")
+        _require(self.method in CALIBRATION_METHODS, f"method must be one of {CALIBRATION_METHODS}, got {self.method!r}")
+        _require(90.0 <= self.percentile < 100.0, "percentile must be in [90, 100)")
+        _require(8 <= self.calibration_length <= 512, "calibration_length must be in [8, 512]")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """Structured pruning (keep a subset of layers) and distillation from the FP32 ranker."""
+
+    keep_layers: tuple[int, ...] = (0, 2, 4, 5)
+    epochs: int = 2
+    queries_per_step: int = 4
+    learning_rate: float = 3e-4
+    label_weight: float = 1.0
+    """Weight of the labels' ranking loss next to the MSE to the teacher's scores."""
+    max_length: int = 64
+    seed: int = 11
+
+    def __post_init__(self) -> None:
+        _require(len(self.keep_layers) >= 1, "keep_layers must keep at least one layer")
+        _require(list(self.keep_layers) == sorted(set(self.keep_layers)), "keep_layers must be increasing and unique")
+        _require(self.epochs >= 1 and self.queries_per_step >= 1, "epochs and queries_per_step must be >= 1")
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """The accuracy gate every variant must pass on held-out queries."""
+
+    max_ndcg_drop: float = 0.01
+    """Largest relative NDCG@10 drop below the FP32 ranker (0.01 = 1%)."""
+    max_ndcg_drop_pruned: float = 0.02
+    """The same for pruned variants (fewer layers cost some quality by design)."""
+    k: int = 10
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.max_ndcg_drop < 1 and 0 <= self.max_ndcg_drop_pruned < 1, "NDCG drops must be in [0, 1)")
+        _require(self.k >= 1, "k must be >= 1")
+
+
+@dataclass(frozen=True)
 class BuildSettings:
     """Everything ``rankserve build`` needs besides the ranker directory and the output path."""
 
@@ -82,10 +155,20 @@ class BuildSettings:
     ort: OrtSettings = field(default_factory=OrtSettings)
     check: CheckSettings = field(default_factory=CheckSettings)
     rank_instances: int = 1
-    """Instances of the rank stage (each holds one ONNX Runtime session)."""
+    """Instances of the rank stage (each holds one inference session)."""
+    variants: tuple[str, ...] = ("fp32",)
+    quant: QuantSettings = field(default_factory=QuantSettings)
+    prune: PruneSettings = field(default_factory=PruneSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
+    runtimes: tuple[str, ...] = RUNTIMES
+    """CPU runtimes tried for each variant; the fastest that passes the checks serves it."""
 
     def __post_init__(self) -> None:
         _require(self.target in ("cpu",), f"target {self.target!r} is not supported yet (cpu)")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        _require(not unknown, f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+        _require(len(self.variants) > 0 and len(set(self.variants)) == len(self.variants), "variants must be non-empty and unique")
+        _require(all(r in RUNTIMES for r in self.runtimes) and self.runtimes, f"runtimes must be a subset of {RUNTIMES}")
         _require(14 <= self.opset <= 20, f"opset must be in [14, 20], got {self.opset}")
         _require(self.rank_instances >= 1, "rank_instances must be >= 1")
         _require(
@@ -164,6 +247,10 @@ PRESETS: dict[str, BuildSettings] = {
     "tiny": BuildSettings(
         tokenize=TokenizeSettings(max_length=64),
         check=CheckSettings(shapes=((1, 8), (4, 24), (7, 64))),
+        quant=QuantSettings(calibration_pairs=64),
+        prune=PruneSettings(keep_layers=(1,), queries_per_step=16, learning_rate=1e-3),
+        # a random tiny model has no quality to keep: its gate only checks the plumbing
+        gate=GateSettings(max_ndcg_drop=1.0 - 1e-9, max_ndcg_drop_pruned=1.0 - 1e-9),
     ),
 }
 

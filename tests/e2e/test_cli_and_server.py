@@ -105,7 +105,7 @@ def test_embedded_server_binds_loopback_and_stops_its_stubs(tiny_repo, tmp_path)
     shutil.copytree(tiny_repo, repo)
     with EmbeddedServer(repo, free_serve_settings()) as srv:
         assert srv.is_ready()
-        assert srv.models == ["postprocess", "rank", "ranker", "tokenize"]
+        assert srv.models == ["postprocess", "rank", "ranker", "ranker_fp32", "tokenize"]
         stubs = [c for c in _processes_mentioning(str(repo)) if "triton_python_backend_stub" in c]
         assert len(stubs) == 3
         log = srv.log_path.read_text()

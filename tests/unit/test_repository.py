@@ -30,7 +30,9 @@ def test_manifest_records_source_checksums_versions_and_settings(tiny_repo, tiny
     assert set(manifest["models"]["rank"]["files"]) == {"rank/1/model.onnx"}
     assert {"torch", "onnx", "onnxruntime", "transformers", "tokenizers", "python"} <= set(manifest["versions"])
     assert manifest["settings"]["tokenize"]["max_length"] == TINY.tokenize.max_length
-    assert manifest["rank"] == {"model": "rank", "runtime": "onnxruntime", "precision": "fp32", "opset": TINY.opset}
+    assert manifest["default_variant"] == "fp32" and manifest["opset"] == TINY.opset
+    fp32 = manifest["variants"]["fp32"]
+    assert (fp32["rank_model"], fp32["runtime"], fp32["precision"]) == ("rank", "onnxruntime", "fp32")
     assert all(c["max_abs_diff"] <= 1e-4 for c in manifest["numeric_check"]["shapes"])
     assert verify_repository(tiny_repo) == manifest
 

@@ -14,7 +14,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from rankserve import api
 from rankserve.api import TensorSpec
-from rankserve.settings import BuildSettings, to_parameters
+from rankserve.settings import BuildSettings, RuntimeSettings, to_parameters
 
 
 def _io(message_list, specs: Iterable[TensorSpec]) -> None:
@@ -60,20 +60,35 @@ def ensemble(name: str, rank_model: str) -> mc.ModelConfig:
     return config
 
 
-def cpu_repository(settings: BuildSettings) -> dict[str, mc.ModelConfig]:
-    """Every model of the CPU target's repository, by name."""
-    return {
+def rank_model_name(variant: str, default: str) -> str:
+    """``rank`` for the default variant (its tracked adapter folder), ``rank_<variant>`` otherwise."""
+    return api.RANK_MODEL if variant == default else f"{api.RANK_MODEL}_{variant}"
+
+
+def ranker_model_name(variant: str) -> str:
+    return f"{api.RANKER_MODEL}_{variant}"
+
+
+def cpu_repository(settings: BuildSettings, runtimes: Mapping[str, RuntimeSettings], default: str) -> dict[str, mc.ModelConfig]:
+    """Every model of the CPU repository: tokenize, postprocess, one rank model and one ``ranker_<v>``
+    ensemble per variant, and ``ranker`` wired to the ``default`` variant (whose rank model is ``rank``)."""
+    if default not in runtimes:
+        raise ValueError(f"default variant {default!r} is not among {sorted(runtimes)}")
+    models = {
         api.TOKENIZE_MODEL: python_model(
             api.TOKENIZE_MODEL, (api.QUERY, api.TEXTS), api.ENCODED, to_parameters(settings.tokenize)
-        ),
-        api.RANK_MODEL: python_model(
-            api.RANK_MODEL, api.ENCODED, (api.LOGITS,), to_parameters(settings.ort), settings.rank_instances
         ),
         api.POSTPROCESS_MODEL: python_model(
             api.POSTPROCESS_MODEL, (api.LOGITS, api.TOP_K), api.RANKER_OUTPUTS
         ),
-        api.RANKER_MODEL: ensemble(api.RANKER_MODEL, api.RANK_MODEL),
     }
+    for variant, runtime in runtimes.items():
+        rank = rank_model_name(variant, default)
+        parameters = {**to_parameters(settings.ort), **to_parameters(runtime), "variant": variant}
+        models[rank] = python_model(rank, api.ENCODED, (api.LOGITS,), parameters, settings.rank_instances)
+        models[ranker_model_name(variant)] = ensemble(ranker_model_name(variant), rank)
+    models[api.RANKER_MODEL] = ensemble(api.RANKER_MODEL, api.RANK_MODEL)
+    return models
 
 
 def to_text(config: mc.ModelConfig) -> str:

@@ -1,6 +1,7 @@
 """``rankserve build``: the checked steps from a ranker directory to a Triton model repository.
 
-export -> numeric check against PyTorch -> lay out (stage code, tokenizer, configs) -> manifest.
+export -> numeric check against PyTorch -> variants (optimize, check, accuracy gate, runtime by
+measurement) -> lay out (stage code, tokenizer, configs) -> manifest.
 Nothing in the output is touched until the export has passed its check.
 """
 
@@ -22,7 +23,8 @@ from rankserve import __version__, api
 from rankserve.builder import configs
 from rankserve.builder.export import check_onnx, export_onnx, load_ranker
 from rankserve.errors import BuildError
-from rankserve.settings import BuildSettings
+from rankserve.data.catalog import Dataset
+from rankserve.settings import BuildSettings, RuntimeSettings
 
 MANIFEST = "manifest.json"
 STAGE_SOURCES = Path(__file__).resolve().parents[3] / "model_repository"
@@ -72,35 +74,75 @@ def write_serving_tokenizer(hf_tokenizer, path: Path) -> Path:
     return path
 
 
+def _clear_stale_models(out: Path, keep: set[str]) -> None:
+    """Remove generated model folders of an earlier build that this build does not produce."""
+    tracked = {api.TOKENIZE_MODEL, api.RANK_MODEL, api.POSTPROCESS_MODEL}
+    for config in out.glob("*/config.pbtxt"):
+        name = config.parent.name
+        if name in keep:
+            continue
+        if name in tracked:
+            config.unlink()
+        else:
+            shutil.rmtree(config.parent)
+
+
 def build_repository(
     ranker_dir: str | Path,
     out: str | Path,
     settings: BuildSettings = BuildSettings(),
     log: Callable[[str], None] = print,
+    dataset: Dataset | None = None,
+    work_dir: str | Path | None = None,
 ) -> dict:
-    """Build the CPU model repository for ``ranker_dir`` into ``out``; returns the manifest."""
+    """Build the CPU model repository for ``ranker_dir`` into ``out``; returns the manifest.
+
+    Variants other than ``fp32`` need ``dataset`` (calibration pairs and held-out queries for the
+    accuracy gate). ``work_dir`` keeps intermediate files (and the distilled pruned ranker) between
+    builds; by default they go to a temporary folder.
+    """
+    from rankserve.builder.variants import VariantBuild, VariantBuilder, best_cpu_variant
+    from rankserve.stages.tokenize import load_tokenizer
+
     out = Path(out)
     started = time.perf_counter()
-    log(f"[1/4] loading ranker from {ranker_dir}")
+    if dataset is None and settings.variants != ("fp32",):
+        raise BuildError(f"variants {list(settings.variants)} need --data: calibration pairs and held-out queries for the accuracy gate")
+    log(f"[1/5] loading ranker from {ranker_dir}")
     ranker = load_ranker(ranker_dir, settings)
     with tempfile.TemporaryDirectory(prefix="rankserve-build-") as tmp:
-        onnx_tmp = Path(tmp) / "model.onnx"
-        log(f"[2/4] exporting to ONNX (opset {settings.opset}, dynamic batch and sequence axes)")
-        export_onnx(ranker, onnx_tmp, settings.opset)
-        log(f"[3/4] checking ONNX Runtime against PyTorch at (batch, length) {list(settings.check.shapes)}")
-        checks = check_onnx(ranker, onnx_tmp, settings.check)
+        work = Path(work_dir) if work_dir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        fp32_onnx = work / "fp32.onnx"
+        log(f"[2/5] exporting to ONNX (opset {settings.opset}, dynamic batch and sequence axes)")
+        export_onnx(ranker, fp32_onnx, settings.opset)
+        log(f"[3/5] checking ONNX Runtime against PyTorch at (batch, length) {list(settings.check.shapes)}")
+        checks = check_onnx(ranker, fp32_onnx, settings.check)
         worst = max(c.max_abs_diff for c in checks)
         log(f"      max abs difference {worst:.2e} <= {settings.check.atol:g}, rankings identical")
-        log(f"[4/4] laying out the model repository in {out}")
+        tokenizer_json = write_serving_tokenizer(ranker.tokenizer, Path(tmp) / "tokenizer.json")
+        if dataset is None:
+            builds = [VariantBuild("fp32", fp32_onnx, RuntimeSettings(), "fp32", None, {})]
+        else:
+            log(f"[4/5] variants {list(settings.variants)}: build, check, accuracy gate on "
+                f"{len(dataset.split('heldout'))} held-out queries, runtime by measurement")
+            builder = VariantBuilder(ranker, fp32_onnx, dataset, settings, load_tokenizer(tokenizer_json, settings.tokenize), work, log)
+            builds = [b for b in (builder.build(v) for v in settings.variants) if b is not None]
+        default = best_cpu_variant(builds)
+        served = {b.name: b for b in builds if b.served_on_cpu}
+        model_configs = configs.cpu_repository(settings, {n: b.runtime for n, b in served.items()}, default.name)
+        log(f"[5/5] laying out {out}: default ranker = {default.name} ({default.pairs_per_s:.0f} pairs/s at build)")
         out.mkdir(parents=True, exist_ok=True)
-        rank_dir = _install_stage(api.RANK_MODEL, out)
-        shutil.move(str(onnx_tmp), rank_dir / "model.onnx")
-    tokenize_dir = _install_stage(api.TOKENIZE_MODEL, out)
-    write_serving_tokenizer(ranker.tokenizer, tokenize_dir / "tokenizer.json")
+        _clear_stale_models(out, set(model_configs))
+        for name, b in served.items():
+            rank_name = configs.rank_model_name(name, default.name)
+            shutil.copyfile(b.onnx, _install_stage(rank_name, out, source_stage=api.RANK_MODEL) / "model.onnx")
+        tokenize_dir = _install_stage(api.TOKENIZE_MODEL, out)
+        shutil.copyfile(tokenizer_json, tokenize_dir / "tokenizer.json")
     _install_stage(api.POSTPROCESS_MODEL, out)
-    (out / api.RANKER_MODEL / "1").mkdir(parents=True, exist_ok=True)  # ensembles need a version dir
-    model_configs = configs.cpu_repository(settings)
     for name, config in model_configs.items():
+        if config.platform == "ensemble":
+            (out / name / "1").mkdir(parents=True, exist_ok=True)  # ensembles need a version dir
         (out / name / "config.pbtxt").write_text(configs.to_text(config))
 
     source = Path(ranker_dir).resolve()
@@ -128,7 +170,19 @@ def build_repository(
             }
             for name in model_configs
         },
-        "rank": {"model": api.RANK_MODEL, "runtime": "onnxruntime", "precision": "fp32", "opset": settings.opset},
+        "default_variant": default.name,
+        "variants": {
+            b.name: {
+                "rank_model": configs.rank_model_name(b.name, default.name) if b.served_on_cpu else None,
+                "ensemble": configs.ranker_model_name(b.name) if b.served_on_cpu else None,
+                "onnx_sha256": sha256(b.onnx) if b.onnx.exists() else None,
+                "onnx_bytes": b.onnx.stat().st_size if b.onnx.exists() else None,
+                **b.to_dict(),
+            }
+            for b in builds
+        },
+        "skipped_variants": [v for v in settings.variants if v not in {b.name for b in builds}],
+        "opset": settings.opset,
         "numeric_check": {"atol": settings.check.atol, "shapes": [asdict(c) for c in checks]},
         "versions": _versions(),
         "settings": settings.to_dict(),

@@ -8,7 +8,7 @@ from typing import Mapping
 import numpy as np
 
 from rankserve.errors import InvalidInput
-from rankserve.settings import OrtSettings
+from rankserve.settings import OrtSettings, RuntimeSettings
 
 _GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -51,3 +51,30 @@ class OnnxRanker:
         feeds = check_encoded(encoded, self.input_names)
         (logits,) = self.session.run([self.output_name], feeds)
         return np.asarray(logits, dtype=np.float32).reshape(-1)
+
+
+class OpenVinoRanker:
+    """The same contract on OpenVINO (dynamic shapes; ``bf16`` uses the CPU's BF16 matrix units)."""
+
+    def __init__(self, model_path: str | Path, settings: OrtSettings, precision: str = "f32") -> None:
+        import openvino as ov
+
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if settings.intra_op_threads:
+            config["INFERENCE_NUM_THREADS"] = settings.intra_op_threads
+        self.compiled = ov.Core().compile_model(str(model_path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.input_names = tuple(i.get_any_name() for i in self.compiled.inputs)
+        self.output = self.compiled.outputs[0]
+
+    def score(self, encoded: Mapping[str, np.ndarray | None]) -> np.ndarray:
+        feeds = check_encoded(encoded, self.input_names)
+        result = self.request.infer(feeds)
+        return np.asarray(result[self.output], dtype=np.float32).reshape(-1)
+
+
+def create_ranker(model_path: str | Path, runtime: RuntimeSettings, settings: OrtSettings):
+    """The rank stage's scorer for a variant: ONNX Runtime or OpenVINO over the same ONNX file."""
+    if runtime.runtime == "openvino":
+        return OpenVinoRanker(model_path, settings, runtime.inference_precision)
+    return OnnxRanker(model_path, settings)

@@ -46,7 +46,7 @@ def init_cross_encoder(base_dir: str | Path | None = None, seed: int = 0):
     return model, AutoTokenizer.from_pretrained(base)
 
 
-def _query_groups(dataset: Dataset, split: str) -> list[tuple[str, list[str], list[int]]]:
+def query_groups(dataset: Dataset, split: str) -> list[tuple[str, list[str], list[int]]]:
     by_query = dataset.by_query()
     return [
         (
@@ -58,6 +58,23 @@ def _query_groups(dataset: Dataset, split: str) -> list[tuple[str, list[str], li
     ]
 
 
+def ranking_loss(logits, groups: Sequence[tuple[str, list[str], list[int]]]):
+    """Pointwise BCE against label / 2 plus a listwise softmax cross-entropy per query over gains
+    2^label - 1; ``logits`` hold the groups' candidates in order."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = torch.tensor([l for _, _, ls in groups for l in ls], dtype=torch.float32)
+    loss = F.binary_cross_entropy_with_logits(logits, labels / EXACT)
+    offset = 0
+    for _, texts, ls in groups:
+        gains = torch.tensor([2.0**l - 1 for l in ls])
+        if gains.sum() > 0:
+            loss = loss + (-(gains / gains.sum()) * F.log_softmax(logits[offset : offset + len(texts)], 0)).sum() / len(groups)
+        offset += len(texts)
+    return loss
+
+
 def train(model, tokenizer, dataset: Dataset, settings: TrainSettings, progress: bool = True) -> list[float]:
     """Train on the ``train`` split; returns the loss of every step.
 
@@ -65,13 +82,12 @@ def train(model, tokenizer, dataset: Dataset, settings: TrainSettings, progress:
     irrelevant 0) plus a listwise softmax cross-entropy per query over gains 2^label - 1.
     """
     import torch
-    import torch.nn.functional as F
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
-    groups = _query_groups(dataset, "train")
+    groups = query_groups(dataset, "train")
     steps_per_epoch = (len(groups) + settings.queries_per_step - 1) // settings.queries_per_step
     total = steps_per_epoch * settings.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.01)
@@ -88,16 +104,9 @@ def train(model, tokenizer, dataset: Dataset, settings: TrainSettings, progress:
             batch = groups[start : start + settings.queries_per_step]
             queries = [q for q, texts, _ in batch for _ in texts]
             texts = [t for _, ts, _ in batch for t in ts]
-            labels = torch.tensor([l for _, _, ls in batch for l in ls], dtype=torch.float32)
             enc = tokenizer(queries, texts, truncation=True, max_length=settings.max_length, padding=True, return_tensors="pt")
             logits = model(**enc).logits[:, 0]
-            loss = F.binary_cross_entropy_with_logits(logits, labels / EXACT)
-            offset = 0
-            for _, ts, ls in batch:
-                gains = torch.tensor([2.0**l - 1 for l in ls])
-                if gains.sum() > 0:
-                    loss = loss + (-(gains / gains.sum()) * F.log_softmax(logits[offset : offset + len(ts)], 0)).sum() / len(batch)
-                offset += len(ts)
+            loss = ranking_loss(logits, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

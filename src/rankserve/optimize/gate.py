@@ -1,0 +1,89 @@
+"""The accuracy gate: ranking quality on held-out queries and agreement with the FP32 ranker."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rankserve.data.catalog import Dataset
+from rankserve.errors import BuildError
+from rankserve.train.metrics import ndcg_at_k, reciprocal_rank
+
+ScoreFn = Callable[[str, Sequence[str]], np.ndarray]
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's tau-b between two score lists (ties counted as neither concordant nor discordant)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    dx = np.sign(x[:, None] - x[None, :])
+    dy = np.sign(y[:, None] - y[None, :])
+    iu = np.triu_indices(len(x), 1)
+    dx, dy = dx[iu], dy[iu]
+    denom = np.sqrt(np.count_nonzero(dx) * np.count_nonzero(dy))
+    return float(np.sum(dx * dy) / denom) if denom else 1.0
+
+
+def top_k_overlap(a: Sequence[float], b: Sequence[float], k: int) -> float:
+    ta = set(np.argsort(-np.asarray(a), kind="stable")[:k])
+    tb = set(np.argsort(-np.asarray(b), kind="stable")[:k])
+    return len(ta & tb) / max(1, min(k, len(a)))
+
+
+def heldout_scores(dataset: Dataset, score_fn: ScoreFn) -> dict[int, np.ndarray]:
+    """Scores of every held-out query's candidates, by query id."""
+    by_query = dataset.by_query()
+    return {
+        q.query_id: np.asarray(score_fn(q.text, [dataset.products[j.product_id].text for j in by_query[q.query_id]]))
+        for q in dataset.split("heldout")
+    }
+
+
+@dataclass(frozen=True)
+class GateResult:
+    variant: str
+    ndcg: float
+    mrr: float
+    reference_ndcg: float
+    relative_drop: float
+    max_drop: float
+    top_k_overlap: float
+    kendall_tau: float
+    passed: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"{self.variant}: NDCG@10 {self.ndcg:.4f} vs FP32 {self.reference_ndcg:.4f} "
+                f"({100 * self.relative_drop:+.2f}% drop, limit {100 * self.max_drop:.1f}%), MRR {self.mrr:.3f}, "
+                f"top-10 overlap {self.top_k_overlap:.3f}, Kendall tau {self.kendall_tau:.3f}")
+
+
+def gate(
+    variant: str, dataset: Dataset, scores: dict[int, np.ndarray], reference: dict[int, np.ndarray], max_drop: float, k: int = 10
+) -> GateResult:
+    """Score ``variant`` against the labels and against the FP32 ``reference`` scores."""
+    by_query = dataset.by_query()
+    labels = {qid: [j.label for j in by_query[qid]] for qid in scores}
+    ndcg = float(np.mean([ndcg_at_k(labels[q], scores[q], k) for q in scores]))
+    ref = float(np.mean([ndcg_at_k(labels[q], reference[q], k) for q in scores]))
+    drop = (ref - ndcg) / ref if ref > 0 else 0.0
+    return GateResult(
+        variant=variant,
+        ndcg=ndcg,
+        mrr=float(np.mean([reciprocal_rank(labels[q], scores[q]) for q in scores])),
+        reference_ndcg=ref,
+        relative_drop=drop,
+        max_drop=max_drop,
+        top_k_overlap=float(np.mean([top_k_overlap(reference[q], scores[q], k) for q in scores])),
+        kendall_tau=float(np.mean([kendall_tau(reference[q], scores[q]) for q in scores])),
+        passed=drop <= max_drop,
+    )
+
+
+def require(result: GateResult) -> GateResult:
+    if not result.passed:
+        raise BuildError(f"accuracy gate failed for variant {result.describe()}")
+    return result

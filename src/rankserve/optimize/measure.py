@@ -1,0 +1,86 @@
+"""Measure one variant in a fresh process: load time, peak memory, latency and throughput.
+
+Run as ``python -m rankserve.optimize.measure '<json spec>'``; prints one JSON object. A process of
+its own per variant keeps peak-memory figures from mixing.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+
+BATCHES = (8, 32, 64)
+FIXED_LENGTH = 64
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _scorer(spec: dict):
+    """(score(feeds) -> np.ndarray, load seconds)."""
+    if spec["kind"] == "pytorch":
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+        t0 = time.perf_counter()
+        model = AutoModelForSequenceClassification.from_pretrained(spec["path"]).eval()
+        load = time.perf_counter() - t0
+        names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
+                 if n in model.forward.__code__.co_varnames]
+
+        def score(feeds):
+            with torch.inference_mode():
+                return model(**{n: torch.from_numpy(feeds[n]) for n in names}).logits[:, 0].numpy()
+
+        return score, load
+    from rankserve.settings import OrtSettings, RuntimeSettings
+    from rankserve.stages.rank import create_ranker
+
+    t0 = time.perf_counter()
+    ranker = create_ranker(spec["path"], RuntimeSettings(spec["runtime"], spec["inference_precision"]),
+                           OrtSettings(intra_op_threads=spec.get("threads", 0)))
+    load = time.perf_counter() - t0
+    return ranker.score, load
+
+
+def measure(spec: dict) -> dict:
+    from rankserve.data.catalog import Dataset
+    from rankserve.optimize.bench import fixed_batch, pairs_per_second, workload_batches
+    from rankserve.settings import TokenizeSettings
+    from rankserve.stages.tokenize import encode_pairs, load_tokenizer
+
+    rss_start = _rss_mb()
+    score, load_s = _scorer(spec)
+    tokenizer = load_tokenizer(spec["tokenizer"], TokenizeSettings(max_length=spec["max_length"]))
+    dataset = Dataset.load(spec["data"])
+    out: dict = {"load_s": load_s}
+    single = [encode_pairs(tokenizer, q, t) for q, t in workload_batches(dataset, 1, 20, seed=1)]
+    score(single[0])
+    latencies = []
+    for feeds in single:
+        t0 = time.perf_counter()
+        score(feeds)
+        latencies.append(time.perf_counter() - t0)
+    out["latency_b1_ms"] = 1000 * float(np.median(latencies))
+    out["throughput_workload"], out["mean_tokens"] = {}, {}
+    for b in BATCHES:
+        requests = [encode_pairs(tokenizer, q, t) for q, t in workload_batches(dataset, b, 6, seed=2)]
+        out["mean_tokens"][b] = float(np.mean([r["input_ids"].shape[1] for r in requests]))
+        out["throughput_workload"][b] = pairs_per_second(lambda: [score(r) for r in requests], b * len(requests), repeats=3)
+    out["throughput_fixed"] = {}
+    for b in BATCHES:
+        feeds = fixed_batch(b, FIXED_LENGTH)
+        out["throughput_fixed"][b] = pairs_per_second(lambda: score(feeds), b, repeats=5, min_seconds=1.0)
+    out["peak_rss_mb"] = _rss_mb()
+    out["rss_at_start_mb"] = rss_start
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(sys.argv[1]))))

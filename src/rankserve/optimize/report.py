@@ -1,0 +1,218 @@
+"""``rankserve report``: every variant side by side, measured on this machine in one run.
+
+Writes ``report.md`` (tables), ``report.json`` (one object per variant) and PNG plots (speed vs
+NDCG@10; throughput vs batch size) to ``reports/optimization/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rankserve.optimize.measure import BATCHES, FIXED_LENGTH
+from rankserve.train.metrics import evaluate
+
+TARGET_BATCH = 32
+
+
+def gemm_ceilings(n: int = 2048, threads: int = 0) -> dict[str, float]:
+    """Measured dense matrix-multiply ceilings in GFLOP/s (median of 5), FP32, BF16 and INT8 where present."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = {}
+    a = torch.randn(n, n)
+    for name, x, mm in (
+        ("fp32", a, torch.mm),
+        ("bf16", a.bfloat16(), torch.mm),
+        ("int8", torch.randint(-64, 64, (n, n), dtype=torch.int8), getattr(torch, "_int_mm", None)),
+    ):
+        if mm is None:
+            continue
+        try:
+            mm(x, x)
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                mm(x, x)
+                times.append(time.perf_counter() - t0)
+            out[name] = 2 * n**3 / float(np.median(times)) / 1e9
+        except RuntimeError:
+            continue
+    return out
+
+
+def flops_per_pair(config: dict, layers: int, length: float) -> float:
+    """Forward FLOPs of one pair at ``length`` tokens: the encoder's matrix products (QKV, output,
+    FFN) plus attention scores and weighted sums."""
+    h = config.get("hidden_size") or config.get("dim")
+    ffn = config.get("intermediate_size") or config.get("hidden_dim")
+    per_token = 2 * (4 * h * h + 2 * h * ffn)
+    attention = 2 * 2 * length * length * h
+    return layers * (per_token * length + attention)
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512_vnni", "amx", "avx_vnni")) or f == "avx512f")
+
+
+def _measure(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, "-m", "rankserve.optimize.measure", json.dumps(spec)],
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if out.returncode != 0:
+        raise RuntimeError(f"measuring {spec['name']} failed:\n{out.stderr[-2000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("throughput_workload", "throughput_fixed", "mean_tokens"):  # JSON made the batch sizes strings
+        result[key] = {int(b): v for b, v in result[key].items()}
+    return result
+
+
+def run_report(repo: Path, data: Path, out: Path, log=print) -> dict:
+    from rankserve.builder.repository import verify_repository
+    from rankserve.data.catalog import Dataset
+    from rankserve.train.finetune import scorer as torch_scorer
+
+    manifest = verify_repository(repo)
+    settings = manifest["settings"]
+    ranker_dir = Path(manifest["ranker"]["source"])
+    config = json.loads((ranker_dir / "config.json").read_text())
+    layers = config.get("num_hidden_layers") or config.get("n_layers")
+    tokenizer = repo / "tokenize" / "1" / "tokenizer.json"
+    common = {"tokenizer": str(tokenizer), "data": str(data), "max_length": settings["tokenize"]["max_length"],
+              "threads": settings["ort"]["intra_op_threads"]}
+    rows = []
+
+    log("measuring PyTorch FP32 eager (baseline)")
+    base = _measure({**common, "name": "pytorch_fp32_eager", "kind": "pytorch", "path": str(ranker_dir)})
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    dataset = Dataset.load(data)
+    model = AutoModelForSequenceClassification.from_pretrained(ranker_dir).eval()
+    quality = evaluate(dataset, torch_scorer(model, AutoTokenizer.from_pretrained(ranker_dir), settings["tokenize"]["max_length"]))
+    rows.append({"variant": "pytorch_fp32_eager", "runtime": "pytorch eager", "precision": "fp32", "layers": layers,
+                 "file_mb": sum(p.stat().st_size for p in ranker_dir.glob("*.safetensors")) / 2**20,
+                 "ndcg@10": quality["ndcg@10"], "mrr": quality["mrr"], "top10_overlap": 1.0, "kendall_tau": 1.0,
+                 "gate_passed": None, **base})
+    for name, v in manifest["variants"].items():
+        if not v["served_on_cpu"]:
+            continue
+        log(f"measuring {name} ({v['runtime']} {v['inference_precision']})")
+        path = repo / v["rank_model"] / "1" / "model.onnx"
+        m = _measure({**common, "name": name, "kind": "onnx", "path": str(path), "runtime": v["runtime"],
+                      "inference_precision": v["inference_precision"]})
+        g = v["gate"]
+        rows.append({"variant": name, "runtime": f"{v['runtime']} {v['inference_precision']}", "precision": v["precision"],
+                     "layers": len(v["kept_layers"]) if "kept_layers" in v else layers,
+                     "file_mb": path.stat().st_size / 2**20, "ndcg@10": g["ndcg"], "mrr": g["mrr"],
+                     "top10_overlap": g["top_k_overlap"], "kendall_tau": g["kendall_tau"], "gate_passed": g["passed"], **m})
+    log("measuring GEMM ceilings")
+    ceilings = gemm_ceilings(threads=settings["ort"]["intra_op_threads"])
+    baseline = rows[0]
+    for r in rows:
+        r["speedup_vs_pytorch_b32_len64"] = r["throughput_fixed"][TARGET_BATCH] / baseline["throughput_fixed"][TARGET_BATCH]
+        prec = "int8" if r["precision"].startswith("int8") else ("bf16" if r["precision"] == "bf16" else "fp32")
+        gflops = flops_per_pair(config, r["layers"], FIXED_LENGTH) * r["throughput_fixed"][TARGET_BATCH] / 1e9
+        r["achieved_gflops_b32_len64"] = gflops
+        r["ceiling"] = prec
+        r["fraction_of_ceiling"] = gflops / ceilings[prec] if prec in ceilings else None
+        real_len = r["mean_tokens"][TARGET_BATCH]
+        r["gflop_per_pair_workload"] = flops_per_pair(config, r["layers"], real_len) / 1e9
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "flags": _cpu_flags(),
+                    "gemm_gflops": ceilings},
+        "default_variant": manifest["default_variant"],
+        "fixed_length": FIXED_LENGTH,
+        "variants": rows,
+        "gpu_only": {n: v["gate"] for n, v in manifest["variants"].items() if not v["served_on_cpu"]},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(render_markdown(report))
+    plot(report, out)
+    log(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'speed_vs_ndcg.png'}, {out / 'throughput_vs_batch.png'}")
+    return report
+
+
+def render_markdown(report: dict) -> str:
+    m = report["machine"]
+    ceilings = ", ".join(f"{k.upper()} {v:,.0f} GFLOP/s" for k, v in m["gemm_gflops"].items())
+    lines = [
+        "# Optimization report", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags']) or 'none of avx512/vnni/amx'}.",
+        f"Measured GEMM ceilings (2048^3, median of 5): {ceilings}.",
+        f"Default `ranker` variant: **{report['default_variant']}**. Each variant measured in a fresh process, one after another in one run.",
+        "",
+        "## Quality and speed", "",
+        f"| variant | runtime | layers | file MB | load s | peak RSS MB | latency b=1 ms | pairs/s b=32 len {report['fixed_length']} | vs PyTorch | NDCG@10 | MRR | top-10 overlap | Kendall tau |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["variants"]:
+        lines.append(
+            f"| {r['variant']} | {r['runtime']} | {r['layers']} | {r['file_mb']:.1f} | {r['load_s']:.2f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['latency_b1_ms']:.1f} | {r['throughput_fixed'][TARGET_BATCH]:.0f} | {r['speedup_vs_pytorch_b32_len64']:.2f}x | "
+            f"{r['ndcg@10']:.4f} | {r['mrr']:.3f} | {r['top10_overlap']:.3f} | {r['kendall_tau']:.3f} |")
+    lines += ["", "## Throughput (pairs/s) by batch size", "",
+              "| variant | " + " | ".join(f"b={b} workload ({report['variants'][0]['mean_tokens'][b]:.0f} tok)" for b in BATCHES)
+              + " | " + " | ".join(f"b={b} len {report['fixed_length']}" for b in BATCHES) + " |",
+              "|---|" + "---|" * (2 * len(BATCHES))]
+    for r in report["variants"]:
+        lines.append(f"| {r['variant']} | " + " | ".join(f"{r['throughput_workload'][b]:.0f}" for b in BATCHES) + " | "
+                     + " | ".join(f"{r['throughput_fixed'][b]:.0f}" for b in BATCHES) + " |")
+    lines += ["", f"## Distance to the hardware ceiling (batch 32, length {report['fixed_length']})", "",
+              "| variant | GFLOP/pair | achieved GFLOP/s | ceiling | fraction of ceiling |", "|---|---|---|---|---|"]
+    for r in report["variants"]:
+        frac = f"{100 * r['fraction_of_ceiling']:.0f}%" if r["fraction_of_ceiling"] is not None else "n/a"
+        gflop_pair = r["achieved_gflops_b32_len64"] / r["throughput_fixed"][TARGET_BATCH]
+        lines.append(f"| {r['variant']} | {gflop_pair:.2f} | {r['achieved_gflops_b32_len64']:.0f} | {r['ceiling']} | {frac} |")
+    if report["gpu_only"]:
+        lines += ["", "## GPU-only variants (checked on CPU with ONNX Runtime)", ""]
+        lines += [f"- {n}: NDCG@10 {g['ndcg']:.4f}, Kendall tau {g['kendall_tau']:.3f}, gate {'passed' if g['passed'] else 'FAILED'}"
+                  for n, g in report["gpu_only"].items()]
+    lines += ["", "![speed vs NDCG](speed_vs_ndcg.png)", "", "![throughput vs batch](throughput_vs_batch.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["variants"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(r["throughput_fixed"][TARGET_BATCH], r["ndcg@10"], s=60)
+        ax.annotate(r["variant"], (r["throughput_fixed"][TARGET_BATCH], r["ndcg@10"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(f"pairs/s (batch {TARGET_BATCH}, length {report['fixed_length']})")
+    ax.set_ylabel("NDCG@10 (held-out queries)")
+    ax.set_title("Speed vs ranking quality")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "speed_vs_ndcg.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.plot(BATCHES, [r["throughput_workload"][b] for b in BATCHES], marker="o", label=r["variant"])
+    ax.set_xlabel("batch size (candidates per request, workload token lengths)")
+    ax.set_ylabel("pairs/s")
+    ax.set_xticks(BATCHES)
+    ax.set_title("Throughput vs batch size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput_vs_batch.png", dpi=110)
+    plt.close(fig)

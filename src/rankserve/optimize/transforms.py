@@ -1,0 +1,87 @@
+"""ONNX-to-ONNX transforms: INT8 (QDQ static, dynamic), FP16, ONNX Runtime transformer fusion."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from rankserve.optimize.calibration import BatchReader
+from rankserve.settings import QuantSettings
+
+
+def weight_matmuls(model_path: str | Path) -> list[str]:
+    """MatMul nodes with a weight (initializer) input: the layers INT8 quantization targets."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i in initializers for i in n.input)]
+
+
+def mixed_precision_ladder(matmuls: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Steps from full INT8 towards keeping the most sensitive layers in FP32.
+
+    The FFN output projections (after GELU, with the widest activation range) go first, then the
+    attention output projections.
+    """
+    ffn_out = [n for n in matmuls if "/output/dense/" in n and "/attention/" not in n]
+    attn_out = [n for n in matmuls if "/attention/output/dense/" in n]
+    return [("all weight MatMuls", []), ("FFN output in FP32", ffn_out), ("FFN and attention output in FP32", ffn_out + attn_out)]
+
+
+def qdq_int8(
+    src: str | Path, dst: str | Path, batches: list, settings: QuantSettings, exclude: Sequence[str] = ()
+) -> Path:
+    """Static INT8 in QDQ form: symmetric activations and per-channel symmetric weights, the form
+    TensorRT takes for explicit quantization and ONNX Runtime / OpenVINO run on CPU."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[settings.method]
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    if settings.method == "percentile":
+        extra["CalibPercentile"] = settings.percentile
+    nodes = [n for n in weight_matmuls(src) if n not in set(exclude)]
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre), str(dst), BatchReader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+            op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, extra_options=extra,
+        )
+    return Path(dst)
+
+
+def dynamic_int8(src: str | Path, dst: str | Path) -> Path:
+    """ONNX Runtime dynamic INT8: per-channel weights, activations quantized per batch at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8)
+    return Path(dst)
+
+
+FP16_KEEP_FP32 = ("LayerNormalization", "Softmax", "Pow", "ReduceMean", "Sqrt", "Div", "Erf")
+"""Ops left in FP32 in the FP16 model: normalization and softmax statistics overflow or lose precision in FP16."""
+
+
+def fp16(src: str | Path, dst: str | Path) -> Path:
+    """FP16 weights and compute for GPUs, FP32 inputs/outputs and the usual FP32 exceptions."""
+    import onnx
+    from onnxruntime.transformers import float16
+
+    model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=list(FP16_KEEP_FP32))
+    onnx.save(model, str(dst))
+    return Path(dst)
+
+
+def fuse(src: str | Path, dst: str | Path, num_heads: int, hidden_size: int) -> tuple[Path, dict]:
+    """ONNX Runtime's transformer fusions (Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size)
+    optimized.save_model_to_file(str(dst))
+    stats = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    return Path(dst), stats

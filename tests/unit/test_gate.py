@@ -1,0 +1,30 @@
+import numpy as np
+import pytest
+
+from rankserve.errors import BuildError
+from rankserve.optimize.gate import gate, kendall_tau, require, top_k_overlap
+
+
+def test_kendall_tau_and_overlap():
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    assert top_k_overlap([5, 4, 3, 2, 1], [5, 4, 0, 0, 9], k=2) == pytest.approx(0.5)
+
+
+def _scores(dataset, fn):
+    by_query = dataset.by_query()
+    return {q.query_id: np.array([fn(j) for j in by_query[q.query_id]], dtype=float) for q in dataset.split("heldout")}
+
+
+def test_gate_passes_an_equal_variant_and_fails_a_worse_one_naming_the_numbers(dataset):
+    rng = np.random.default_rng(0)
+    oracle = _scores(dataset, lambda j: j.label + 0.01 * rng.random())
+    same = gate("fp32_copy", dataset, oracle, oracle, max_drop=0.01)
+    assert same.passed and same.relative_drop == pytest.approx(0) and same.kendall_tau == pytest.approx(1)
+    noisy = {q: s + rng.normal(0, 1.5, s.shape) for q, s in oracle.items()}
+    worse = gate("int8", dataset, noisy, oracle, max_drop=0.01)
+    assert not worse.passed and worse.relative_drop > 0.01 and worse.kendall_tau < 0.9
+    with pytest.raises(BuildError, match=r"accuracy gate failed for variant int8: NDCG@10 0\.\d+ vs FP32 1\.0000 \(\+\d+\.\d+% drop, limit 1\.0%\)"):
+        require(worse)
+    assert require(same) is same
