@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import copy
-import random
 from typing import Sequence
-
-import numpy as np
-from tqdm.auto import tqdm
 
 from rankserve.data.catalog import Dataset
 from rankserve.errors import BuildError
 from rankserve.settings import PruneSettings
-from rankserve.train.finetune import query_groups, ranking_loss
+from rankserve.train.finetune import fit, query_groups, ranking_loss
 
 
 def _layer_list(model):
@@ -59,35 +55,14 @@ def distill(student, teacher, tokenizer, dataset: Dataset, settings: PruneSettin
     import torch
     import torch.nn.functional as F
 
-    torch.manual_seed(settings.seed)
-    rng = random.Random(settings.seed)
-    groups = query_groups(dataset, "train")
     teacher.eval()
-    student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.learning_rate, weight_decay=0.01)
-    steps = settings.epochs * ((len(groups) + settings.queries_per_step - 1) // settings.queries_per_step)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max(1, steps)))
-    losses: list[float] = []
-    bar = tqdm(total=steps, desc="distilling pruned ranker", unit="step", disable=not progress)
-    for _ in range(settings.epochs):
-        rng.shuffle(groups)
-        for start in range(0, len(groups), settings.queries_per_step):
-            batch = groups[start : start + settings.queries_per_step]
-            queries = [q for q, texts, _ in batch for _ in texts]
-            texts = [t for _, ts, _ in batch for t in ts]
-            enc = tokenizer(queries, texts, truncation=True, max_length=settings.max_length, padding=True, return_tensors="pt")
-            with torch.no_grad():
-                target = teacher(**enc).logits[:, 0]
-            logits = student(**enc).logits[:, 0]
-            loss = F.mse_loss(logits, target) + settings.label_weight * ranking_loss(logits, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-            bar.update()
-    bar.close()
-    student.eval()
-    return losses
+
+    def loss_fn(logits, encoded, batch):
+        with torch.no_grad():
+            target = teacher(**encoded).logits[:, 0]
+        return F.mse_loss(logits, target) + settings.label_weight * ranking_loss(logits, batch)
+
+    return fit(student, tokenizer, query_groups(dataset, "train"), epochs=settings.epochs,
+               queries_per_step=settings.queries_per_step, max_length=settings.max_length,
+               learning_rate=settings.learning_rate, seed=settings.seed, loss_fn=loss_fn,
+               desc="distilling pruned ranker", progress=progress)

@@ -75,38 +75,32 @@ def ranking_loss(logits, groups: Sequence[tuple[str, list[str], list[int]]]):
     return loss
 
 
-def train(model, tokenizer, dataset: Dataset, settings: TrainSettings, progress: bool = True) -> list[float]:
-    """Train on the ``train`` split; returns the loss of every step.
-
-    Loss per step: binary cross-entropy of each pair against label / 2 (exact 1, partial 0.5,
-    irrelevant 0) plus a listwise softmax cross-entropy per query over gains 2^label - 1.
-    """
+def fit(model, tokenizer, groups: list, *, epochs: int, queries_per_step: int, max_length: int, learning_rate: float,
+        seed: int, loss_fn, desc: str, warmup_fraction: float = 0.0, progress: bool = True) -> list[float]:
+    """The training loop shared by fine-tuning and distillation: shuffled query groups, AdamW with
+    warm-up and linear decay, gradient clipping, a progress bar. ``loss_fn(logits, encoded, batch)``."""
     import torch
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    torch.manual_seed(settings.seed)
-    rng = random.Random(settings.seed)
-    groups = query_groups(dataset, "train")
-    steps_per_epoch = (len(groups) + settings.queries_per_step - 1) // settings.queries_per_step
-    total = steps_per_epoch * settings.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.01)
-    warmup = max(1, int(total * settings.warmup_fraction))
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    groups = list(groups)
+    total = epochs * ((len(groups) + queries_per_step - 1) // queries_per_step)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    warmup = max(1, int(total * warmup_fraction))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
     )
     model.train()
     losses: list[float] = []
-    bar = tqdm(total=total, desc="fine-tuning", unit="step", disable=not progress)
-    for epoch in range(settings.epochs):
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress)
+    for epoch in range(epochs):
         rng.shuffle(groups)
-        for start in range(0, len(groups), settings.queries_per_step):
-            batch = groups[start : start + settings.queries_per_step]
+        for start in range(0, len(groups), queries_per_step):
+            batch = groups[start : start + queries_per_step]
             queries = [q for q, texts, _ in batch for _ in texts]
             texts = [t for _, ts, _ in batch for t in ts]
-            enc = tokenizer(queries, texts, truncation=True, max_length=settings.max_length, padding=True, return_tensors="pt")
-            logits = model(**enc).logits[:, 0]
-            loss = ranking_loss(logits, batch)
+            enc = tokenizer(queries, texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            loss = loss_fn(model(**enc).logits[:, 0], enc, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -118,6 +112,18 @@ def train(model, tokenizer, dataset: Dataset, settings: TrainSettings, progress:
     bar.close()
     model.eval()
     return losses
+
+
+def train(model, tokenizer, dataset: Dataset, settings: TrainSettings, progress: bool = True) -> list[float]:
+    """Train on the ``train`` split with :func:`ranking_loss`; returns the loss of every step."""
+    import torch
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    return fit(model, tokenizer, query_groups(dataset, "train"), epochs=settings.epochs,
+               queries_per_step=settings.queries_per_step, max_length=settings.max_length,
+               learning_rate=settings.learning_rate, seed=settings.seed, warmup_fraction=settings.warmup_fraction,
+               loss_fn=lambda logits, _enc, batch: ranking_loss(logits, batch), desc="fine-tuning", progress=progress)
 
 
 def scorer(model, tokenizer, max_length: int, batch_size: int = 64):
