@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from rankserve.errors import RankserveError
-from rankserve.settings import CPU_VARIANTS, GPU_VARIANTS, DataSettings, ServeSettings, TrainSettings, preset
+from rankserve.settings import CALIBRATION_METHODS, CPU_VARIANTS, GPU_VARIANTS, DataSettings, ServeSettings, TrainSettings, preset
 
 
 def _data(args) -> None:
@@ -37,7 +37,10 @@ def _build(args) -> None:
     if args.max_length:
         settings = dataclasses.replace(settings, tokenize=dataclasses.replace(settings.tokenize, max_length=args.max_length))
     variants = CPU_VARIANTS + GPU_VARIANTS if args.variants == "all" else tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    settings = dataclasses.replace(settings, target=args.target, variants=variants)
+    quant = dataclasses.replace(settings.quant, **{k: v for k, v in (("method", args.calibration_method),
+                                                                    ("calibration_pairs", args.calibration_pairs)) if v})
+    gate = settings.gate if args.max_ndcg_drop is None else dataclasses.replace(settings.gate, max_ndcg_drop=args.max_ndcg_drop)
+    settings = dataclasses.replace(settings, target=args.target, variants=variants, quant=quant, gate=gate)
     dataset = Dataset.load(args.data) if args.data else None
     build_repository(args.ranker, args.out, settings, dataset=dataset, work_dir=args.work_dir)
 
@@ -128,6 +131,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, or 'all': {','.join(CPU_VARIANTS + GPU_VARIANTS)} (default fp32)")
     s.add_argument("--data", help="dataset dir (queries/products/judgments.jsonl): calibration pairs and the accuracy gate")
     s.add_argument("--work-dir", help="keep intermediate variant files (and the distilled pruned ranker) here")
+    s.add_argument("--calibration-method", choices=CALIBRATION_METHODS, help="INT8 calibration (default percentile)")
+    s.add_argument("--calibration-pairs", type=int, help="real pairs used to calibrate INT8 (default 512)")
+    s.add_argument("--max-ndcg-drop", type=float, help="accuracy gate: largest relative NDCG@10 drop (default 0.01)")
     s.set_defaults(func=_build)
 
     s = sub.add_parser("serve", help="run the embedded tritonserver on a model repository")

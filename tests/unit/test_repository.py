@@ -63,3 +63,42 @@ def test_failed_check_leaves_the_output_untouched(tiny_ranker, tmp_path):
     with pytest.raises(BuildError, match="numeric check failed"):
         build_repository(tiny_ranker, out, strict, log=lambda _m: None)
     assert not out.exists()
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "rankserve", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_variants_need_data_for_calibration_and_the_gate(tiny_ranker, tmp_path):
+    out = _cli("build", "--ranker", str(tiny_ranker), "--out", str(tmp_path / "repo"), "--preset", "tiny", "--variants", "int8")
+    assert out.returncode == 2 and "need --data" in out.stderr and not (tmp_path / "repo").exists()
+
+
+def test_build_command_with_variants_lays_out_one_ensemble_each(tiny_ranker, dataset, tmp_path):
+    dataset.save(tmp_path / "data")
+    out = _cli("build", "--ranker", str(tiny_ranker), "--out", str(tmp_path / "repo"), "--preset", "tiny",
+               "--variants", "fp32,int8_dynamic", "--data", str(tmp_path / "data"), "--calibration-method", "minmax")
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads((tmp_path / "repo" / MANIFEST).read_text())
+    assert set(manifest["variants"]) == {"fp32", "int8_dynamic"}
+    assert manifest["settings"]["quant"]["method"] == "minmax"
+    names = sorted(p.parent.name for p in (tmp_path / "repo").glob("*/config.pbtxt"))
+    default = manifest["default_variant"]
+    other = ({"fp32", "int8_dynamic"} - {default}).pop()
+    assert names == sorted(["tokenize", "postprocess", "rank", f"rank_{other}", "ranker", "ranker_fp32", "ranker_int8_dynamic"])
+    assert "variant int8_dynamic" in out.stdout and "default ranker" in out.stdout
+
+
+def test_a_rebuild_removes_models_of_the_previous_build(tiny_ranker, dataset, tmp_path):
+    dataset.save(tmp_path / "data")
+    repo = tmp_path / "repo"
+    first = _cli("build", "--ranker", str(tiny_ranker), "--out", str(repo), "--preset", "tiny",
+                 "--variants", "fp32,int8_dynamic", "--data", str(tmp_path / "data"))
+    assert first.returncode == 0, first.stderr
+    second = _cli("build", "--ranker", str(tiny_ranker), "--out", str(repo), "--preset", "tiny")
+    assert second.returncode == 0, second.stderr
+    assert sorted(p.parent.name for p in repo.glob("*/config.pbtxt")) == ["postprocess", "rank", "ranker", "ranker_fp32", "tokenize"]
+    assert not list(repo.glob("rank_*")) and verify_repository(repo)["default_variant"] == "fp32"

@@ -1,0 +1,49 @@
+"""The ONNX transforms on a real (tiny) export: every calibration method runs and gives QDQ INT8."""
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import TINY
+from rankserve.builder.export import export_onnx, load_ranker
+from rankserve.optimize import transforms
+from rankserve.optimize.calibration import calibration_pairs, fixed_length_batches
+from rankserve.settings import OrtSettings, QuantSettings, RuntimeSettings
+from rankserve.stages.rank import create_ranker
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_ranker, tmp_path_factory):
+    ranker = load_ranker(tiny_ranker, TINY)
+    return ranker, export_onnx(ranker, tmp_path_factory.mktemp("t") / "fp32.onnx", TINY.opset)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_each_calibration_method_gives_qdq_int8(exported, dataset, tmp_path, method):
+    ranker, fp32 = exported
+    settings = QuantSettings(calibration_pairs=32, method=method, calibration_length=32)
+    batches = fixed_length_batches(ranker.tokenizer, calibration_pairs(dataset, 32), 32, 16, ranker.input_names)
+    matmuls = transforms.weight_matmuls(fp32)
+    keep = transforms.mixed_precision_ladder(matmuls)[1][1]  # "FFN output in FP32"
+    assert keep and set(keep) < set(matmuls)
+    out = transforms.qdq_int8(fp32, tmp_path / "q.onnx", batches, settings, exclude=keep)
+    graph = onnx.load(str(out)).graph
+    initializers = {i.name for i in graph.initializer}
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    nodes = {n.name: n for n in graph.node}
+    for name in matmuls:
+        weight_is_float = any(i in initializers for i in nodes[name].input)
+        weight_is_int8 = any(i in dequantized for i in nodes[name].input)
+        assert (weight_is_float, weight_is_int8) == ((True, False) if name in keep else (False, True)), name
+    feeds = batches[0]
+    score = create_ranker(out, RuntimeSettings(), OrtSettings()).score(feeds)
+    assert score.shape == (16,) and np.isfinite(score).all()
+
+
+def test_calibration_pairs_come_from_training_queries_only(dataset):
+    train_queries = {q.text for q in dataset.split("train")}
+    pairs = calibration_pairs(dataset, 200, seed=3)
+    assert len(pairs) == 200 and all(q in train_queries for q, _ in pairs)
+    assert pairs == calibration_pairs(dataset, 200, seed=3)
