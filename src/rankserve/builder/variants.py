@@ -225,13 +225,10 @@ class VariantBuilder:
 
 
 def _dir_digest(directory: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(directory.iterdir()):
-        if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt"):
-            h.update(p.name.encode())
-            h.update(str(p.stat().st_size).encode())
-            h.update(str(int(p.stat().st_mtime)).encode())
-    return h.hexdigest()
+    """Content digest of a model directory (names and SHA-256 of its files)."""
+    from rankserve.builder.repository import sha256
+
+    return hashlib.sha256("".join(f"{p.name}:{sha256(p)};" for p in sorted(directory.iterdir()) if p.is_file()).encode()).hexdigest()
 
 
 def best_cpu_variant(builds: list[VariantBuild]) -> VariantBuild:
