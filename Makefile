@@ -9,10 +9,10 @@ PYTEST_ARGS ?=
 .PHONY: venv demo test test-fast build serve report clean
 
 # (Re)create the venv and install the package with its extras whenever pyproject.toml changes.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]' -e clients/python
 	@touch $@
 
 venv: $(STAMP)

@@ -81,14 +81,17 @@ def _serve(args) -> None:
 
 
 def _rank(args) -> None:
-    from rankserve.client import RankerClient
+    from rankserve_client import RankerClient, RankerError
 
     texts = [line.strip() for line in Path(args.texts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    with RankerClient(args.url, args.protocol, args.model, args.timeout) as client:
-        results = client.rank(args.query, texts, args.top_k)
-    print(f"query: {args.query!r}  ({len(texts)} candidates, {args.protocol})")
+    try:
+        with RankerClient(args.url, args.protocol, model=args.model, timeout=args.timeout) as client:
+            results = client.rank(args.query, texts, args.top_k)
+    except RankerError as exc:
+        raise RankserveError(f"{type(exc).__name__}: {exc}") from None
+    print(f"query: {args.query!r}  ({len(texts)} candidates, {client.protocol})")
     for r in results:
-        print(f"{r.rank:>4}. {r.score:+8.4f}  [{r.index}] {r.text}")
+        print(f"{r.rank:>4}. {r.score:+8.4f}  [{r.id}] {r.text}")
 
 
 def _report(args) -> None:
@@ -146,8 +149,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("rank", help="rank candidate texts for a query through a running server")
-    s.add_argument("--url", default="127.0.0.1:8000")
-    s.add_argument("--protocol", default="http", choices=["http", "grpc"])
+    s.add_argument("--url", default="127.0.0.1:8000", help="host:port, http://host:port or grpc://host:port")
+    s.add_argument("--protocol", choices=["http", "grpc"], help="when the URL has no scheme (default http)")
     s.add_argument("--model", default="ranker")
     s.add_argument("--query", required=True)
     s.add_argument("--texts-file", required=True, help="one candidate text per line")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from rankserve.builder.repository import MANIFEST, build_repository, sha256, verify_repository
-from rankserve.client import RankerClient
+from rankserve_client import RankerClient
 from rankserve.data.catalog import LABEL_NAMES, Dataset
 from rankserve.errors import BuildError
 from rankserve.server.embedded import EmbeddedServer
@@ -108,7 +108,7 @@ def show_variants(manifest: dict) -> None:
 def show_rankings(server: EmbeddedServer, dataset: Dataset) -> None:
     by_query = dataset.by_query()
     queries = dataset.split("heldout")[:DEMO_QUERIES]
-    with RankerClient(server.http_url, "http") as http, RankerClient(server.grpc_url, "grpc") as grpc:
+    with RankerClient(f"http://{server.http_url}") as http, RankerClient(f"grpc://{server.grpc_url}") as grpc:
         for q in queries:
             judgments = by_query[q.query_id]
             texts = [dataset.products[j.product_id].text for j in judgments]
@@ -117,12 +117,12 @@ def show_rankings(server: EmbeddedServer, dataset: Dataset) -> None:
             t1 = time.perf_counter()
             over_grpc = grpc.rank(q.text, texts, top_k=SHOWN)
             t2 = time.perf_counter()
-            agree = [r.index for r in over_http[:SHOWN]] == [r.index for r in over_grpc]
+            agree = [r.id for r in over_http[:SHOWN]] == [r.id for r in over_grpc]
             print(f"\nquery: {q.text!r}  (WANDS class: {q.query_class}; held out from training)")
             print(f"  {len(texts)} candidates; HTTP {1000 * (t1 - t0):.0f} ms, gRPC top-{SHOWN} {1000 * (t2 - t1):.0f} ms; "
                   f"HTTP and gRPC agree: {'yes' if agree else 'NO'}")
             for r in over_http[:SHOWN]:
-                label = LABEL_NAMES[judgments[r.index].label]
+                label = LABEL_NAMES[judgments[r.id].label]
                 print(f"  {r.rank}. {r.score:+7.3f}  [{label:>10}]  {r.text}")
 
 

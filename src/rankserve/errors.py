@@ -1,7 +1,8 @@
 """The one place where rankserve's error types are defined and mapped to Triton codes and HTTP status.
 
 Stage adapters raise these from pure functions and turn them into ``pb_utils.TritonError`` with
-:func:`triton_error`; clients map Triton's status back with :func:`from_status`.
+:func:`triton_error`. Each serving error names the exception the client SDK (``rankserve_client``)
+raises for it; a test checks that the SDK maps the HTTP status and the gRPC code back to it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ class RankserveError(Exception):
 
     triton_code = "INTERNAL"
     http_status = 500
+    sdk_error = "ServerError"
 
 
 class InvalidInput(RankserveError):
@@ -21,6 +23,7 @@ class InvalidInput(RankserveError):
 
     triton_code = "INVALID_ARG"
     http_status = 400
+    sdk_error = "BadRequest"
 
 
 class Unavailable(RankserveError):
@@ -28,6 +31,7 @@ class Unavailable(RankserveError):
 
     triton_code = "UNAVAILABLE"
     http_status = 503
+    sdk_error = "Unavailable"
 
 
 class ServerError(RankserveError):
@@ -49,15 +53,6 @@ class ServeError(RankserveError):
     """The embedded server could not be started or did not become ready."""
 
 
-_BY_HTTP_STATUS = {400: InvalidInput, 503: Unavailable, 500: ServerError}
-_BY_TRITON_CODE = {
-    "INVALID_ARG": InvalidInput,
-    "StatusCode.INVALID_ARGUMENT": InvalidInput,
-    "UNAVAILABLE": Unavailable,
-    "StatusCode.UNAVAILABLE": Unavailable,
-}
-
-
 def triton_error(exc: Exception, pb_utils: Any) -> Any:
     """Convert an exception raised while serving into a ``pb_utils.TritonError``.
 
@@ -68,12 +63,3 @@ def triton_error(exc: Exception, pb_utils: Any) -> Any:
         code = getattr(pb_utils.TritonError, exc.triton_code)
         return pb_utils.TritonError(str(exc), code)
     return pb_utils.TritonError(f"internal error ({type(exc).__name__})", pb_utils.TritonError.INTERNAL)
-
-
-def from_status(status: int | str | None, message: str) -> RankserveError:
-    """Map an HTTP status or a gRPC/Triton status name to the matching error type."""
-    if isinstance(status, int):
-        cls = _BY_HTTP_STATUS.get(status, ServerError)
-    else:
-        cls = _BY_TRITON_CODE.get(str(status), ServerError)
-    return cls(message)

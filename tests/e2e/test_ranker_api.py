@@ -7,8 +7,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from rankserve.client import RankerClient
-from rankserve.errors import InvalidInput
+from rankserve_client import BadRequest, RankerClient
 
 pytestmark = pytest.mark.triton
 
@@ -16,7 +15,7 @@ pytestmark = pytest.mark.triton
 @pytest.fixture(scope="module", params=["http", "grpc"])
 def client(request, server):
     url = server.http_url if request.param == "http" else server.grpc_url
-    with RankerClient(url, request.param) as c:
+    with RankerClient(f"{request.param}://{url}") as c:
         yield c
 
 
@@ -29,7 +28,7 @@ def requests_(dataset):
 
 
 def _scores_by_index(results):
-    return {r.index: r.score for r in results}
+    return {r.id: r.score for r in results}
 
 
 def test_scores_equal_offline_pytorch(client, requests_, offline_scorer):
@@ -50,24 +49,24 @@ def test_truncated_pairs_score_like_pytorch(client, offline_scorer):
 def test_indices_are_a_permutation_sorted_by_score(client, requests_):
     query, texts = requests_[0]
     results = client.rank(query, texts)
-    assert sorted(r.index for r in results) == list(range(len(texts)))
+    assert sorted(r.id for r in results) == list(range(len(texts)))
     scores = [r.score for r in results]
     assert scores == sorted(scores, reverse=True)
     assert [r.rank for r in results] == list(range(1, len(texts) + 1))
-    assert all(r.text == texts[r.index] for r in results)
+    assert all(r.text == texts[r.id] for r in results)
 
 
 def test_top_k_is_honoured(client, requests_):
     query, texts = requests_[1]
     full = client.rank(query, texts)
     top3 = client.rank(query, texts, top_k=3)
-    assert [(r.index, r.score) for r in top3] == [(r.index, r.score) for r in full[:3]]
+    assert [(r.id, r.score) for r in top3] == [(r.id, r.score) for r in full[:3]]
     assert len(client.rank(query, texts, top_k=1000)) == len(texts)
 
 
 def test_one_candidate(client, offline_scorer):
     (only,) = client.rank("salon chair", ["Larkin Salon Chair | Massage Chairs"])
-    assert only.index == 0 and abs(only.score - offline_scorer("salon chair", ["Larkin Salon Chair | Massage Chairs"])[0]) <= 1e-4
+    assert only.id == 0 and abs(only.score - offline_scorer("salon chair", ["Larkin Salon Chair | Massage Chairs"])[0]) <= 1e-4
 
 
 def test_five_hundred_candidates(client, dataset, offline_scorer):
@@ -77,7 +76,7 @@ def test_five_hundred_candidates(client, dataset, offline_scorer):
     expected = offline_scorer("turquoise pillows", texts)
     got = np.array([_scores_by_index(results)[i] for i in range(500)])
     assert np.max(np.abs(got - expected)) <= 1e-4
-    assert [r.index for r in results[:10]] == list(np.argsort(-expected, kind="stable")[:10])
+    assert [r.id for r in results[:10]] == list(np.argsort(-expected, kind="stable")[:10])
 
 
 def test_a_pair_scores_the_same_whatever_else_is_in_the_request(client, dataset):
@@ -89,21 +88,17 @@ def test_a_pair_scores_the_same_whatever_else_is_in_the_request(client, dataset)
 
 
 def test_http_and_grpc_agree(server, requests_):
-    with RankerClient(server.http_url, "http") as h, RankerClient(server.grpc_url, "grpc") as g:
+    with RankerClient(f"http://{server.http_url}") as h, RankerClient(f"grpc://{server.grpc_url}") as g:
         for query, texts in requests_[:5]:
             a, b = h.rank(query, texts), g.rank(query, texts)
-            assert [r.index for r in a] == [r.index for r in b]
+            assert [r.id for r in a] == [r.id for r in b]
             np.testing.assert_array_equal([r.score for r in a], [r.score for r in b])
 
 
-@pytest.mark.parametrize(
-    "query, texts, top_k, message",
-    [("sofa", [], None, "'texts' is empty"), ("  ", ["x"], None, "'query' is empty"),
-     ("sofa", ["x"], 0, "'top_k' must be >= 1")],
-)
-def test_bad_input_is_a_clear_invalid_argument_and_the_server_keeps_serving(client, query, texts, top_k, message):
-    with pytest.raises(InvalidInput, match=message):
-        client.rank(query, texts, top_k=top_k)
+@pytest.mark.parametrize("texts", [["gray sofa", "bad\x00text"], ["x" * 5000]], ids=["NUL byte", "too long"])
+def test_bad_input_is_a_clear_bad_request_and_the_server_keeps_serving(client, texts):
+    with pytest.raises(BadRequest, match="NUL|limit of 4096"):
+        client.rank("sofa", texts)
     assert len(client.rank("sofa", ["gray sofa", "oak table"])) == 2
 
 
@@ -133,6 +128,18 @@ def test_raw_http_errors_are_400_with_a_message(server):
     missing_texts = {"inputs": [{"name": "query", "datatype": "BYTES", "shape": [1], "data": ["sofa"]}]}
     status, out = _post(server, json.dumps(missing_texts).encode())
     assert status == 400 and "texts" in out["error"]
+    empty_texts = {"inputs": [{"name": "query", "datatype": "BYTES", "shape": [1], "data": ["sofa"]},
+                              {"name": "texts", "datatype": "BYTES", "shape": [0], "data": []}]}
+    status, out = _post(server, json.dumps(empty_texts).encode())
+    assert status == 400 and "'texts' is empty" in out["error"]
+    zero_k = {"inputs": [{"name": "query", "datatype": "BYTES", "shape": [1], "data": [" "]},
+                         {"name": "texts", "datatype": "BYTES", "shape": [1], "data": ["x"]},
+                         {"name": "top_k", "datatype": "INT32", "shape": [1], "data": [0]}]}
+    status, out = _post(server, json.dumps(zero_k).encode())
+    assert status == 400 and "'query' is empty" in out["error"]
+    zero_k["inputs"][0]["data"] = ["sofa"]
+    status, out = _post(server, json.dumps(zero_k).encode())
+    assert status == 400 and "'top_k' must be >= 1" in out["error"]
     status, out = _post(server, b'{"inputs": [')
     # Triton 2.51's HTTP frontend answers unparsable JSON with 500 (its own code, not a stage's).
     assert status in (400, 500) and "JSON" in out["error"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rankserve.builder.variants import cpu_has_bf16_units
-from rankserve.client import RankerClient
+from rankserve_client import RankerClient
 from rankserve.settings import OrtSettings, RuntimeSettings
 from rankserve.stages.rank import create_ranker
 from rankserve.stages.tokenize import encode_pairs, load_tokenizer
@@ -52,7 +52,7 @@ def test_every_variant_ensemble_serves_the_same_api_and_its_own_model(variants_s
     tokenizer = load_tokenizer(tiny_variants_repo / "tokenize/1/tokenizer.json", TINY.tokenize)
     q = dataset.split("heldout")[0]
     texts = [dataset.products[j.product_id].text for j in dataset.by_query()[q.query_id]]
-    with RankerClient(variants_server.http_url, "http") as http, RankerClient(variants_server.grpc_url, "grpc") as grpc:
+    with RankerClient(f"http://{variants_server.http_url}") as http, RankerClient(f"grpc://{variants_server.grpc_url}") as grpc:
         for name, v in manifest["variants"].items():
             if not v["served_on_cpu"]:
                 continue
@@ -60,12 +60,10 @@ def test_every_variant_ensemble_serves_the_same_api_and_its_own_model(variants_s
                                     RuntimeSettings(v["runtime"], v["inference_precision"]), OrtSettings())
             expected = offline.score(encode_pairs(tokenizer, q.text, texts))
             for client in (http, grpc):
-                client.model = v["ensemble"]
-                results = client.rank(q.text, texts, top_k=5)
+                results = client.rank(q.text, texts, top_k=5, model=v["ensemble"])
                 assert len(results) == 5
-                got = {r.index: r.score for r in results}
+                got = {r.id: r.score for r in results}
                 assert max(abs(got[i] - expected[i]) for i in got) <= 1e-4, name
-        http.model = "ranker"
         default = manifest["variants"][manifest["default_variant"]]
         assert default["rank_model"] == "rank"
         assert len(http.rank(q.text, texts)) == len(texts)

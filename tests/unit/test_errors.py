@@ -1,6 +1,9 @@
 import pytest
 
-from rankserve.errors import InvalidInput, ServerError, Unavailable, from_status, triton_error
+import rankserve_client
+from rankserve_client.errors import from_triton
+
+from rankserve.errors import InvalidInput, ServerError, Unavailable, triton_error
 
 
 class FakeCodes:
@@ -25,13 +28,13 @@ def test_unexpected_errors_leak_no_internals():
     assert "secret" not in err.message and "KeyError" in err.message
 
 
-@pytest.mark.parametrize(
-    "status, cls",
-    [(400, InvalidInput), (503, Unavailable), (500, ServerError), ("StatusCode.INVALID_ARGUMENT", InvalidInput),
-     ("StatusCode.UNAVAILABLE", Unavailable), ("StatusCode.INTERNAL", ServerError), (None, ServerError)],
-)
-def test_status_mapping(status, cls):
-    assert type(from_status(status, "m")) is cls
+@pytest.mark.parametrize("server_error", [InvalidInput, Unavailable, ServerError])
+def test_the_sdk_maps_each_server_error_back_to_its_declared_exception(server_error):
+    """One mapping: the server error's HTTP status and gRPC code both come back as its ``sdk_error``."""
+    expected = getattr(rankserve_client, server_error.sdk_error)
+    grpc_names = {"INVALID_ARG": "StatusCode.INVALID_ARGUMENT", "UNAVAILABLE": "StatusCode.UNAVAILABLE", "INTERNAL": "StatusCode.INTERNAL"}
+    assert type(from_triton(str(server_error.http_status), "m")) is expected
+    assert type(from_triton(grpc_names[server_error.triton_code], "m")) is expected
 
 
 def test_http_status_of_each_type():
