@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS := build,serve,client,dev
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast build serve report clean
+.PHONY: venv demo test test-fast build serve report ts clean
 
 # (Re)create the venv and install the package with its extras whenever pyproject.toml changes.
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -20,7 +20,12 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/rankserve demo
 
-test: venv
+# The TypeScript SDK: built with the npm toolchain, tested by pytest against the real server.
+ts:
+	@if command -v npm >/dev/null; then cd clients/typescript && npm ci --no-audit --no-fund --silent && npm run --silent build; \
+	else echo "npm not found: the TypeScript SDK tests will be skipped"; fi
+
+test: venv ts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Unit tests only: no server, no export.
