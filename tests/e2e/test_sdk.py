@@ -154,3 +154,21 @@ def test_client_side_validation_and_url_rules():
         RankerClient("http://127.0.0.1:1", check_api=False).rank("sofa", ["x"], top_k=0)
     with pytest.raises(ValueError, match="contradicts"):
         RankerClient("grpc://127.0.0.1:1", protocol="http", check_api=False)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_async_timeout_and_server_down(server, protocol, catalog):
+    async def run():
+        client = AsyncRankerClient(_url(server, protocol), check_api=False)
+        with pytest.raises(Timeout):
+            await client.rank("oak dining table", catalog[:1000], timeout=0.005)
+        assert len(await client.rank("oak dining table", catalog[:3])) == 3
+        await client.close()
+        down = AsyncRankerClient(f"{protocol}://127.0.0.1:{free_port()}", retries=2, backoff=0.05, timeout=2)
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            await down.connect()
+        await down.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(run()) < 10

@@ -1,0 +1,99 @@
+"""The asyncio client."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, Iterable, Optional, TypeVar
+
+from rankserve_client import _common as c
+from rankserve_client.client import map_error
+from rankserve_client.errors import RankerError, Timeout
+
+T = TypeVar("T")
+
+
+class AsyncRankerClient:
+    """The asyncio twin of :class:`RankerClient`: one connection pool shared by all tasks of a loop.
+
+    Create it inside a running loop and ``await client.connect()`` (or use ``async with``), which
+    also checks the model's API. Chunks of a long candidate list are sent concurrently.
+    """
+
+    def __init__(self, url: str, protocol: Optional[str] = None, *, model: str = c.DEFAULT_MODEL, timeout: float = 10.0,
+                 retries: int = 3, backoff: float = 0.1, chunk_size: int = c.DEFAULT_CHUNK, check_api: bool = True) -> None:
+        self.protocol, self.address = c.parse_url(url, protocol)
+        self.model, self.timeout, self.retries, self.backoff, self.chunk_size = model, timeout, retries, backoff, chunk_size
+        self.check_api_on_connect = check_api
+        if self.protocol == "grpc":
+            import tritonclient.grpc as tc
+            import tritonclient.grpc.aio as aio
+        else:
+            import tritonclient.http as tc
+            import tritonclient.http.aio as aio
+        self._tc, self._aio, self._client = tc, aio, None
+
+    async def connect(self) -> "AsyncRankerClient":
+        if self._client is None:
+            self._client = self._aio.InferenceServerClient(self.address)
+        if self.check_api_on_connect:
+            await self.check_api()
+        return self
+
+    async def _call(self, fn: Callable[[object], Awaitable[T]], timeout: Optional[float] = None) -> T:
+        if self._client is None:
+            await self.connect()
+        timeout = self.timeout if timeout is None else timeout
+        delays = c.backoff_delays(self.retries, self.backoff)
+        while True:
+            try:
+                return await asyncio.wait_for(fn(self._client), timeout)
+            except asyncio.TimeoutError:
+                raise Timeout(f"no answer within {timeout} s") from None
+            except Exception as exc:  # noqa: BLE001 - mapped to the SDK's hierarchy below
+                error = map_error(exc)
+                if not error.retryable or not delays:
+                    raise error from None
+                await asyncio.sleep(delays.pop(0))
+
+    async def is_ready(self, model: Optional[str] = None) -> bool:
+        try:
+            return bool(await self._call(lambda cl: cl.is_model_ready(model or self.model)))
+        except RankerError:
+            return False
+
+    async def check_api(self, model: Optional[str] = None) -> None:
+        model = model or self.model
+        if self.protocol == "grpc":
+            metadata = await self._call(lambda cl: cl.get_model_metadata(model, as_json=True))
+        else:
+            metadata = await self._call(lambda cl: cl.get_model_metadata(model))
+        c.check_metadata(model, metadata)
+
+    async def rank(self, query: str, items: Iterable[c.ItemLike], top_k: Optional[int] = None,
+                   model: Optional[str] = None, timeout: Optional[float] = None) -> list[c.RankedItem]:
+        """Rank ``items`` for ``query``, best first; see :meth:`RankerClient.rank`."""
+        all_items = c.to_items(items)
+        c.validate(query, all_items, top_k)
+        model = model or self.model
+
+        async def one(start: int, end: int):
+            texts = [it.text for it in all_items[start:end]]
+            k = None if top_k is None else min(top_k, end - start)
+            inputs = c.build_inputs(self._tc, query, texts, k)
+            outputs = [self._tc.InferRequestedOutput(name) for name in c.API_OUTPUTS]
+            result = await self._call(lambda cl: cl.infer(model, inputs, outputs=outputs), timeout)
+            return start, result.as_numpy("indices"), result.as_numpy("scores")
+
+        parts = await asyncio.gather(*(one(s, e) for s, e in c.chunks(len(all_items), self.chunk_size)))
+        return c.merge(list(parts), all_items, top_k)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def __aenter__(self) -> "AsyncRankerClient":
+        return await self.connect()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,152 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Callable, Iterable, Optional, TypeVar
+
+from rankserve_client import _common as c
+from rankserve_client.errors import RankerError, Timeout, Unavailable, from_triton
+
+T = TypeVar("T")
+
+
+def map_error(exc: BaseException) -> RankerError:
+    """Any transport exception as an SDK error."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(exc, RankerError):
+        return exc
+    if isinstance(exc, InferenceServerException):
+        return from_triton(exc.status(), exc.message() or str(exc))
+    if isinstance(exc, (socket.timeout, TimeoutError)) or type(exc).__name__ == "Timeout":
+        return Timeout(f"no answer in time: {exc}")
+    if isinstance(exc, OSError):
+        return Unavailable(f"cannot reach the server: {exc}")
+    return RankerError(f"{type(exc).__name__}: {exc}")
+
+
+class RankerClient:
+    """Ranks candidates with a rankserve ranker over HTTP or gRPC.
+
+    Thread-safe: over gRPC all threads share one channel; over HTTP each thread gets its own
+    connection (tritonclient's HTTP client is not thread-safe), reused across its calls.
+
+    >>> client = RankerClient("grpc://127.0.0.1:8001")
+    >>> client.rank("turquoise pillows", [("sku-1", "Turquoise Velvet Pillow"), ("sku-2", "Oak Table")], top_k=1)
+    """
+
+    def __init__(self, url: str, protocol: Optional[str] = None, *, model: str = c.DEFAULT_MODEL, timeout: float = 10.0,
+                 retries: int = 3, backoff: float = 0.1, chunk_size: int = c.DEFAULT_CHUNK, check_api: bool = True) -> None:
+        """``url``: ``http://host:8000``, ``grpc://host:8001`` or ``host:port`` with ``protocol``.
+        ``timeout``: seconds per call; ``retries``: extra attempts when the server is unavailable or
+        overloaded (exponential backoff from ``backoff`` s); ``chunk_size``: most candidates per request;
+        ``check_api``: fetch the model's metadata now and raise :class:`ApiMismatch` if it is not a ranker."""
+        self.protocol, self.address = c.parse_url(url, protocol)
+        self.model, self.timeout, self.retries, self.backoff, self.chunk_size = model, timeout, retries, backoff, chunk_size
+        if self.protocol == "grpc":
+            import tritonclient.grpc as tc
+        else:
+            import tritonclient.http as tc
+        self._tc = tc
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._grpc = None
+        self._all_http: list = []
+        if check_api:
+            self.check_api(model)
+
+    # -- transport ---------------------------------------------------------------------------
+    def _client(self, timeout: float):
+        if self.protocol == "grpc":
+            with self._lock:
+                if self._grpc is None:
+                    self._grpc = self._tc.InferenceServerClient(self.address)
+                return self._grpc
+        clients = getattr(self._local, "clients", None)
+        if clients is None:
+            clients = self._local.clients = {}
+        if timeout not in clients:
+            clients[timeout] = self._tc.InferenceServerClient(self.address, connection_timeout=timeout, network_timeout=timeout)
+            with self._lock:
+                self._all_http.append(clients[timeout])
+        return clients[timeout]
+
+    def _call(self, fn: Callable[[object, float], T], timeout: Optional[float] = None) -> T:
+        timeout = self.timeout if timeout is None else timeout
+        delays = c.backoff_delays(self.retries, self.backoff)
+        while True:
+            try:
+                return fn(self._client(timeout), timeout)
+            except Exception as exc:  # noqa: BLE001 - mapped to the SDK's hierarchy below
+                error = map_error(exc)
+                if not error.retryable or not delays:
+                    raise error from None
+                time.sleep(delays.pop(0))
+
+    # -- API -----------------------------------------------------------------------------------
+    def is_live(self) -> bool:
+        try:
+            return bool(self._client(self.timeout).is_server_live())
+        except Exception:  # noqa: BLE001
+            return False
+
+    def is_ready(self, model: Optional[str] = None) -> bool:
+        try:
+            return bool(self._client(self.timeout).is_model_ready(model or self.model))
+        except Exception:  # noqa: BLE001
+            return False
+
+    def check_api(self, model: Optional[str] = None) -> None:
+        """Raise :class:`ApiMismatch` unless ``model`` exposes query/texts/top_k -> indices/scores."""
+        model = model or self.model
+
+        def fetch(client, _timeout):
+            if self.protocol == "grpc":
+                return client.get_model_metadata(model, as_json=True, client_timeout=_timeout)
+            return client.get_model_metadata(model)
+
+        c.check_metadata(model, self._call(fetch))
+
+    def rank(self, query: str, items: Iterable[c.ItemLike], top_k: Optional[int] = None,
+             model: Optional[str] = None, timeout: Optional[float] = None) -> list[c.RankedItem]:
+        """Rank ``items`` for ``query``, best first; at most ``top_k`` results.
+
+        Items are strings (id = position), ``(id, text)`` pairs or objects with ``id`` and ``text``.
+        Lists longer than ``chunk_size`` go out in several requests and are merged by score (each
+        pair's score does not depend on the rest of its request)."""
+        all_items = c.to_items(items)
+        c.validate(query, all_items, top_k)
+        model = model or self.model
+        parts = []
+        for start, end in c.chunks(len(all_items), self.chunk_size):
+            texts = [it.text for it in all_items[start:end]]
+            k = None if top_k is None else min(top_k, end - start)
+            inputs = c.build_inputs(self._tc, query, texts, k)
+            outputs = [self._tc.InferRequestedOutput(name) for name in c.API_OUTPUTS]
+
+            def infer(client, t, inputs=inputs, outputs=outputs):
+                if self.protocol == "grpc":
+                    return client.infer(model, inputs, outputs=outputs, client_timeout=t)
+                return client.infer(model, inputs, outputs=outputs)
+
+            result = self._call(infer, timeout)
+            parts.append((start, result.as_numpy("indices"), result.as_numpy("scores")))
+        return c.merge(parts, all_items, top_k)
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._all_http:
+                client.close()
+            self._all_http.clear()
+            if self._grpc is not None:
+                self._grpc.close()
+                self._grpc = None
+
+    def __enter__(self) -> "RankerClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

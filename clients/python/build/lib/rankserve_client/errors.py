@@ -1,0 +1,58 @@
+"""The SDK's one exception hierarchy, mapped from Triton's HTTP status and gRPC codes."""
+
+from __future__ import annotations
+
+
+class RankerError(Exception):
+    """Base of every error the SDK raises."""
+
+    retryable = False
+
+
+class BadRequest(RankerError):
+    """The server refused the request as malformed (HTTP 400 / INVALID_ARGUMENT). Never retried."""
+
+
+class Unavailable(RankerError):
+    """The server is down, starting, stopping or cannot take the request now. Retried with backoff."""
+
+    retryable = True
+
+
+class Overloaded(Unavailable):
+    """The server shed the request under load (queue full / rejected). Retried with backoff."""
+
+
+class Timeout(RankerError):
+    """No answer within the call's timeout. Not retried: the server may still be working on it."""
+
+
+class ServerError(RankerError):
+    """The server failed while handling the request (HTTP 500 / INTERNAL)."""
+
+
+class ApiMismatch(RankerError):
+    """The model on the server does not expose the ranker API this SDK speaks."""
+
+
+_HTTP = {400: BadRequest, 404: BadRequest, 429: Overloaded, 503: Unavailable, 504: Timeout}
+_GRPC = {
+    "StatusCode.INVALID_ARGUMENT": BadRequest,
+    "StatusCode.NOT_FOUND": BadRequest,
+    "StatusCode.UNAVAILABLE": Unavailable,
+    "StatusCode.RESOURCE_EXHAUSTED": Overloaded,
+    "StatusCode.DEADLINE_EXCEEDED": Timeout,
+    "StatusCode.CANCELLED": Unavailable,
+}
+
+
+def from_triton(status: object, message: str) -> RankerError:
+    """The SDK error for a tritonclient ``InferenceServerException`` status (HTTP code or gRPC name)."""
+    text = str(status) if status is not None else ""
+    if text.isdigit():
+        cls = _HTTP.get(int(text), ServerError if int(text) >= 500 else BadRequest)
+    else:
+        cls = _GRPC.get(text, ServerError)
+    if "exceeds maximum queue size" in message or "rate limit" in message.lower():
+        cls = Overloaded
+    return cls(message)
