@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-EXTRAS := build,serve,client,dev
+EXTRAS := build,serve,client,loadtest,dev
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast build serve report ts clean
+.PHONY: venv demo test test-fast build serve report ts loadtest clean
 
 # (Re)create the venv and install the package with its extras whenever pyproject.toml changes.
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -35,6 +35,16 @@ test-fast: venv
 build: venv
 	$(BIN)/rankserve build --ranker artifacts/ranker --target cpu --out model_repository \
 		--variants all --data artifacts/data --work-dir artifacts/variants
+
+# Headless Locust run (starts the embedded server unless HOST is given); non-zero exit when an SLO breaks.
+USERS ?= 4
+SPAWN_RATE ?= 2
+DURATION ?= 60
+PROTOCOL ?= http
+MODEL ?= ranker
+loadtest: venv
+	$(BIN)/rankserve loadtest --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
+		--protocol $(PROTOCOL) --model $(MODEL) $(if $(HOST),--host $(HOST))
 
 report: venv
 	$(BIN)/rankserve report --model-repository model_repository --data artifacts/data --out reports/optimization

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from rankserve.errors import RankserveError
-from rankserve.settings import CALIBRATION_METHODS, CPU_VARIANTS, GPU_VARIANTS, DataSettings, ServeSettings, TrainSettings, preset
+from rankserve.settings import CALIBRATION_METHODS, CPU_VARIANTS, GPU_VARIANTS, DataSettings, LoadTestSettings, ServeSettings, TrainSettings, preset
 
 
 def _data(args) -> None:
@@ -94,6 +94,19 @@ def _rank(args) -> None:
         print(f"{r.rank:>4}. {r.score:+8.4f}  [{r.id}] {r.text}")
 
 
+def _loadtest(args) -> None:
+    from rankserve.loadtest.run import format_summary, run
+
+    settings = LoadTestSettings(users=args.users, spawn_rate=args.spawn_rate, duration_s=args.duration, protocol=args.protocol,
+                                model=args.model, candidates_mean=args.candidates_mean, slo_p95_ms=args.slo_p95_ms,
+                                slo_max_failure_ratio=args.slo_max_failure_ratio)
+    summary = run(settings, Path(args.out), args.host, Path(args.model_repository), args.metrics_url)
+    print(format_summary(summary))
+    print(f"reports: {args.out}/summary.json, {args.out}/report.html, {args.out}/locust_stats.csv")
+    if not summary["slo"]["passed"]:
+        raise RankserveError("SLO broken: " + "; ".join(summary["slo"]["violations"]))
+
+
 def _report(args) -> None:
     from rankserve.optimize.report import run_report
 
@@ -157,6 +170,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int)
     s.add_argument("--timeout", type=float, default=30.0)
     s.set_defaults(func=_rank)
+
+    s = sub.add_parser("loadtest", help="headless Locust run with reports and an SLO verdict (starts the embedded server if no --host)")
+    d = LoadTestSettings()
+    s.add_argument("--host", help="http://host:8000 or grpc://host:8001 (default: start the embedded server)")
+    s.add_argument("--metrics-url", help="Triton metrics endpoint of --host, for queue vs compute time per step")
+    s.add_argument("--model-repository", default="model_repository")
+    s.add_argument("--users", type=int, default=d.users)
+    s.add_argument("--spawn-rate", type=float, default=d.spawn_rate)
+    s.add_argument("--duration", type=int, default=d.duration_s, help="seconds")
+    s.add_argument("--protocol", choices=["http", "grpc"], default=d.protocol)
+    s.add_argument("--model", default=d.model)
+    s.add_argument("--candidates-mean", type=float, default=d.candidates_mean)
+    s.add_argument("--slo-p95-ms", type=float, default=d.slo_p95_ms)
+    s.add_argument("--slo-max-failure-ratio", type=float, default=d.slo_max_failure_ratio)
+    s.add_argument("--out", default="reports/loadtest")
+    s.set_defaults(func=_loadtest)
 
     s = sub.add_parser("report", help="measure every variant side by side: size, load, memory, latency, throughput, quality")
     s.add_argument("--model-repository", default="model_repository")

@@ -240,6 +240,29 @@ class ServeSettings:
         _require(self.exit_timeout_s >= 1, "exit_timeout_s must be >= 1")
 
 
+@dataclass(frozen=True)
+class LoadTestSettings:
+    """A Locust run against the ranker and the SLOs that decide its verdict."""
+
+    users: int = 4
+    spawn_rate: float = 2.0
+    duration_s: int = 60
+    protocol: str = "http"
+    model: str = "ranker"
+    candidates_mean: float = 100.0
+    """Mean candidate-list size; sizes are log-normal around it, clipped to [1, candidates_max]."""
+    candidates_max: int = 500
+    seed: int = 5
+    slo_p95_ms: float = 2000.0
+    slo_max_failure_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.users >= 1 and self.spawn_rate > 0 and self.duration_s >= 1, "users, spawn_rate, duration_s must be positive")
+        _require(self.protocol in ("http", "grpc"), f"protocol must be http or grpc, got {self.protocol!r}")
+        _require(1 <= self.candidates_mean <= self.candidates_max, "candidates_mean must be in [1, candidates_max]")
+        _require(self.slo_p95_ms > 0 and 0 <= self.slo_max_failure_ratio <= 1, "SLOs: p95 > 0, failure ratio in [0, 1]")
+
+
 PRESETS: dict[str, BuildSettings] = {
     # The demo ranker: pairs are short (WANDS queries + product titles), 128 tokens covers them all.
     "default": BuildSettings(),

@@ -1,0 +1,116 @@
+"""``rankserve loadtest``: a headless Locust run with CSV, HTML, ``summary.json`` and an SLO verdict."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from rankserve.settings import LoadTestSettings
+
+LOCUSTFILE = Path(__file__).resolve().parents[3] / "loadtest" / "locustfile.py"
+_METRIC = re.compile(r'^(nv_inference_(?:queue_duration_us|compute_infer_duration_us|request_success))\{model="([^"]+)",version="[^"]*"\} ([0-9.e+]+)$', re.M)
+
+
+def scrape(metrics_url: str | None) -> dict[tuple[str, str], float]:
+    if not metrics_url:
+        return {}
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    return {(name, model): float(value) for name, model, value in _METRIC.findall(text)}
+
+
+def per_step(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Mean queue and compute time per request of each model during the run, from Triton's counters."""
+    out = {}
+    for (name, model), value in after.items():
+        if name != "nv_inference_request_success":
+            continue
+        n = value - before.get((name, model), 0.0)
+        if n <= 0:
+            continue
+        delta = lambda metric: after.get((metric, model), 0.0) - before.get((metric, model), 0.0)  # noqa: E731
+        out[model] = {"requests": n, "queue_ms": delta("nv_inference_queue_duration_us") / n / 1000,
+                      "compute_ms": delta("nv_inference_compute_infer_duration_us") / n / 1000}
+    return out
+
+
+def summarize(stats_csv: Path, settings: LoadTestSettings, steps: dict) -> dict:
+    """``summary.json`` from Locust's aggregated stats row, with the SLO verdict."""
+    with stats_csv.open(newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+    requests = int(row["Request Count"])
+    failures = int(row["Failure Count"])
+    rps = float(row["Requests/s"])
+    summary = {
+        "p50_ms": float(row["50%"]), "p95_ms": float(row["95%"]), "p99_ms": float(row["99%"]),
+        "requests_per_s": rps, "pairs_per_s": rps * float(row["Average Content Size"]),
+        "failures": failures, "requests": requests,
+        "mean_candidates": float(row["Average Content Size"]),
+        "settings": {"users": settings.users, "spawn_rate": settings.spawn_rate, "duration_s": settings.duration_s,
+                     "protocol": settings.protocol, "model": settings.model, "candidates_mean": settings.candidates_mean},
+        "triton_steps": steps,
+    }
+    ratio = failures / requests if requests else 1.0
+    violations = []
+    if requests == 0:
+        violations.append("no request completed")
+    if ratio > settings.slo_max_failure_ratio:
+        violations.append(f"failure ratio {ratio:.4f} > {settings.slo_max_failure_ratio}")
+    if summary["p95_ms"] > settings.slo_p95_ms:
+        violations.append(f"p95 {summary['p95_ms']:.0f} ms > {settings.slo_p95_ms:.0f} ms")
+    summary["slo"] = {"p95_ms": settings.slo_p95_ms, "max_failure_ratio": settings.slo_max_failure_ratio,
+                      "passed": not violations, "violations": violations}
+    return summary
+
+
+def run_locust(host: str, settings: LoadTestSettings, out: Path, metrics_url: str | None = None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    user = "RankerHttpUser" if settings.protocol == "http" else "RankerGrpcUser"
+    env = {**os.environ, "RANKSERVE_LOADTEST_MODEL": settings.model,
+           "RANKSERVE_LOADTEST_CANDIDATES_MEAN": str(settings.candidates_mean),
+           "RANKSERVE_LOADTEST_CANDIDATES_MAX": str(settings.candidates_max)}
+    before = scrape(metrics_url)
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), user, "--headless", "--host", host,
+           "-u", str(settings.users), "-r", str(settings.spawn_rate), "-t", f"{settings.duration_s}s",
+           "--csv", str(out / "locust"), "--html", str(out / "report.html"), "--only-summary", "--stop-timeout", "10"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=settings.duration_s + 120)
+    (out / "locust.log").write_text(proc.stdout + proc.stderr)
+    if not (out / "locust_stats.csv").exists():
+        raise RuntimeError(f"locust produced no statistics:\n{proc.stderr[-2000:]}")
+    summary = summarize(out / "locust_stats.csv", settings, per_step(before, scrape(metrics_url)))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run(settings: LoadTestSettings, out: Path, host: str | None = None, repo: Path | None = None,
+        metrics_url: str | None = None, log=print) -> dict:
+    """Run against ``host``, or start the embedded server on ``repo`` for the duration of the run."""
+    if host:
+        return run_locust(host, settings, out, metrics_url)
+    from rankserve.demo import serve_settings
+    from rankserve.server.embedded import EmbeddedServer
+
+    with EmbeddedServer(repo or Path("model_repository"), serve_settings()) as server:
+        url = f"http://{server.http_url}" if settings.protocol == "http" else f"grpc://{server.grpc_url}"
+        log(f"embedded tritonserver on {url}; {settings.users} users for {settings.duration_s} s")
+        return run_locust(url, settings, out, server.metrics_url)
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"requests {s['requests']} (failures {s['failures']}), {s['requests_per_s']:.1f} req/s, "
+             f"{s['pairs_per_s']:.0f} pairs/s, mean {s['mean_candidates']:.0f} candidates",
+             f"latency p50 {s['p50_ms']:.0f} ms, p95 {s['p95_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms"]
+    for model, m in sorted(s["triton_steps"].items()):
+        lines.append(f"  {model:<22} queue {m['queue_ms']:7.2f} ms  compute {m['compute_ms']:7.2f} ms  ({m['requests']:.0f} requests)")
+    verdict = "PASS" if s["slo"]["passed"] else "FAIL: " + "; ".join(s["slo"]["violations"])
+    lines.append(f"SLO (p95 <= {s['slo']['p95_ms']:.0f} ms, failure ratio <= {s['slo']['max_failure_ratio']}): {verdict}")
+    return "\n".join(lines)

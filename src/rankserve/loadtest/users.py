@@ -1,0 +1,76 @@
+"""Locust users over the Python SDK; each request fires a Locust request event.
+
+The scenario (what to send) is :class:`~rankserve.loadtest.workload.Workload`; the transport is
+the user class. Settings come from ``RANKSERVE_LOADTEST_*`` environment variables (set by
+``rankserve loadtest``) so the same file works with plain ``locust -f loadtest/locustfile.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from locust import User, between, events, task
+
+from rankserve.loadtest.workload import Workload, check_response
+from rankserve.settings import LoadTestSettings
+
+_workload: Workload | None = None
+
+
+def _settings() -> LoadTestSettings:
+    env = os.environ
+    return LoadTestSettings(
+        model=env.get("RANKSERVE_LOADTEST_MODEL", "ranker"),
+        candidates_mean=float(env.get("RANKSERVE_LOADTEST_CANDIDATES_MEAN", 100)),
+        candidates_max=int(env.get("RANKSERVE_LOADTEST_CANDIDATES_MAX", 500)),
+    )
+
+
+def workload() -> Workload:
+    global _workload
+    if _workload is None:
+        _workload = Workload.default(_settings(), seed=os.getpid())
+    return _workload
+
+
+class _RankerUser(User):
+    abstract = True
+    protocol = "http"
+    wait_time = between(0.0, 0.05)
+
+    def on_start(self) -> None:
+        from rankserve_client import RankerClient
+
+        host = self.host or ("http://127.0.0.1:8000" if self.protocol == "http" else "grpc://127.0.0.1:8001")
+        self.model = _settings().model
+        self.client = RankerClient(host, self.protocol if "://" not in host else None, model=self.model, retries=0, timeout=30)
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    @task
+    def rank(self) -> None:
+        query, texts = workload().next_request()
+        start = time.perf_counter()
+        exception = None
+        try:
+            check_response(texts, self.client.rank(query, texts))
+        except Exception as exc:  # noqa: BLE001 - reported to Locust as a failure
+            exception = exc
+        events.request.fire(request_type=self.protocol, name=self.model, response_time=1000 * (time.perf_counter() - start),
+                            response_length=len(texts), exception=exception, context={})
+
+
+class RankerHttpUser(_RankerUser):
+    protocol = "http"
+
+
+class RankerGrpcUser(_RankerUser):
+    protocol = "grpc"
+
+    def on_start(self) -> None:
+        import grpc.experimental.gevent as grpc_gevent
+
+        grpc_gevent.init_gevent()  # gRPC's own threads must cooperate with Locust's gevent loop
+        super().on_start()

@@ -1,0 +1,34 @@
+"""Short Locust runs against the real server: reports written, content checked, SLO verdicts."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rankserve.loadtest.run import run_locust
+from rankserve.settings import LoadTestSettings
+
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_headless_run_writes_reports_and_passes_its_slo(server, tmp_path, protocol):
+    host = f"http://{server.http_url}" if protocol == "http" else f"grpc://{server.grpc_url}"
+    settings = LoadTestSettings(users=2, spawn_rate=2, duration_s=4, protocol=protocol, candidates_mean=30)
+    summary = run_locust(host, settings, tmp_path, server.metrics_url)
+    assert {"p50_ms", "p95_ms", "p99_ms", "requests_per_s", "pairs_per_s", "failures", "requests"} <= set(summary)
+    assert summary["requests"] > 5 and summary["failures"] == 0 and summary["slo"]["passed"]
+    assert summary["pairs_per_s"] > summary["requests_per_s"] > 0
+    assert 10 < summary["mean_candidates"] < 60
+    assert summary["triton_steps"]["rank"]["compute_ms"] > 0 and "queue_ms" in summary["triton_steps"]["tokenize"]
+    assert json.loads((tmp_path / "summary.json").read_text())["requests"] == summary["requests"]
+    assert (tmp_path / "report.html").stat().st_size > 0 and (tmp_path / "locust_stats.csv").exists()
+
+
+def test_broken_slo_exits_non_zero(server, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rankserve", "loadtest", "--host", f"http://{server.http_url}",
+                          "--users", "1", "--duration", "3", "--candidates-mean", "10", "--slo-p95-ms", "0.01",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "SLO broken: p95" in out.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["slo"]["passed"] is False
