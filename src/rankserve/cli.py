@@ -107,6 +107,19 @@ def _loadtest(args) -> None:
         raise RankserveError("SLO broken: " + "; ".join(summary["slo"]["violations"]))
 
 
+def _loadtest_summary(args) -> None:
+    import json
+
+    from rankserve.loadtest.run import format_summary, summarize
+
+    settings = LoadTestSettings(slo_p95_ms=args.slo_p95_ms, slo_max_failure_ratio=args.slo_max_failure_ratio)
+    summary = summarize(Path(args.csv), settings, {})
+    Path(args.csv).with_name("summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_summary(summary))
+    if not summary["slo"]["passed"]:
+        raise RankserveError("SLO broken: " + "; ".join(summary["slo"]["violations"]))
+
+
 def _report(args) -> None:
     from rankserve.optimize.report import run_report
 
@@ -186,6 +199,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--slo-max-failure-ratio", type=float, default=d.slo_max_failure_ratio)
     s.add_argument("--out", default="reports/loadtest")
     s.set_defaults(func=_loadtest)
+
+    s = sub.add_parser("loadtest-summary", help="summary.json and SLO verdict from a Locust stats CSV (e.g. a distributed run's master)")
+    s.add_argument("--csv", required=True, help="the *_stats.csv Locust wrote")
+    s.add_argument("--slo-p95-ms", type=float, default=d.slo_p95_ms)
+    s.add_argument("--slo-max-failure-ratio", type=float, default=d.slo_max_failure_ratio)
+    s.set_defaults(func=_loadtest_summary)
 
     s = sub.add_parser("report", help="measure every variant side by side: size, load, memory, latency, throughput, quality")
     s.add_argument("--model-repository", default="model_repository")

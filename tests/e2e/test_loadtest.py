@@ -32,3 +32,11 @@ def test_broken_slo_exits_non_zero(server, tmp_path):
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "SLO broken: p95" in out.stderr
     assert json.loads((tmp_path / "summary.json").read_text())["slo"]["passed"] is False
+
+
+def test_summary_from_an_existing_csv(server, tmp_path):
+    run_locust(f"http://{server.http_url}", LoadTestSettings(users=1, duration_s=2, candidates_mean=5), tmp_path)
+    (tmp_path / "summary.json").unlink()
+    out = subprocess.run([sys.executable, "-m", "rankserve", "loadtest-summary", "--csv", str(tmp_path / "locust_stats.csv")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "SLO" in out.stdout and (tmp_path / "summary.json").exists()
