@@ -64,6 +64,20 @@ class OrtSettings:
 
 
 @dataclass(frozen=True)
+class BatchingSettings:
+    """How the rank stage batches pairs across concurrent requests (Triton dynamic batching)."""
+
+    max_batch_tokens: int = 1024
+    """Token budget of one model call: pairs x longest pair of the call."""
+    max_queue_delay_us: int = 2000
+    """How long Triton may hold a request to batch it with others."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_batch_tokens >= 64, "max_batch_tokens must be >= 64")
+        _require(0 <= self.max_queue_delay_us <= 1_000_000, "max_queue_delay_us must be in [0, 1e6]")
+
+
+@dataclass(frozen=True)
 class RuntimeSettings:
     """Which CPU runtime the rank stage runs a variant's ONNX model with."""
 
@@ -162,6 +176,7 @@ class BuildSettings:
     gate: GateSettings = field(default_factory=GateSettings)
     runtimes: tuple[str, ...] = RUNTIMES
     """CPU runtimes tried for each variant; the fastest that passes the checks serves it."""
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
 
     def __post_init__(self) -> None:
         _require(self.target in ("cpu",), f"target {self.target!r} is not supported yet (cpu)")

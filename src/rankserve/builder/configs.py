@@ -42,6 +42,21 @@ def python_model(
     return config
 
 
+def batched_rank_model(name: str, settings: BuildSettings, parameters: Mapping[str, str]) -> mc.ModelConfig:
+    """The rank stage with Triton dynamic batching: the batch dimension is the pair, so requests
+    (each [pairs, tokens]) queue together and the stage scores them in length-sorted token-budget
+    batches; logits come back as [pairs, 1]."""
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=settings.tokenize.max_candidates)
+    _io(config.input, (TensorSpec(t.name, t.dtype, (-1,)) for t in api.ENCODED))
+    _io(config.output, [TensorSpec(api.LOGITS.name, api.LOGITS.dtype, (1,))])  # [pairs, 1]
+    config.dynamic_batching.max_queue_delay_microseconds = settings.batching.max_queue_delay_us
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=settings.rank_instances)
+    for key, value in {**parameters, **to_parameters(settings.batching),
+                       "max_pairs": str(settings.tokenize.max_candidates)}.items():
+        config.parameters[key].string_value = value
+    return config
+
+
 def ensemble(name: str, rank_model: str) -> mc.ModelConfig:
     """The public ``ranker`` API wired as tokenize -> ``rank_model`` -> postprocess."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=0)
@@ -79,13 +94,13 @@ def cpu_repository(settings: BuildSettings, runtimes: Mapping[str, RuntimeSettin
             api.TOKENIZE_MODEL, (api.QUERY, api.TEXTS), api.ENCODED, to_parameters(settings.tokenize)
         ),
         api.POSTPROCESS_MODEL: python_model(
-            api.POSTPROCESS_MODEL, (api.LOGITS, api.TOP_K), api.RANKER_OUTPUTS
+            api.POSTPROCESS_MODEL, (TensorSpec(api.LOGITS.name, api.LOGITS.dtype, (-1, 1)), api.TOP_K), api.RANKER_OUTPUTS
         ),
     }
     for variant, runtime in runtimes.items():
         rank = rank_model_name(variant, default)
         parameters = {**to_parameters(settings.ort), **to_parameters(runtime), "variant": variant}
-        models[rank] = python_model(rank, api.ENCODED, (api.LOGITS,), parameters, settings.rank_instances)
+        models[rank] = batched_rank_model(rank, settings, parameters)
         models[ranker_model_name(variant)] = ensemble(ranker_model_name(variant), rank)
     models[api.RANKER_MODEL] = ensemble(api.RANKER_MODEL, api.RANK_MODEL)
     return models

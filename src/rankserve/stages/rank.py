@@ -78,3 +78,23 @@ def create_ranker(model_path: str | Path, runtime: RuntimeSettings, settings: Or
     if runtime.runtime == "openvino":
         return OpenVinoRanker(model_path, settings, runtime.inference_precision)
     return OnnxRanker(model_path, settings)
+
+
+def rank_batch(ranker, requests: list, max_batch_tokens: int, max_pairs: int) -> list:
+    """The rank stage over one dynamic batch: validate each request, score all valid pairs together
+    (length-sorted, token-budget batches), return logits or the request's own error."""
+    from rankserve.api import LOGITS
+    from rankserve.stages.batching import score_batched
+
+    outcomes: list = [None] * len(requests)
+    valid, feeds = [], []
+    for i, encoded in enumerate(requests):
+        try:
+            feeds.append(check_encoded(encoded, ranker.input_names))  # attention_mask is always among them
+            valid.append(i)
+        except InvalidInput as exc:
+            outcomes[i] = exc
+    if feeds:
+        for i, scores in zip(valid, score_batched(ranker.score, feeds, ranker.input_names, max_batch_tokens, max_pairs)):
+            outcomes[i] = {LOGITS.name: scores.reshape(-1, 1)}  # [pairs, 1]: the batch dimension is the pair
+    return outcomes
