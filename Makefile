@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-EXTRAS := build,serve,client,loadtest,dev
+EXTRAS := build,serve,client,loadtest,bench,dev
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast build serve report ts loadtest clean
+.PHONY: venv demo test test-fast build serve report ts loadtest bench clean
 
 # (Re)create the venv and install the package with its extras whenever pyproject.toml changes.
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -45,6 +45,11 @@ MODEL ?= ranker
 loadtest: venv
 	$(BIN)/rankserve loadtest --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
 		--protocol $(PROTOCOL) --model $(MODEL) $(if $(HOST),--host $(HOST))
+
+# Same workload, same concurrency: Triton ensemble vs the model alone in process vs naive FastAPI + PyTorch.
+CONCURRENCY ?= 4
+bench: venv
+	$(BIN)/rankserve bench --concurrency $(CONCURRENCY) --duration $(DURATION)
 
 report: venv
 	$(BIN)/rankserve report --model-repository model_repository --data artifacts/data --out reports/optimization

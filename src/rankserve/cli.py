@@ -120,6 +120,14 @@ def _loadtest_summary(args) -> None:
         raise RankserveError("SLO broken: " + "; ".join(summary["slo"]["violations"]))
 
 
+def _bench(args) -> None:
+    from rankserve.bench.run import format_bench, run_bench
+
+    result = run_bench(Path(args.model_repository), Path(args.ranker), Path(args.out), args.concurrency, args.duration)
+    print(format_bench(result))
+    print(f"wrote {args.out}/bench.json, {args.out}/ratios.json, {args.out}/bench.png")
+
+
 def _report(args) -> None:
     from rankserve.optimize.report import run_report
 
@@ -205,6 +213,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--slo-p95-ms", type=float, default=d.slo_p95_ms)
     s.add_argument("--slo-max-failure-ratio", type=float, default=d.slo_max_failure_ratio)
     s.set_defaults(func=_loadtest_summary)
+
+    s = sub.add_parser("bench", help="Triton ensemble vs model alone in process vs naive FastAPI + PyTorch, same workload")
+    s.add_argument("--model-repository", default="model_repository")
+    s.add_argument("--ranker", default="artifacts/ranker")
+    s.add_argument("--concurrency", type=int, default=4)
+    s.add_argument("--duration", type=float, default=30.0, help="seconds per setup")
+    s.add_argument("--out", default="reports/bench")
+    s.set_defaults(func=_bench)
 
     s = sub.add_parser("report", help="measure every variant side by side: size, load, memory, latency, throughput, quality")
     s.add_argument("--model-repository", default="model_repository")

@@ -1,0 +1,1 @@
+"""``make bench``: the same workload at the same concurrency against three setups, side by side."""
