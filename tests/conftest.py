@@ -3,7 +3,6 @@ and the real embedded tritonserver serving it on free loopback ports."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 
 from rankserve.data.catalog import Dataset, generate
 from rankserve.data.wands import load_queries
+from rankserve.server import embedded
 from rankserve.settings import PRESETS, DataSettings, ServeSettings
 
 TINY = PRESETS["tiny"]
@@ -78,18 +78,8 @@ def offline_scorer(tiny_ranker):
     return score
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def free_serve_settings() -> ServeSettings:
-    ports = set()
-    while len(ports) < 3:
-        ports.add(free_port())
-    http, grpc, metrics = ports
-    return ServeSettings(http_port=http, grpc_port=grpc, metrics_port=metrics, exit_timeout_s=10)
+    return embedded.free_serve_settings(exit_timeout_s=10)
 
 
 @pytest.fixture(scope="session")

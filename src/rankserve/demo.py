@@ -7,7 +7,6 @@ data -> fine-tuned ranker (cached) -> model repository (cached when the ranker a
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from rankserve.builder.repository import MANIFEST, build_repository, sha256, ver
 from rankserve_client import RankerClient
 from rankserve.data.catalog import LABEL_NAMES, Dataset
 from rankserve.errors import BuildError
-from rankserve.server.embedded import EmbeddedServer
+from rankserve.server.embedded import EmbeddedServer, free_serve_settings, port_free
 from rankserve.settings import CPU_VARIANTS, GPU_VARIANTS, BuildSettings, DataSettings, ServeSettings, TrainSettings
 from rankserve.train.pipeline import format_report, make_dataset, train_ranker
 
@@ -23,28 +22,12 @@ DEMO_QUERIES = 5
 SHOWN = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver does: TIME_WAIT is free
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def serve_settings() -> ServeSettings:
     """The default ports when they are free, else free ones (a demo must not fail on a busy 8000)."""
     d = ServeSettings()
-    if all(_port_free(p) for p in (d.http_port, d.grpc_port, d.metrics_port)):
+    if all(port_free(p) for p in (d.http_port, d.grpc_port, d.metrics_port)):
         return d
-    return ServeSettings(http_port=_free_port(), grpc_port=_free_port(), metrics_port=_free_port())
+    return free_serve_settings()
 
 
 def ensure_dataset(work: Path, settings: DataSettings = DataSettings()) -> Dataset:

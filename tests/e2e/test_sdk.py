@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from conftest import free_port
+from rankserve.server.embedded import free_port
 from rankserve_client import ApiMismatch, AsyncRankerClient, BadRequest, Item, RankerClient, Timeout, Unavailable
 
 pytestmark = pytest.mark.triton

@@ -16,12 +16,14 @@ from typing import Callable
 
 import numpy as np
 
+from rankserve.data.catalog import Dataset
 from rankserve.loadtest.workload import Workload
 from rankserve.settings import LoadTestSettings
 
 
-def _drive(call: Callable[[str, list[str]], None], concurrency: int, duration_s: float, seed: int) -> dict:
-    """``concurrency`` threads call ``call`` back to back for ``duration_s``; latencies and pair counts."""
+def _drive(call: Callable[[str, list[str]], None], dataset: Dataset, concurrency: int, duration_s: float, seed: int) -> dict:
+    """``concurrency`` threads, each with its own seeded workload over ``dataset``, call ``call`` back to
+    back for ``duration_s``; latencies and pair counts."""
     latencies: list[float] = []
     pairs = [0]
     errors = [0]
@@ -29,7 +31,7 @@ def _drive(call: Callable[[str, list[str]], None], concurrency: int, duration_s:
     stop = time.monotonic() + duration_s
 
     def worker(k: int) -> None:
-        workload = Workload.default(LoadTestSettings(), seed=seed + k) if k else shared
+        workload = Workload(dataset, LoadTestSettings(), seed=seed + k)
         while time.monotonic() < stop:
             query, texts = workload.next_request()
             t0 = time.perf_counter()
@@ -43,7 +45,6 @@ def _drive(call: Callable[[str, list[str]], None], concurrency: int, duration_s:
                 latencies.append(1000 * (time.perf_counter() - t0))
                 pairs[0] += len(texts)
 
-    shared = Workload.default(LoadTestSettings(), seed=seed)
     started = time.monotonic()
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
     for t in threads:
@@ -101,22 +102,21 @@ def _group_pids(root_pid: int) -> list[int]:
         return []
 
 
-def bench_triton(repo: Path, concurrency: int, duration_s: float, seed: int) -> dict:
-    from rankserve.demo import serve_settings
-    from rankserve.server.embedded import EmbeddedServer
+def bench_triton(repo: Path, dataset: Dataset, concurrency: int, duration_s: float, seed: int) -> dict:
+    from rankserve.server.embedded import EmbeddedServer, free_serve_settings
     from rankserve_client import RankerClient
 
-    with EmbeddedServer(repo, serve_settings()) as server:
+    with EmbeddedServer(repo, free_serve_settings()) as server:
         client = RankerClient(f"http://{server.http_url}")
-        _drive(lambda q, t: client.rank(q, t), concurrency, 3, seed + 100)  # warm-up
+        _drive(lambda q, t: client.rank(q, t), dataset, concurrency, 3, seed + 100)  # warm-up
         result = _process_usage(lambda: _group_pids(server.process.pid),
-                                lambda: _drive(lambda q, t: client.rank(q, t), concurrency, duration_s, seed))
+                                lambda: _drive(lambda q, t: client.rank(q, t), dataset, concurrency, duration_s, seed))
         client.close()
     manifest = json.loads((repo / "manifest.json").read_text())
     return {"name": f"triton_ensemble_{manifest['default_variant']}", **result}
 
 
-def bench_in_process(repo: Path, concurrency: int, duration_s: float, seed: int) -> dict:
+def bench_in_process(repo: Path, dataset: Dataset, concurrency: int, duration_s: float, seed: int) -> dict:
     """The model alone, same variant, runtime and threads, called directly: the pipeline's ceiling."""
     import os
 
@@ -138,12 +138,12 @@ def bench_in_process(repo: Path, concurrency: int, duration_s: float, seed: int)
         with lock:  # the same length-sorted token-budget batches as the served rank stage
             score_batched(ranker.score, [enc], ranker.input_names, batching.max_batch_tokens, len(t))
 
-    _drive(call, concurrency, 3, seed + 100)
-    result = _process_usage(lambda: [os.getpid()], lambda: _drive(call, concurrency, duration_s, seed))
+    _drive(call, dataset, concurrency, 3, seed + 100)
+    result = _process_usage(lambda: [os.getpid()], lambda: _drive(call, dataset, concurrency, duration_s, seed))
     return {"name": f"model_alone_in_process_{params['variant']['string_value']}", **result}
 
 
-def bench_naive(ranker_dir: Path, concurrency: int, duration_s: float, seed: int, port: int) -> dict:
+def bench_naive(ranker_dir: Path, dataset: Dataset, concurrency: int, duration_s: float, seed: int, port: int) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "rankserve.bench.naive_service", str(ranker_dir), str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -167,8 +167,8 @@ def bench_naive(ranker_dir: Path, concurrency: int, duration_s: float, seed: int
             if response.status != 200:
                 raise RuntimeError(body[:200])
 
-        _drive(call, concurrency, 3, seed + 100)
-        result = _process_usage(lambda: [proc.pid], lambda: _drive(call, concurrency, duration_s, seed))
+        _drive(call, dataset, concurrency, 3, seed + 100)
+        result = _process_usage(lambda: [proc.pid], lambda: _drive(call, dataset, concurrency, duration_s, seed))
     finally:
         proc.terminate()
         proc.wait(30)
@@ -176,15 +176,18 @@ def bench_naive(ranker_dir: Path, concurrency: int, duration_s: float, seed: int
 
 
 def run_bench(repo: Path, ranker_dir: Path, out: Path, concurrency: int = 4, duration_s: float = 30, seed: int = 9, log=print) -> dict:
-    from rankserve.demo import _free_port
+    from rankserve.data.catalog import generate
+    from rankserve.data.wands import load_queries
+    from rankserve.server.embedded import free_port
 
+    dataset = generate(load_queries())  # the demo catalog, built once for every setup and client
     setups = []
     log(f"(a) Triton ensemble, {concurrency} concurrent clients, {duration_s:.0f} s")
-    setups.append(bench_triton(repo, concurrency, duration_s, seed))
+    setups.append(bench_triton(repo, dataset, concurrency, duration_s, seed))
     log(f"(b) model alone in process")
-    setups.append(bench_in_process(repo, concurrency, duration_s, seed))
+    setups.append(bench_in_process(repo, dataset, concurrency, duration_s, seed))
     log(f"(c) naive FastAPI + PyTorch FP32, padding to 128")
-    setups.append(bench_naive(ranker_dir, concurrency, duration_s, seed, _free_port()))
+    setups.append(bench_naive(ranker_dir, dataset, concurrency, duration_s, seed, free_port()))
     triton, ceiling, naive = setups
     ratios = {"triton_vs_in_process": triton["pairs_per_s"] / ceiling["pairs_per_s"],
               "triton_vs_naive": triton["pairs_per_s"] / naive["pairs_per_s"],

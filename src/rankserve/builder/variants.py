@@ -79,7 +79,6 @@ class VariantBuilder:
         self.requests = [encode_pairs(tokenizer, q, t) for q, t in workload_batches(dataset, SPEED_BATCH, 4)]
         fp32 = create_ranker(fp32_onnx, RuntimeSettings(), settings.ort)
         self.reference = heldout_scores(dataset, self._score_fn(fp32))
-        self._calibration = None
 
     # -- helpers ---------------------------------------------------------------------------
     def _score_fn(self, scorer):
@@ -205,7 +204,7 @@ class VariantBuilder:
         return self._pruned
 
     def pruned(self) -> VariantBuild:
-        student, dst = self._pruned_onnx()
+        _, dst = self._pruned_onnx()
         return self._finish("pruned", dst, self._cpu_runtimes(), "fp32", pruned=True,
                             notes={"kept_layers": list(self.settings.prune.keep_layers)})
 

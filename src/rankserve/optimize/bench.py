@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -38,7 +38,3 @@ def pairs_per_second(run: Callable[[], object], pairs: int, repeats: int = 5, mi
         run()
         times.append(time.perf_counter() - t0)
     return pairs / float(np.median(times))
-
-
-def encoded_workload(tokenizer, encode, requests: Sequence[tuple[str, list[str]]]) -> list[dict[str, np.ndarray]]:
-    return [encode(tokenizer, q, texts) for q, texts in requests]

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,34 @@ def server_command(install: TritonInstall, repo: Path, backends: Path, s: ServeS
         f"--metrics-address={s.host}",
         f"--metrics-port={s.metrics_port}",
     ]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free on ``host`` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``port`` can be bound (TIME_WAIT counts as free, as it does for tritonserver)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def free_serve_settings(**overrides) -> ServeSettings:
+    """Serve settings on three distinct free loopback ports."""
+    ports: list[int] = []
+    while len(ports) < 3:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ServeSettings(http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], **overrides)
 
 
 def repository_models(repo: Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""The ``rank`` stage on CPU: an ONNX Runtime session scoring encoded pairs."""
+"""The ``rank`` stage on CPU: an ONNX Runtime or OpenVINO session scoring encoded pairs, batched
+across requests."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Mapping
 
 import numpy as np
 
+from rankserve.api import LOGITS
 from rankserve.errors import InvalidInput
+from rankserve.stages.batching import score_batched
 from rankserve.settings import OrtSettings, RuntimeSettings
 
 _GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -83,9 +86,6 @@ def create_ranker(model_path: str | Path, runtime: RuntimeSettings, settings: Or
 def rank_batch(ranker, requests: list, max_batch_tokens: int, max_pairs: int) -> list:
     """The rank stage over one dynamic batch: validate each request, score all valid pairs together
     (length-sorted, token-budget batches), return logits or the request's own error."""
-    from rankserve.api import LOGITS
-    from rankserve.stages.batching import score_batched
-
     outcomes: list = [None] * len(requests)
     valid, feeds = [], []
     for i, encoded in enumerate(requests):
