@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS := build,serve,client,loadtest,bench,dev
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast build serve report ts loadtest bench clean
+.PHONY: venv demo test test-fast build serve report ts loadtest loadtest-half bench clean
 
 # (Re)create the venv and install the package with its extras whenever pyproject.toml changes.
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -45,6 +45,13 @@ MODEL ?= ranker
 loadtest: venv
 	$(BIN)/rankserve loadtest --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
 		--protocol $(PROTOCOL) --model $(MODEL) $(if $(HOST),--host $(HOST))
+
+# The tail at half of saturation: a closed-loop run with USERS users finds saturation, then a run
+# paced at 50% of its request rate must keep p99 <= 2.5 x p50.
+loadtest-half: venv
+	$(BIN)/rankserve loadtest --saturation-fraction 0.5 --slo-max-tail-ratio 2.5 --users $(USERS) \
+		--spawn-rate $(SPAWN_RATE) --duration $(DURATION) --protocol $(PROTOCOL) --model $(MODEL) \
+		$(if $(HOST),--host $(HOST)) --out reports/loadtest/half
 
 # Same workload, same concurrency: Triton ensemble vs the model alone in process vs naive FastAPI + PyTorch.
 CONCURRENCY ?= 4

@@ -5,9 +5,9 @@ FROM ${TRITON_IMAGE}
 
 COPY pyproject.toml README.md /opt/rankserve/
 COPY src /opt/rankserve/src
-# The stages need onnxruntime, tokenizers and numpy; the image already has tritonserver itself.
-RUN pip install --no-cache-dir "onnxruntime>=1.18" "tokenizers>=0.19" "numpy>=1.24,<2" \
- && pip install --no-cache-dir --no-deps /opt/rankserve
+# The `stages` extra of pyproject.toml (ONNX Runtime, OpenVINO, tokenizers, numpy): the image already
+# has tritonserver and its Python backend.
+RUN pip install --no-cache-dir "/opt/rankserve[stages]"
 
 RUN useradd --create-home --uid 1000 rankserve
 USER rankserve

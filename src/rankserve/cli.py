@@ -98,9 +98,13 @@ def _loadtest(args) -> None:
     from rankserve.loadtest.run import format_summary, run
 
     settings = LoadTestSettings(users=args.users, spawn_rate=args.spawn_rate, duration_s=args.duration, protocol=args.protocol,
-                                model=args.model, candidates_mean=args.candidates_mean, slo_p95_ms=args.slo_p95_ms,
-                                slo_max_failure_ratio=args.slo_max_failure_ratio)
-    summary = run(settings, Path(args.out), args.host, Path(args.model_repository), args.metrics_url)
+                                model=args.model, candidates_mean=args.candidates_mean, candidates_sigma=args.candidates_sigma,
+                                rate_per_s=args.rate, slo_p95_ms=args.slo_p95_ms, slo_max_failure_ratio=args.slo_max_failure_ratio,
+                                slo_max_tail_ratio=args.slo_max_tail_ratio)
+    if args.saturation_fraction is not None and not 0 < args.saturation_fraction <= 1:
+        raise RankserveError("--saturation-fraction must be in (0, 1]")
+    summary = run(settings, Path(args.out), args.host, Path(args.model_repository), args.metrics_url,
+                  fraction=args.saturation_fraction)
     print(format_summary(summary))
     print(f"reports: {args.out}/summary.json, {args.out}/report.html, {args.out}/locust_stats.csv")
     if not summary["slo"]["passed"]:
@@ -112,7 +116,8 @@ def _loadtest_summary(args) -> None:
 
     from rankserve.loadtest.run import format_summary, summarize
 
-    settings = LoadTestSettings(slo_p95_ms=args.slo_p95_ms, slo_max_failure_ratio=args.slo_max_failure_ratio)
+    settings = LoadTestSettings(slo_p95_ms=args.slo_p95_ms, slo_max_failure_ratio=args.slo_max_failure_ratio,
+                                slo_max_tail_ratio=args.slo_max_tail_ratio)
     summary = summarize(Path(args.csv), settings, {})
     Path(args.csv).with_name("summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary))
@@ -203,8 +208,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--protocol", choices=["http", "grpc"], default=d.protocol)
     s.add_argument("--model", default=d.model)
     s.add_argument("--candidates-mean", type=float, default=d.candidates_mean)
+    s.add_argument("--candidates-sigma", type=float, default=d.candidates_sigma, help="log-normal spread of list sizes (0: fixed)")
+    s.add_argument("--rate", type=float, default=d.rate_per_s, help="requests/s all users together aim at (0: back to back)")
+    s.add_argument("--saturation-fraction", type=float,
+                   help="first find saturation with a closed-loop run, then run paced at this fraction of its request rate")
     s.add_argument("--slo-p95-ms", type=float, default=d.slo_p95_ms)
     s.add_argument("--slo-max-failure-ratio", type=float, default=d.slo_max_failure_ratio)
+    s.add_argument("--slo-max-tail-ratio", type=float, default=d.slo_max_tail_ratio, help="p99/p50 ceiling (0: not checked)")
     s.add_argument("--out", default="reports/loadtest")
     s.set_defaults(func=_loadtest)
 
@@ -212,6 +222,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--csv", required=True, help="the *_stats.csv Locust wrote")
     s.add_argument("--slo-p95-ms", type=float, default=d.slo_p95_ms)
     s.add_argument("--slo-max-failure-ratio", type=float, default=d.slo_max_failure_ratio)
+    s.add_argument("--slo-max-tail-ratio", type=float, default=d.slo_max_tail_ratio)
     s.set_defaults(func=_loadtest_summary)
 
     s = sub.add_parser("bench", help="Triton ensemble vs model alone in process vs naive FastAPI + PyTorch, same workload")

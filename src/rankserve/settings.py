@@ -267,12 +267,25 @@ class LoadTestSettings:
     candidates_mean: float = 100.0
     """Mean candidate-list size; sizes are log-normal around it, clipped to [1, candidates_max]."""
     candidates_max: int = 500
+    candidates_sigma: float = 0.6
+    """Spread of the log-normal list sizes (0: every list has ``candidates_mean`` candidates)."""
     seed: int = 5
+    rate_per_s: float = 0.0
+    """0: every user sends its next request as soon as the last one is answered (closed loop, finds
+    saturation); > 0: the users together aim at this many requests per second (paced)."""
     slo_p95_ms: float = 2000.0
     slo_max_failure_ratio: float = 0.0
+    slo_max_tail_ratio: float = 0.0
+    """p99 / p50 ceiling (0: not checked); checked at a paced load, where queueing should stay short."""
+
+    @property
+    def rate_per_user(self) -> float:
+        return self.rate_per_s / self.users
 
     def __post_init__(self) -> None:
         _require(self.users >= 1 and self.spawn_rate > 0 and self.duration_s >= 1, "users, spawn_rate, duration_s must be positive")
+        _require(self.candidates_sigma >= 0 and self.rate_per_s >= 0 and self.slo_max_tail_ratio >= 0,
+                 "candidates_sigma, rate_per_s and slo_max_tail_ratio must be >= 0")
         _require(self.protocol in ("http", "grpc"), f"protocol must be http or grpc, got {self.protocol!r}")
         _require(1 <= self.candidates_mean <= self.candidates_max, "candidates_mean must be in [1, candidates_max]")
         _require(self.slo_p95_ms > 0 and 0 <= self.slo_max_failure_ratio <= 1, "SLOs: p95 > 0, failure ratio in [0, 1]")

@@ -40,3 +40,17 @@ def test_summary_from_an_existing_csv(server, tmp_path):
     out = subprocess.run([sys.executable, "-m", "rankserve", "loadtest-summary", "--csv", str(tmp_path / "locust_stats.csv")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "SLO" in out.stdout and (tmp_path / "summary.json").exists()
+
+
+def test_paced_run_at_half_of_saturation_reports_both_runs_and_the_tail(server, tmp_path):
+    from rankserve.loadtest.run import run_locust_at_fraction
+
+    settings = LoadTestSettings(users=2, spawn_rate=2, duration_s=5, candidates_mean=20, slo_max_tail_ratio=1000)
+    summary = run_locust_at_fraction(f"http://{server.http_url}", settings, tmp_path, 0.5, server.metrics_url, log=lambda _m: None)
+    saturated = summary["saturation"]["requests_per_s"]
+    assert summary["load_fraction"] == 0.5 and summary["settings"]["rate_per_s"] == pytest.approx(saturated / 2)
+    assert 0.2 * saturated < summary["requests_per_s"] < 0.8 * saturated  # paced, not back to back
+    assert summary["p99_over_p50"] == pytest.approx(summary["p99_ms"] / summary["p50_ms"])
+    assert summary["failures"] == 0 and summary["slo"]["passed"] and summary["slo"]["max_tail_ratio"] == 1000
+    assert (tmp_path / "saturation" / "summary.json").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["saturation"]["requests_per_s"] == saturated

@@ -1,20 +1,34 @@
 import numpy as np
 
-from rankserve.stages.batching import score_batched, token_budget_batches
+from rankserve.stages.batching import score_batched, score_streamed, stream_batches
 
 
-def test_batches_are_length_sorted_and_within_budget():
-    lengths = [30, 5, 12, 7, 50, 6, 31]
-    batches = token_budget_batches(lengths, max_tokens=64, max_pairs=3)
-    assert sorted(i for b in batches for i in b) == list(range(7))
-    flat = [lengths[i] for b in batches for i in b]
-    assert flat == sorted(lengths)
+def _padded(batch, lengths):
+    return len(batch) * max(lengths[r][j] for r, j in batch)
+
+
+def test_calls_cover_every_pair_once_within_the_budget():
+    lengths = [[30, 5, 12], [7, 50, 6, 31], [9]]
+    batches = stream_batches(lengths, max_tokens=64, max_pairs=3)
+    pairs = sorted(p for b in batches for p in b)
+    assert pairs == [(r, j) for r, ls in enumerate(lengths) for j in range(len(ls))]
     for b in batches:
-        assert len(b) <= 3 and (len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 64)
+        assert len(b) <= 3 and (len(b) == 1 or _padded(b, lengths) <= 64)
 
 
-def test_a_pair_longer_than_the_budget_gets_its_own_batch():
-    assert [list(b) for b in token_budget_batches([100, 3], max_tokens=50, max_pairs=8)] == [[1], [0]]
+def test_smallest_request_first_each_shortest_first_and_in_consecutive_calls():
+    lengths = [[8, 4, 6, 2, 9], [5], [3, 7]]
+    flat = [p for b in stream_batches(lengths, max_tokens=1000, max_pairs=2) for p in b]
+    assert [r for r, _ in flat] == [1, 2, 2, 0, 0, 0, 0, 0]
+    assert [lengths[0][j] for r, j in flat if r == 0] == [2, 4, 6, 8, 9]
+    calls = stream_batches(lengths, max_tokens=1000, max_pairs=2)
+    for r in range(3):
+        holding = [k for k, b in enumerate(calls) if any(q == r for q, _ in b)]
+        assert holding == list(range(holding[0], holding[-1] + 1))
+
+
+def test_a_pair_longer_than_the_budget_gets_its_own_call():
+    assert stream_batches([[100, 3]], max_tokens=50, max_pairs=8) == [[(0, 1)], [(0, 0)]]
 
 
 def _encoded(lengths, width, seed):
@@ -40,3 +54,17 @@ def test_scores_come_back_to_their_request_and_position_with_padding_trimmed():
         np.testing.assert_array_equal(got, (enc["input_ids"] * enc["attention_mask"]).sum(axis=1))
     assert all(rows * width <= 40 or rows == 1 for rows, width in calls)
     assert sum(rows * width for rows, width in calls) < sum(e["input_ids"].size for e in requests)
+
+
+def test_each_request_is_done_as_soon_as_its_own_pairs_are_scored():
+    events = []
+
+    def score(feeds):
+        events.append(("call", len(feeds["input_ids"])))
+        return np.zeros(len(feeds["input_ids"]), dtype=np.float32)
+
+    requests = [_encoded([5] * 9, 5, 0), _encoded([4, 6], 6, 1), _encoded([3], 3, 2)]
+    score_streamed(score, requests, ("input_ids", "attention_mask"), max_tokens=1000, max_pairs=3,
+                   on_done=lambda r, scores: events.append(("done", r, len(scores))))
+    # request 2 (one pair) and request 1 (two pairs) are answered before the big one's later calls
+    assert events == [("call", 3), ("done", 2, 1), ("done", 1, 2), ("call", 3), ("call", 3), ("call", 3), ("done", 0, 9)]

@@ -63,3 +63,12 @@ def test_settings_flow_into_parameters():
     assert models["rank"].instance_group[0].count == PRESETS["tiny"].rank_instances
     assert models["rank_bf16"].parameters["runtime"].string_value == "openvino"
     assert models["rank_bf16"].parameters["inference_precision"].string_value == "bf16"
+
+
+def test_rank_inputs_allow_ragged_batches_so_requests_of_any_length_batch_together():
+    models = _repo(PRESETS["tiny"])
+    rank = models["rank"]
+    assert rank.max_batch_size == PRESETS["tiny"].tokenize.max_candidates
+    assert rank.dynamic_batching.max_queue_delay_microseconds == PRESETS["tiny"].batching.max_queue_delay_us
+    assert [i.allow_ragged_batch for i in rank.input] == [True] * len(rank.input)
+    assert not any(i.allow_ragged_batch for i in models["tokenize"].input)

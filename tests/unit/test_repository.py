@@ -6,7 +6,7 @@ import pytest
 
 from conftest import TINY
 from rankserve.builder import configs
-from rankserve.builder.repository import MANIFEST, build_repository, verify_repository
+from rankserve.builder.repository import MANIFEST, build_repository, refresh_configs, verify_repository
 from rankserve.errors import BuildError
 
 pytestmark = pytest.mark.slow
@@ -52,6 +52,30 @@ def test_verify_detects_a_changed_model_file(tiny_repo, tmp_path):
     (copy / MANIFEST).unlink()
     with pytest.raises(BuildError, match="has no manifest.json"):
         verify_repository(copy)
+
+
+def test_configs_of_an_older_layout_are_regenerated_in_place(tiny_repo, tmp_path):
+    import shutil
+
+    copy = tmp_path / "repo"
+    shutil.copytree(tiny_repo, copy)
+    assert refresh_configs(copy, TINY) == []  # a fresh build is current
+    current = (copy / "rank" / "config.pbtxt").read_text()
+    (copy / "rank" / "config.pbtxt").write_text(current.replace("  allow_ragged_batch: true\n", ""))
+    onnx_before = (copy / "rank" / "1" / "model.onnx").read_bytes()
+    assert refresh_configs(copy, TINY) == ["rank"]
+    assert (copy / "rank" / "config.pbtxt").read_text() == current
+    assert (copy / "rank" / "1" / "model.onnx").read_bytes() == onnx_before
+    adapter = copy / "rank" / "1" / "model.py"
+    if adapter.exists() and not adapter.is_symlink():  # a copy of the tracked adapter: an old one is replaced
+        tracked = adapter.read_bytes()
+        adapter.write_text("# an adapter from an older version\n")
+        assert refresh_configs(copy, TINY) == ["rank"] and adapter.read_bytes() == tracked
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["models"]["rank_extra"] = manifest["models"]["rank"]
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BuildError, match="other models"):
+        refresh_configs(copy, TINY)
 
 
 def test_failed_check_leaves_the_output_untouched(tiny_ranker, tmp_path):

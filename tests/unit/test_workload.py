@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from rankserve.errors import ConfigError
 from rankserve.loadtest.workload import Workload, check_response
 from rankserve.settings import LoadTestSettings
 from rankserve_client import RankedItem
@@ -30,3 +31,23 @@ def test_check_response_rejects_wrong_rankings():
         check_response(["b", "a"], ok[::-1])
     with pytest.raises(AssertionError, match="duplicate"):
         check_response(["b", "a"], [ok[0], ok[0]])
+
+
+def test_sigma_zero_gives_fixed_lists_and_sigma_sets_the_spread(dataset):
+    fixed = Workload(dataset, LoadTestSettings(candidates_mean=100, candidates_sigma=0.0), seed=1)
+    assert {fixed.size() for _ in range(50)} == {100}
+    wide = Workload(dataset, LoadTestSettings(candidates_mean=100, candidates_sigma=0.6), seed=1)
+    sizes = np.array([wide.size() for _ in range(20000)])
+    # log-normal: p99 / p50 = exp(2.326 sigma) = 4.0 at sigma 0.6
+    assert np.percentile(sizes, 99) / np.percentile(sizes, 50) == pytest.approx(np.exp(2.326 * 0.6), rel=0.1)
+
+
+def test_paced_settings_follow_littles_law_on_the_saturated_run():
+    from rankserve.loadtest.run import paced
+
+    saturated = {"requests_per_s": 14.0, "p99_ms": 600.0}
+    at = paced(saturated, LoadTestSettings(users=4), 0.5)
+    assert at.rate_per_s == 7.0 and at.users == 9 and at.rate_per_user == pytest.approx(7 / 9)  # ceil(2 * 7 * 0.6)
+    assert paced({"requests_per_s": 2.0, "p99_ms": 100.0}, LoadTestSettings(users=4), 0.5).users == 4
+    with pytest.raises(ConfigError, match="rate_per_s"):
+        LoadTestSettings(rate_per_s=-1)

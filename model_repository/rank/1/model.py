@@ -2,8 +2,8 @@
 
 The same adapter serves every CPU variant (``rank_<variant>``); only ``model.onnx`` and the
 parameters in ``config.pbtxt`` (runtime, precision, threads, batching) differ. Triton's dynamic
-batcher hands it several requests at once; their pairs are scored together in length-sorted
-token-budget batches.
+batcher hands it several requests at once; their pairs are scored in token-budget calls, smallest
+request first, and each request is answered as soon as its own pairs are scored.
 """
 
 import json
@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 from rankserve.api import MODEL_INPUT_NAMES
 from rankserve.settings import BatchingSettings, OrtSettings, RuntimeSettings, from_parameters
 from rankserve.stages.rank import create_ranker, rank_batch
-from rankserve.stages.triton_io import respond_all
+from rankserve.stages.triton_io import respond_as_done
 
 
 class TritonPythonModel:
@@ -30,5 +30,5 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        return respond_all(pb_utils, requests, MODEL_INPUT_NAMES,
-                           lambda inputs: rank_batch(self.ranker, inputs, self.batching.max_batch_tokens, self.max_pairs))
+        return respond_as_done(pb_utils, requests, MODEL_INPUT_NAMES, lambda inputs, done: rank_batch(
+            self.ranker, inputs, self.batching.max_batch_tokens, self.max_pairs, on_done=done))

@@ -21,32 +21,44 @@ from rankserve.loadtest.workload import Workload
 from rankserve.settings import LoadTestSettings
 
 
-def _drive(call: Callable[[str, list[str]], None], dataset: Dataset, concurrency: int, duration_s: float, seed: int) -> dict:
-    """``concurrency`` threads, each with its own seeded workload over ``dataset``, call ``call`` back to
-    back for ``duration_s``; latencies and pair counts."""
+def _plan(dataset: Dataset, concurrency: int, duration_s: float, seed: int,
+          prepare: Callable[[str, list[str]], object] = lambda q, t: (q, t)) -> list[list[tuple[object, int]]]:
+    """One list of (prepared request, pair count) per client thread, from its own seeded workload,
+    drawn before the clock starts, so neither drawing them nor ``prepare`` is timed."""
+    per_thread = max(32, int(duration_s * 6))  # more than a thread gets through; a thread that runs out starts over
+    plans = []
+    for k in range(concurrency):
+        workload = Workload(dataset, LoadTestSettings(), seed=seed + k)
+        plans.append([(prepare(q, t), len(t)) for q, t in (workload.next_request() for _ in range(per_thread))])
+    return plans
+
+
+def _drive(call: Callable[[object], None], plans: list[list[tuple[object, int]]], duration_s: float) -> dict:
+    """One thread per plan calls ``call`` back to back for ``duration_s``; latencies and pair counts."""
     latencies: list[float] = []
     pairs = [0]
     errors = [0]
     lock = threading.Lock()
     stop = time.monotonic() + duration_s
 
-    def worker(k: int) -> None:
-        workload = Workload(dataset, LoadTestSettings(), seed=seed + k)
+    def worker(plan: list) -> None:
+        i = 0
         while time.monotonic() < stop:
-            query, texts = workload.next_request()
+            request, n = plan[i % len(plan)]
+            i += 1
             t0 = time.perf_counter()
             try:
-                call(query, texts)
+                call(request)
             except Exception:  # noqa: BLE001 - counted, the bench goes on
                 with lock:
                     errors[0] += 1
                 continue
             with lock:
                 latencies.append(1000 * (time.perf_counter() - t0))
-                pairs[0] += len(texts)
+                pairs[0] += n
 
     started = time.monotonic()
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(plan,)) for plan in plans]
     for t in threads:
         t.start()
     for t in threads:
@@ -108,38 +120,89 @@ def bench_triton(repo: Path, dataset: Dataset, concurrency: int, duration_s: flo
 
     with EmbeddedServer(repo, free_serve_settings()) as server:
         client = RankerClient(f"http://{server.http_url}")
-        _drive(lambda q, t: client.rank(q, t), dataset, concurrency, 3, seed + 100)  # warm-up
-        result = _process_usage(lambda: _group_pids(server.process.pid),
-                                lambda: _drive(lambda q, t: client.rank(q, t), dataset, concurrency, duration_s, seed))
+        call = lambda request: client.rank(*request)  # noqa: E731
+        _drive(call, _plan(dataset, concurrency, 3, seed + 100), 3)  # warm-up
+        plans = _plan(dataset, concurrency, duration_s, seed)
+        result = _process_usage(lambda: _group_pids(server.process.pid), lambda: _drive(call, plans, duration_s))
         client.close()
     manifest = json.loads((repo / "manifest.json").read_text())
     return {"name": f"triton_ensemble_{manifest['default_variant']}", **result}
 
 
+class InProcessBatcher:
+    """The served rank stage's batching, in process: callers queue tokenized requests, one scorer
+    thread takes what is queued (up to ``max_pairs`` pairs) and scores it with :func:`rank_batch`,
+    the function the served stage runs on each dynamic batch, releasing each caller as soon as its
+    own pairs are scored."""
+
+    def __init__(self, ranker, max_batch_tokens: int, max_pairs: int) -> None:
+        self.ranker, self.max_batch_tokens, self.max_pairs = ranker, max_batch_tokens, max_pairs
+        self.cv = threading.Condition()
+        self.queue: list[tuple[dict, dict, threading.Event]] = []
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def score(self, encoded: dict):
+        slot: dict = {}
+        done = threading.Event()
+        with self.cv:
+            self.queue.append((encoded, slot, done))
+            self.cv.notify()
+        done.wait()
+        if isinstance(slot["out"], Exception):
+            raise slot["out"]
+        return slot["out"]
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+        self.thread.join()
+
+    def _loop(self) -> None:
+        from rankserve.stages.rank import rank_batch
+
+        while True:
+            with self.cv:
+                while not self.queue and not self.closed:
+                    self.cv.wait()
+                if self.closed and not self.queue:
+                    return
+                batch, pairs = [], 0
+                while self.queue and (not batch or pairs + len(self.queue[0][0]["input_ids"]) <= self.max_pairs):
+                    batch.append(self.queue.pop(0))
+                    pairs += len(batch[-1][0]["input_ids"])
+            def answer(i: int, outcome, batch=batch) -> None:  # as soon as each request's pairs are scored
+                batch[i][1]["out"] = outcome
+                batch[i][2].set()
+
+            rank_batch(self.ranker, [encoded for encoded, _, _ in batch], self.max_batch_tokens, self.max_pairs, on_done=answer)
+
+
 def bench_in_process(repo: Path, dataset: Dataset, concurrency: int, duration_s: float, seed: int) -> dict:
-    """The model alone, same variant, runtime and threads, called directly: the pipeline's ceiling."""
+    """The model alone, same variant, runtime, threads and batching as the served rank stage (requests
+    that wait are scored together), on pairs tokenized before the clock starts: the pipeline's
+    ceiling (the pipeline must also tokenize, move tensors between processes and speak HTTP)."""
     import os
 
     from rankserve.builder.configs import parse
     from rankserve.settings import BatchingSettings, OrtSettings, RuntimeSettings, TokenizeSettings, from_parameters
-    from rankserve.stages.batching import score_batched
     from rankserve.stages.rank import create_ranker
     from rankserve.stages.tokenize import encode_pairs, load_tokenizer
 
-    params = {k: {"string_value": v.string_value} for k, v in parse(repo / "rank" / "config.pbtxt").parameters.items()}
+    config = parse(repo / "rank" / "config.pbtxt")
+    params = {k: {"string_value": v.string_value} for k, v in config.parameters.items()}
     ranker = create_ranker(repo / "rank" / "1" / "model.onnx", from_parameters(RuntimeSettings, params), from_parameters(OrtSettings, params))
     tokenizer = load_tokenizer(repo / "tokenize" / "1" / "tokenizer.json", TokenizeSettings())
-    lock = threading.Lock()  # one session call at a time, as one Triton rank instance
-
-    batching = from_parameters(BatchingSettings, params)
-
-    def call(q, t):
-        enc = encode_pairs(tokenizer, q, t)
-        with lock:  # the same length-sorted token-budget batches as the served rank stage
-            score_batched(ranker.score, [enc], ranker.input_names, batching.max_batch_tokens, len(t))
-
-    _drive(call, dataset, concurrency, 3, seed + 100)
-    result = _process_usage(lambda: [os.getpid()], lambda: _drive(call, dataset, concurrency, duration_s, seed))
+    batcher = InProcessBatcher(ranker, from_parameters(BatchingSettings, params).max_batch_tokens, config.max_batch_size)
+    encode = lambda q, t: encode_pairs(tokenizer, q, t)  # noqa: E731
+    try:
+        _drive(batcher.score, _plan(dataset, concurrency, 3, seed + 100, encode), 3)
+        plans = _plan(dataset, concurrency, duration_s, seed, encode)
+        result = _process_usage(lambda: [os.getpid()], lambda: _drive(batcher.score, plans, duration_s))
+    finally:
+        batcher.close()
     return {"name": f"model_alone_in_process_{params['variant']['string_value']}", **result}
 
 
@@ -158,7 +221,8 @@ def bench_naive(ranker_dir: Path, dataset: Dataset, concurrency: int, duration_s
                 time.sleep(0.5)
         local = threading.local()
 
-        def call(q, t):
+        def call(request):
+            q, t = request
             conn = getattr(local, "conn", None) or http.client.HTTPConnection("127.0.0.1", port, timeout=120)
             local.conn = conn
             conn.request("POST", "/rank", json.dumps({"query": q, "texts": t}), {"Content-Type": "application/json"})
@@ -167,8 +231,9 @@ def bench_naive(ranker_dir: Path, dataset: Dataset, concurrency: int, duration_s
             if response.status != 200:
                 raise RuntimeError(body[:200])
 
-        _drive(call, dataset, concurrency, 3, seed + 100)
-        result = _process_usage(lambda: [proc.pid], lambda: _drive(call, dataset, concurrency, duration_s, seed))
+        _drive(call, _plan(dataset, concurrency, 3, seed + 100), 3)
+        plans = _plan(dataset, concurrency, duration_s, seed)
+        result = _process_usage(lambda: [proc.pid], lambda: _drive(call, plans, duration_s))
     finally:
         proc.terminate()
         proc.wait(30)

@@ -45,9 +45,17 @@ def python_model(
 def batched_rank_model(name: str, settings: BuildSettings, parameters: Mapping[str, str]) -> mc.ModelConfig:
     """The rank stage with Triton dynamic batching: the batch dimension is the pair, so requests
     (each [pairs, tokens]) queue together and the stage scores them in length-sorted token-budget
-    batches; logits come back as [pairs, 1]."""
+    batches; logits come back as [pairs, 1].
+
+    The inputs allow ragged batches: each request is padded only to its own longest pair, so two
+    requests rarely share a token dimension, and without this Triton's batcher only groups requests
+    of equal shape (in 2.51 it also busy-waits on the mismatch while the instance is busy: half a
+    core measured). The Python backend hands the stage each request's tensors as they are; the
+    stage re-pads them per batch itself."""
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=settings.tokenize.max_candidates)
     _io(config.input, (TensorSpec(t.name, t.dtype, (-1,)) for t in api.ENCODED))
+    for entry in config.input:
+        entry.allow_ragged_batch = True
     _io(config.output, [TensorSpec(api.LOGITS.name, api.LOGITS.dtype, (1,))])  # [pairs, 1]
     config.dynamic_batching.max_queue_delay_microseconds = settings.batching.max_queue_delay_us
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=settings.rank_instances)

@@ -213,3 +213,35 @@ def verify_repository(repo: str | Path) -> dict:
             if sha256(file) != digest:
                 raise BuildError(f"{file} does not match its checksum in {path}; rebuild the repository")
     return manifest
+
+
+def expected_configs(manifest: dict, settings: BuildSettings) -> dict[str, str]:
+    """The ``config.pbtxt`` text of every model, as this version of rankserve generates it for the
+    variants, runtimes and default the manifest records."""
+    runtimes = {name: RuntimeSettings(v["runtime"], v["inference_precision"])
+                for name, v in manifest["variants"].items() if v.get("served_on_cpu", True)}
+    models = configs.cpu_repository(settings, runtimes, manifest["default_variant"])
+    return {name: configs.to_text(config) for name, config in models.items()}
+
+
+def refresh_configs(repo: str | Path, settings: BuildSettings) -> list[str]:
+    """Rewrite the configs and stage adapters that differ from what this version generates (e.g.
+    after an upgrade that changed batching), leaving model files and manifest alone; returns the
+    models rewritten. Refuses when the set of models differs: that needs a rebuild."""
+    repo = Path(repo)
+    manifest = verify_repository(repo)
+    expected = expected_configs(manifest, settings)
+    if set(expected) != set(manifest["models"]):
+        raise BuildError(f"{repo} holds other models than this version lays out; rebuild the repository")
+    changed = []
+    for name, text in expected.items():
+        adapter = repo / name / "1" / "model.py"
+        stage = api.RANK_MODEL if name.startswith(f"{api.RANK_MODEL}_") else name
+        source = STAGE_SOURCES / stage / "1" / "model.py"
+        stale_adapter = adapter.exists() and source.exists() and adapter.read_bytes() != source.read_bytes()
+        if (repo / name / "config.pbtxt").read_text() != text or stale_adapter:
+            (repo / name / "config.pbtxt").write_text(text)
+            if stale_adapter:
+                _install_stage(name, repo, source_stage=stage)
+            changed.append(name)
+    return changed

@@ -17,7 +17,7 @@ class Workload:
         self.texts = [p.text for p in dataset.products.values()]
         self.settings = settings
         self.rng = np.random.default_rng(settings.seed if seed is None else seed)
-        sigma = 0.6
+        sigma = settings.candidates_sigma
         self._mu = np.log(settings.candidates_mean) - sigma**2 / 2  # E[lognormal] = mean
         self._sigma = sigma
 

@@ -1,6 +1,6 @@
-"""Length-aware batching for the rank stage: pairs from one or many requests are sorted by token
-length and cut into batches under a token budget, so little compute goes to padding
-(the ``max_batch_tokens`` idea of text-embeddings-inference)."""
+"""Length-aware batching for the rank stage: the pairs of one or many requests are cut into model
+calls under a token budget (the ``max_batch_tokens`` idea of text-embeddings-inference), so little
+compute goes to padding, and each request is answered as soon as its own pairs are scored."""
 
 from __future__ import annotations
 
@@ -11,47 +11,63 @@ import numpy as np
 Encoded = Mapping[str, np.ndarray]
 
 
-def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_pairs: int) -> list[np.ndarray]:
-    """Indices of pairs grouped into batches, shortest first; each batch's padded size
-    (pairs x longest pair) stays within ``max_tokens`` and ``max_pairs`` (a single longer pair still
-    gets a batch of its own)."""
-    order = np.argsort(np.asarray(lengths), kind="stable")
-    batches, current, longest = [], [], 0
-    for i in order:
-        n = int(lengths[i])
-        if current and (max(longest, n) * (len(current) + 1) > max_tokens or len(current) >= max_pairs):
-            batches.append(np.array(current))
-            current, longest = [], 0
-        current.append(int(i))
-        longest = max(longest, n)
+def stream_batches(request_lengths: Sequence[Sequence[int]], max_tokens: int, max_pairs: int) -> list[list[tuple[int, int]]]:
+    """Model calls, as lists of (request, pair), for the pairs of several requests.
+
+    Requests go smallest first and each request's pairs shortest first; the stream is cut greedily
+    so each call's padded size (pairs x longest pair) stays within ``max_tokens`` and ``max_pairs``
+    (a single longer pair still gets a call of its own). A request's pairs sit in consecutive calls,
+    so it is complete after its last one; only that call may also carry the next request's first
+    (shortest) pairs, which keeps the calls full."""
+    order = sorted(range(len(request_lengths)), key=lambda r: len(request_lengths[r]))
+    batches: list[list[tuple[int, int]]] = []
+    current: list[tuple[int, int]] = []
+    longest = 0
+    for r in order:
+        lengths = np.asarray(request_lengths[r])
+        for j in np.argsort(lengths, kind="stable"):
+            n = int(lengths[j])
+            if current and (max(longest, n) * (len(current) + 1) > max_tokens or len(current) >= max_pairs):
+                batches.append(current)
+                current, longest = [], 0
+            current.append((r, int(j)))
+            longest = max(longest, n)
     if current:
-        batches.append(np.array(current))
+        batches.append(current)
     return batches
+
+
+def score_streamed(score: Callable[[dict], np.ndarray], requests: Sequence[Encoded], names: Sequence[str],
+                   max_tokens: int, max_pairs: int, on_done: Callable[[int, np.ndarray], None]) -> None:
+    """Score the pairs of several requests in :func:`stream_batches` calls and hand each request's
+    scores to ``on_done(request index, scores)`` as soon as its last pair is scored.
+
+    Each pair is trimmed to its own length (from ``attention_mask``) and re-padded only to the
+    longest pair of its call, so scores do not depend on what else is in the call."""
+    lengths = [enc["attention_mask"].sum(axis=1).astype(int) for enc in requests]
+    results = [np.empty(len(n), dtype=np.float32) for n in lengths]
+    remaining = [len(n) for n in lengths]
+    for r, n in enumerate(remaining):
+        if n == 0:
+            on_done(r, results[r])
+    for batch in stream_batches(lengths, max_tokens, max_pairs):
+        width = max(int(lengths[r][j]) for r, j in batch)
+        feeds = {name: np.zeros((len(batch), width), dtype=np.int64) for name in names}
+        for k, (r, j) in enumerate(batch):
+            n = int(lengths[r][j])
+            for name in names:
+                feeds[name][k, :n] = requests[r][name][j, :n]
+        scores = score(feeds)
+        for k, (r, j) in enumerate(batch):
+            results[r][j] = scores[k]
+            remaining[r] -= 1
+            if remaining[r] == 0:
+                on_done(r, results[r])
 
 
 def score_batched(score: Callable[[dict], np.ndarray], requests: Sequence[Encoded], names: Sequence[str],
                   max_tokens: int, max_pairs: int) -> list[np.ndarray]:
-    """Score the pairs of several requests together under a token budget; one score array per request.
-
-    Each pair is trimmed to its own length (from ``attention_mask``) and re-padded only to the
-    longest pair of its batch, so scores do not depend on what else is in the batch."""
-    rows: list[dict[str, np.ndarray]] = []
-    owner: list[tuple[int, int]] = []
-    for r, enc in enumerate(requests):
-        lengths = enc["attention_mask"].sum(axis=1)
-        for j, n in enumerate(lengths):
-            rows.append({name: enc[name][j, : int(n)] for name in names})
-            owner.append((r, j))
-    lengths = [len(row["input_ids"]) for row in rows]
-    results = [np.empty(len(enc["input_ids"]), dtype=np.float32) for enc in requests]
-    for batch in token_budget_batches(lengths, max_tokens, max_pairs):
-        width = max(lengths[i] for i in batch)
-        feeds = {name: np.zeros((len(batch), width), dtype=np.int64) for name in names}
-        for k, i in enumerate(batch):
-            for name in names:
-                feeds[name][k, : lengths[i]] = rows[i][name]
-        scores = score(feeds)
-        for k, i in enumerate(batch):
-            r, j = owner[i]
-            results[r][j] = scores[k]
+    """:func:`score_streamed`, collected: one score array per request."""
+    results: list = [None] * len(requests)
+    score_streamed(score, requests, names, max_tokens, max_pairs, results.__setitem__)
     return results

@@ -4,13 +4,13 @@ across requests."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
 from rankserve.api import LOGITS
 from rankserve.errors import InvalidInput
-from rankserve.stages.batching import score_batched
+from rankserve.stages.batching import score_streamed
 from rankserve.settings import OrtSettings, RuntimeSettings
 
 _GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -83,18 +83,27 @@ def create_ranker(model_path: str | Path, runtime: RuntimeSettings, settings: Or
     return OnnxRanker(model_path, settings)
 
 
-def rank_batch(ranker, requests: list, max_batch_tokens: int, max_pairs: int) -> list:
-    """The rank stage over one dynamic batch: validate each request, score all valid pairs together
-    (length-sorted, token-budget batches), return logits or the request's own error."""
+def rank_batch(ranker, requests: list, max_batch_tokens: int, max_pairs: int,
+               on_done: Callable[[int, object], None] | None = None) -> list:
+    """The rank stage over one dynamic batch: validate each request, score all valid pairs in
+    token-budget calls (:func:`score_streamed`); each request's outcome (logits, or its own
+    :class:`InvalidInput`) goes to ``on_done(index, outcome)`` as soon as it is known, and all
+    outcomes are returned."""
     outcomes: list = [None] * len(requests)
+
+    def done(i: int, outcome) -> None:
+        outcomes[i] = outcome
+        if on_done is not None:
+            on_done(i, outcome)
+
     valid, feeds = [], []
     for i, encoded in enumerate(requests):
         try:
             feeds.append(check_encoded(encoded, ranker.input_names))  # attention_mask is always among them
             valid.append(i)
         except InvalidInput as exc:
-            outcomes[i] = exc
+            done(i, exc)
     if feeds:
-        for i, scores in zip(valid, score_batched(ranker.score, feeds, ranker.input_names, max_batch_tokens, max_pairs)):
-            outcomes[i] = {LOGITS.name: scores.reshape(-1, 1)}  # [pairs, 1]: the batch dimension is the pair
+        score_streamed(ranker.score, feeds, ranker.input_names, max_batch_tokens, max_pairs,
+                       lambda k, scores: done(valid[k], {LOGITS.name: scores.reshape(-1, 1)}))  # [pairs, 1]
     return outcomes

@@ -33,10 +33,14 @@ def respond_each(pb_utils: Any, requests: Iterable[Any], input_names: Iterable[s
     return responses
 
 
-def respond_all(pb_utils: Any, requests: Sequence[Any], input_names: Iterable[str],
-                handler: Callable[[list], list]) -> list:
-    """Like :func:`respond_each`, for a stage that handles all requests of a dynamic batch at once:
-    ``handler(list of inputs)`` returns one outputs dict or one exception per request."""
+def respond_as_done(pb_utils: Any, requests: Sequence[Any], input_names: Iterable[str],
+                    handler: Callable[[list, Callable[[int, Any], None]], Any]) -> None:
+    """For a stage that handles all requests of a dynamic batch at once and answers each one as soon
+    as its result is known: ``handler(list of inputs, done)`` calls ``done(index, outputs dict or
+    exception)`` once per request. Each answer goes out through the request's response sender (the
+    default, non-decoupled transaction policy allows this since Triton 24.06), so a small request
+    does not wait for a large one scored in the same batch. Exactly one response per request: those
+    the handler leaves unanswered, or all that remain when it raises, get an error."""
     names = tuple(input_names)
     inputs: list = []
     for request in requests:
@@ -45,14 +49,23 @@ def respond_all(pb_utils: Any, requests: Sequence[Any], input_names: Iterable[st
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             arrays[name] = None if tensor is None else tensor.as_numpy()
         inputs.append(arrays)
-    try:
-        outcomes = handler(inputs)
-    except Exception as exc:  # the whole batch failed: every request gets the error
-        outcomes = [exc] * len(requests)
-    responses = []
-    for outcome in outcomes:
+    answered = [False] * len(requests)
+
+    def done(i: int, outcome: Any) -> None:
+        if answered[i]:
+            return
+        answered[i] = True
         if isinstance(outcome, Exception):
-            responses.append(pb_utils.InferenceResponse(error=triton_error(outcome, pb_utils)))
+            response = pb_utils.InferenceResponse(error=triton_error(outcome, pb_utils))
         else:
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outcome.items()]))
-    return responses
+            response = pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outcome.items()])
+        requests[i].get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    try:
+        handler(inputs, done)
+    except Exception as exc:  # the rest of the batch failed: every unanswered request gets the error
+        for i in range(len(requests)):
+            done(i, exc)
+    for i in range(len(requests)):
+        done(i, RuntimeError("the stage produced no result for this request"))
+    return None

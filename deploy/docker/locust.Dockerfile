@@ -1,0 +1,14 @@
+# Locust master and workers of the distributed load test (docker compose profile `loadtest`).
+# The users, the workload and the SDK come from this repository; WANDS queries are mounted.
+FROM python:3.11-slim
+
+WORKDIR /opt/rankserve
+COPY pyproject.toml README.md ./
+COPY src ./src
+COPY clients/python ./clients/python
+COPY loadtest ./loadtest
+RUN pip install --no-cache-dir ".[loadtest]" ./clients/python
+
+RUN useradd --create-home --uid 1000 rankserve && mkdir /reports && chown rankserve /reports
+USER rankserve
+ENV RANKSERVE_WANDS_QUERIES=/data/wands/query.csv

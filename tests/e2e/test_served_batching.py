@@ -1,0 +1,52 @@
+"""Cross-request batching in the served rank stage, measured with Triton's own counters."""
+
+import re
+import shutil
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from rankserve.builder.configs import parse, to_text
+from rankserve_client import RankerClient
+
+from conftest import free_serve_settings
+
+pytestmark = pytest.mark.triton
+
+
+def _rank_counters(metrics_url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    pattern = r'^nv_inference_(request_success|exec_count|count)\{model="rank",version="1"\} ([0-9.e+]+)$'
+    return {name: float(value) for name, value in re.findall(pattern, text, re.M)}
+
+
+def test_requests_of_different_lengths_are_scored_in_one_dynamic_batch(tiny_repo, tmp_path, dataset, offline_scorer):
+    from rankserve.server.embedded import EmbeddedServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    config = parse(repo / "rank" / "config.pbtxt")
+    config.dynamic_batching.max_queue_delay_microseconds = 1_000_000  # hold the first until the others arrive
+    (repo / "rank" / "config.pbtxt").write_text(to_text(config))
+
+    texts = [p.text for p in dataset.products.values()]
+    queries = [q.text for q in dataset.queries]
+    # different list sizes and text lengths: each request is padded to a different token width
+    requests = [(queries[i], [t[: 20 + 15 * i] for t in texts[10 * i: 10 * i + 3 + 2 * i]]) for i in range(4)]
+    with EmbeddedServer(repo, free_serve_settings(), tmp_path / "tritonserver.log") as server:
+        with RankerClient(f"http://{server.http_url}") as client:
+            with ThreadPoolExecutor(len(requests)) as pool:
+                results = list(pool.map(lambda r: client.rank(*r), requests))
+        deadline = time.monotonic() + 10  # statistics land once execute() returns: after the responses went out
+        while (counters := _rank_counters(server.metrics_url)).get("request_success", 0) < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    assert counters["request_success"] == len(requests)
+    assert counters["count"] == sum(len(t) for _, t in requests)  # Triton counts pairs: the batch dimension
+    assert counters["exec_count"] < len(requests), counters  # at least two requests shared one execution
+    for (query, candidates), result in zip(requests, results):
+        got = np.array([s for _, s in sorted((r.id, r.score) for r in result)])
+        assert np.max(np.abs(got - offline_scorer(query, candidates))) <= 1e-4
