@@ -49,6 +49,7 @@ def test_paced_run_at_half_of_saturation_reports_both_runs_and_the_tail(server, 
     summary = run_locust_at_fraction(f"http://{server.http_url}", settings, tmp_path, 0.5, server.metrics_url, log=lambda _m: None)
     saturated = summary["saturation"]["requests_per_s"]
     assert summary["load_fraction"] == 0.5 and summary["settings"]["rate_per_s"] == pytest.approx(saturated / 2)
+    assert summary["ideal_fifo_p99_over_p50"] >= 1.0
     assert 0.2 * saturated < summary["requests_per_s"] < 0.8 * saturated  # paced, not back to back
     assert summary["p99_over_p50"] == pytest.approx(summary["p99_ms"] / summary["p50_ms"])
     assert summary["failures"] == 0 and summary["slo"]["passed"] and summary["slo"]["max_tail_ratio"] == 1000

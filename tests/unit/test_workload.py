@@ -47,7 +47,19 @@ def test_paced_settings_follow_littles_law_on_the_saturated_run():
 
     saturated = {"requests_per_s": 14.0, "p99_ms": 600.0}
     at = paced(saturated, LoadTestSettings(users=4), 0.5)
-    assert at.rate_per_s == 7.0 and at.users == 9 and at.rate_per_user == pytest.approx(7 / 9)  # ceil(2 * 7 * 0.6)
+    assert at.rate_per_s == 7.0 and at.users == 17 and at.rate_per_user == pytest.approx(7 / 17)  # ceil(4 * 7 * 0.6)
     assert paced({"requests_per_s": 2.0, "p99_ms": 100.0}, LoadTestSettings(users=4), 0.5).users == 4
     with pytest.raises(ConfigError, match="rate_per_s"):
         LoadTestSettings(rate_per_s=-1)
+
+
+def test_ideal_fifo_tail_reference():
+    from rankserve.loadtest.run import ideal_tail_ratio
+    from rankserve.loadtest.workload import draw_sizes
+
+    fixed = np.full(100_000, 100)
+    # M/D/1 at half load: waiting alone puts p99 near 4.3 x p50; at a tiny load there is no queue
+    assert ideal_tail_ratio(5.0, 1000.0, fixed) == pytest.approx(4.3, rel=0.1)
+    assert ideal_tail_ratio(0.01, 1000.0, fixed) == pytest.approx(1.0, abs=0.01)
+    spread = draw_sizes(LoadTestSettings(candidates_sigma=0.6), np.random.default_rng(0), 100_000)
+    assert ideal_tail_ratio(0.01, 1000.0, spread) == pytest.approx(np.percentile(spread, 99) / np.percentile(spread, 50), rel=0.02)

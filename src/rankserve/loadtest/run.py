@@ -13,6 +13,9 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
+from rankserve.loadtest.workload import draw_sizes
 from rankserve.settings import LoadTestSettings
 
 LOCUSTFILE = Path(__file__).resolve().parents[3] / "loadtest" / "locustfile.py"
@@ -101,10 +104,25 @@ def run_locust(host: str, settings: LoadTestSettings, out: Path, metrics_url: st
 
 def paced(saturated: dict, settings: LoadTestSettings, fraction: float) -> LoadTestSettings:
     """Settings for a run at ``fraction`` of the request rate a closed-loop run reached, with enough
-    users that each one waits between requests (Little's law on the saturated p99, doubled)."""
+    users that one is rarely still waiting for a response when its next request is due (four times
+    Little's law on the saturated p99), so the arrivals stay close to a Poisson stream."""
     rate = fraction * saturated["requests_per_s"]
-    users = max(settings.users, math.ceil(2 * rate * saturated["p99_ms"] / 1000))
+    users = max(settings.users, math.ceil(4 * rate * saturated["p99_ms"] / 1000))
     return replace(settings, rate_per_s=rate, users=users, spawn_rate=max(settings.spawn_rate, users))
+
+
+def ideal_tail_ratio(rate_per_s: float, pairs_per_s: float, sizes: np.ndarray, seed: int = 0) -> float:
+    """p99 / p50 of the time in system at an ideal single first-come-first-served server that scores a
+    request of n pairs in n / ``pairs_per_s`` seconds, for Poisson arrivals at ``rate_per_s`` and
+    list sizes ``sizes`` (Lindley's recursion): what queueing alone does to the tail at that load,
+    with no serving overhead at all. The reference for a measured p99/p50."""
+    service = np.asarray(sizes, dtype=float) / pairs_per_s
+    gaps = np.random.default_rng(seed).exponential(1 / rate_per_s, len(service))
+    wait = np.zeros(len(service))
+    for i in range(1, len(service)):
+        wait[i] = max(0.0, wait[i - 1] + service[i - 1] - gaps[i])
+    p50, p99 = np.percentile(wait + service, [50, 99])
+    return float(p99 / p50)
 
 
 def run_locust_at_fraction(host: str, settings: LoadTestSettings, out: Path, fraction: float,
@@ -119,6 +137,8 @@ def run_locust_at_fraction(host: str, settings: LoadTestSettings, out: Path, fra
     summary = run_locust(host, at, out, metrics_url)
     summary["saturation"] = {k: saturated[k] for k in ("requests_per_s", "pairs_per_s", "p50_ms", "p95_ms", "p99_ms", "requests", "failures")}
     summary["load_fraction"] = fraction
+    sizes = draw_sizes(at, np.random.default_rng(settings.seed), 200_000)
+    summary["ideal_fifo_p99_over_p50"] = ideal_tail_ratio(at.rate_per_s, saturated["pairs_per_s"], sizes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -149,8 +169,9 @@ def format_summary(s: dict) -> str:
              f"latency p50 {s['p50_ms']:.0f} ms, p95 {s['p95_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms (p99/p50 {s['p99_over_p50']:.2f})"]
     if "saturation" in s:
         sat = s["saturation"]
-        lines.insert(0, f"paced at {s['load_fraction']:.0%} of saturation ({sat['requests_per_s']:.2f} req/s, "
+        lines.insert(0, f"Poisson arrivals at {s['load_fraction']:.0%} of saturation ({sat['requests_per_s']:.2f} req/s, "
                         f"{sat['pairs_per_s']:.0f} pairs/s, p50 {sat['p50_ms']:.0f} / p99 {sat['p99_ms']:.0f} ms closed loop)")
+        lines.insert(3, f"  an ideal single FIFO server at this load and list-size mix: p99/p50 {s['ideal_fifo_p99_over_p50']:.2f}")
     for model, m in sorted(s["triton_steps"].items()):
         lines.append(f"  {model:<22} queue {m['queue_ms']:7.2f} ms  compute {m['compute_ms']:7.2f} ms  ({m['requests']:.0f} requests)")
     verdict = "PASS" if s["slo"]["passed"] else "FAIL: " + "; ".join(s["slo"]["violations"])

@@ -9,6 +9,14 @@ from rankserve.data.wands import load_queries
 from rankserve.settings import DataSettings, LoadTestSettings
 
 
+def draw_sizes(settings: LoadTestSettings, rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` list sizes: log-normal with mean ``candidates_mean`` and spread ``candidates_sigma``,
+    clipped to [1, candidates_max]."""
+    sigma = settings.candidates_sigma
+    mu = np.log(settings.candidates_mean) - sigma**2 / 2  # E[lognormal] = mean
+    return np.clip(np.round(rng.lognormal(mu, sigma, n)).astype(int), 1, settings.candidates_max)
+
+
 class Workload:
     """Draws (query, candidate texts) requests; list sizes are log-normal with the configured mean."""
 
@@ -17,17 +25,16 @@ class Workload:
         self.texts = [p.text for p in dataset.products.values()]
         self.settings = settings
         self.rng = np.random.default_rng(settings.seed if seed is None else seed)
-        sigma = settings.candidates_sigma
-        self._mu = np.log(settings.candidates_mean) - sigma**2 / 2  # E[lognormal] = mean
-        self._sigma = sigma
 
     @classmethod
     def default(cls, settings: LoadTestSettings, seed: int | None = None) -> "Workload":
         return cls(generate(load_queries(), DataSettings()), settings, seed)
 
     def size(self) -> int:
-        n = int(round(self.rng.lognormal(self._mu, self._sigma)))
-        return int(min(self.settings.candidates_max, max(1, n)))
+        return int(self.sizes(1)[0])
+
+    def sizes(self, n: int) -> np.ndarray:
+        return draw_sizes(self.settings, self.rng, n)
 
     def next_request(self) -> tuple[str, list[str]]:
         query = self.queries[int(self.rng.integers(len(self.queries)))]
