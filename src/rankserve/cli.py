@@ -42,7 +42,22 @@ def _build(args) -> None:
     gate = settings.gate if args.max_ndcg_drop is None else dataclasses.replace(settings.gate, max_ndcg_drop=args.max_ndcg_drop)
     settings = dataclasses.replace(settings, target=args.target, variants=variants, quant=quant, gate=gate)
     dataset = Dataset.load(args.data) if args.data else None
+    if args.target == "gpu":  # engines next to an existing CPU build of the same repository
+        from rankserve.builder.gpu import build_gpu_repository
+
+        if dataset is None or not args.work_dir:
+            raise RankserveError("--target gpu needs --data (for the accuracy gate) and --work-dir (the CPU build's ONNX variants)")
+        build_gpu_repository(Path(args.out), Path(args.work_dir), dataset, settings)
+        return
     build_repository(args.ranker, args.out, settings, dataset=dataset, work_dir=args.work_dir)
+
+
+def _check_engines(args) -> None:
+    from rankserve.builder.engine import check_repository_engines, local_gpus, server_tensorrt_version
+    from rankserve.builder.repository import verify_repository
+
+    lines = check_repository_engines(verify_repository(args.model_repository), server_tensorrt_version(), local_gpus())
+    print("\n".join(lines) if lines else "no TensorRT engines in the repository: nothing to check")
 
 
 def _serve_settings(args) -> ServeSettings:
@@ -165,7 +180,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("build", help="export, check and lay out a ranker as a Triton model repository")
     s.add_argument("--ranker", required=True, help="Hugging Face sequence-classification directory, one logit")
-    s.add_argument("--target", default="cpu", choices=["cpu"])
+    s.add_argument("--target", default="cpu", choices=["cpu", "gpu"],
+                   help="gpu: TensorRT engines added to a repository the cpu build laid out (needs a GPU and TensorRT)")
     s.add_argument("--out", default="model_repository")
     s.add_argument("--preset", default="default")
     s.add_argument("--max-length", type=int, help="override tokenize.max_length")
@@ -196,6 +212,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int)
     s.add_argument("--timeout", type=float, default=30.0)
     s.set_defaults(func=_rank)
+
+    s = sub.add_parser("check-engines", help="refuse, with the reason, TensorRT engines this server's TensorRT or GPUs cannot run (run before tritonserver)")
+    s.add_argument("--model-repository", default="model_repository")
+    s.set_defaults(func=_check_engines)
 
     s = sub.add_parser("loadtest", help="headless Locust run with reports and an SLO verdict (starts the embedded server if no --host)")
     d = LoadTestSettings()

@@ -159,6 +159,80 @@ class GateSettings:
         _require(self.k >= 1, "k must be >= 1")
 
 
+ENGINE_PRECISIONS = ("fp16", "int8")
+HARDWARE_COMPATIBILITY = ("none", "ampere_plus")
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    """One TensorRT optimization profile: (pairs, tokens) shapes the engine accepts, and the shape it
+    is tuned for. Every input (``input_ids``, ``attention_mask``, ``token_type_ids``) gets the same."""
+
+    name: str
+    min: tuple[int, int]
+    opt: tuple[int, int]
+    max: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and self.name.isidentifier(), f"profile name must be an identifier, got {self.name!r}")
+        for axis, label in ((0, "pairs"), (1, "tokens")):
+            lo, mid, hi = self.min[axis], self.opt[axis], self.max[axis]
+            _require(1 <= lo <= mid <= hi, f"profile {self.name}: {label} must satisfy 1 <= min <= opt <= max, got {lo}, {mid}, {hi}")
+
+    def covers(self, pairs: int, tokens: int) -> bool:
+        return self.min[0] <= pairs <= self.max[0] and self.min[1] <= tokens <= self.max[1]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """TensorRT engines for GPU hosts (``rankserve build --target gpu``)."""
+
+    precisions: tuple[str, ...] = ENGINE_PRECISIONS
+    """``fp16`` builds from the FP16/FP32 ONNX with FP16 kernels allowed; ``int8`` from the QDQ ONNX
+    (explicit quantization: TensorRT follows the Q/DQ nodes)."""
+    profiles: tuple[EngineProfile, ...] = (
+        # The demo's pairs are 36-47 tokens: most requests fall in `short`; `long` covers the rest.
+        EngineProfile("short", min=(1, 1), opt=(128, 48), max=(1000, 64)),
+        EngineProfile("long", min=(1, 1), opt=(64, 128), max=(1000, 128)),
+    )
+    workspace_mib: int = 4096
+    """Scratch memory TensorRT may use while choosing kernels."""
+    builder_optimization_level: int = 3
+    hardware_compatibility: str = "none"
+    """``ampere_plus``: one engine for every Ampere or newer GPU (slower than a per-GPU engine)."""
+    version_compatible: bool = False
+    """An engine that later TensorRT 10 runtimes can load (with the lean runtime inside)."""
+    max_abs_diff_fp16: float = 0.05
+    max_abs_diff_int8: float = 0.5
+    """Largest logit difference from ONNX Runtime FP32 on fresh inputs after the build (the accuracy
+    gate on held-out queries decides the rest)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.precisions) and all(p in ENGINE_PRECISIONS for p in self.precisions)
+                 and len(set(self.precisions)) == len(self.precisions), f"precisions must be distinct, from {ENGINE_PRECISIONS}")
+        _require(bool(self.profiles), "at least one optimization profile is needed")
+        names = [p.name for p in self.profiles]
+        _require(len(set(names)) == len(names), f"profile names must be unique, got {names}")
+        batch = {p.max[0] for p in self.profiles}
+        _require(len(batch) == 1, f"every profile must accept the same largest batch (the model's max_batch_size), got {sorted(batch)}")
+        _require(all(p.min[0] == 1 for p in self.profiles), "every profile must accept a batch of one pair")
+        _require(self.workspace_mib >= 256, "workspace_mib must be >= 256")
+        _require(0 <= self.builder_optimization_level <= 5, "builder_optimization_level must be in [0, 5]")
+        _require(self.hardware_compatibility in HARDWARE_COMPATIBILITY, f"hardware_compatibility must be one of {HARDWARE_COMPATIBILITY}")
+        _require(self.max_abs_diff_fp16 > 0 and self.max_abs_diff_int8 > 0, "tolerances must be > 0")
+
+    @property
+    def max_pairs(self) -> int:
+        return self.profiles[0].max[0]
+
+    @property
+    def max_tokens(self) -> int:
+        return max(p.max[1] for p in self.profiles)
+
+    def tolerance(self, precision: str) -> float:
+        return {"fp16": self.max_abs_diff_fp16, "int8": self.max_abs_diff_int8}[precision]
+
+
 @dataclass(frozen=True)
 class BuildSettings:
     """Everything ``rankserve build`` needs besides the ranker directory and the output path."""
@@ -177,9 +251,15 @@ class BuildSettings:
     runtimes: tuple[str, ...] = RUNTIMES
     """CPU runtimes tried for each variant; the fastest that passes the checks serves it."""
     batching: BatchingSettings = field(default_factory=BatchingSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
 
     def __post_init__(self) -> None:
-        _require(self.target in ("cpu",), f"target {self.target!r} is not supported yet (cpu)")
+        _require(self.target in ("cpu", "gpu"), f"target must be cpu or gpu, got {self.target!r}")
+        if self.target == "gpu":  # every request the tokenizer lets through must fit an engine profile
+            _require(self.engine.max_tokens >= self.tokenize.max_length,
+                     f"the engine profiles must reach tokenize.max_length ({self.tokenize.max_length} tokens), got {self.engine.max_tokens}")
+            _require(self.engine.max_pairs >= self.tokenize.max_candidates,
+                     f"the engine profiles must accept tokenize.max_candidates ({self.tokenize.max_candidates}) pairs, got {self.engine.max_pairs}")
         unknown = [v for v in self.variants if v not in VARIANTS]
         _require(not unknown, f"unknown variants {unknown}; choose from {list(VARIANTS)}")
         _require(len(self.variants) > 0 and len(set(self.variants)) == len(self.variants), "variants must be non-empty and unique")
@@ -297,6 +377,10 @@ PRESETS: dict[str, BuildSettings] = {
     # A quick build for tests: a single rank instance, fewer check shapes.
     "tiny": BuildSettings(
         tokenize=TokenizeSettings(max_length=64),
+        engine=EngineSettings(profiles=(
+            EngineProfile("short", min=(1, 1), opt=(16, 24), max=(1000, 32)),
+            EngineProfile("long", min=(1, 1), opt=(8, 64), max=(1000, 64)),
+        )),
         check=CheckSettings(shapes=((1, 8), (4, 24), (7, 64))),
         quant=QuantSettings(calibration_pairs=64),
         prune=PruneSettings(keep_layers=(1,), queries_per_step=16, learning_rate=1e-3),

@@ -65,6 +65,26 @@ def batched_rank_model(name: str, settings: BuildSettings, parameters: Mapping[s
     return config
 
 
+def tensorrt_rank_model(name: str, settings: BuildSettings, compute_capabilities: Iterable[str] = ()) -> mc.ModelConfig:
+    """The rank stage as a TensorRT plan on the GPU: the pair is the batch dimension (up to the
+    profiles' largest batch), every optimization profile is offered to the instance (Triton picks
+    the one that fits each batch), dynamic batching merges requests of equal width. With compute
+    capabilities, one plan file per GPU type (``cc_model_filenames``); else ``model.plan``."""
+    from rankserve.builder.engine import plan_filename
+
+    engine = settings.engine
+    config = mc.ModelConfig(name=name, platform="tensorrt_plan", max_batch_size=engine.max_pairs)
+    _io(config.input, (TensorSpec(t.name, t.dtype, (-1,)) for t in api.ENCODED))
+    _io(config.output, [TensorSpec(api.LOGITS.name, api.LOGITS.dtype, (1,))])
+    group = config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
+    group.profile.extend(str(i) for i in range(len(engine.profiles)))
+    config.dynamic_batching.max_queue_delay_microseconds = settings.batching.max_queue_delay_us
+    config.default_model_filename = "model.plan"
+    for cc in compute_capabilities:
+        config.cc_model_filenames[cc] = plan_filename(cc)
+    return config
+
+
 def ensemble(name: str, rank_model: str) -> mc.ModelConfig:
     """The public ``ranker`` API wired as tokenize -> ``rank_model`` -> postprocess."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=0)
@@ -121,3 +141,17 @@ def to_text(config: mc.ModelConfig) -> str:
 def parse(path_or_text: str | Path) -> mc.ModelConfig:
     text = Path(path_or_text).read_text() if isinstance(path_or_text, Path) else path_or_text
     return text_format.Parse(text, mc.ModelConfig())
+
+
+def gpu_models(settings: BuildSettings, compute_capabilities: Iterable[str] = ()) -> dict[str, mc.ModelConfig]:
+    """One TensorRT rank model and one ``ranker_trt_<precision>`` ensemble per engine precision
+    (tokenize and postprocess are the CPU repository's, shared)."""
+    from rankserve.builder.engine import engine_ensemble_name, engine_model_name
+
+    ccs = tuple(compute_capabilities)
+    models = {}
+    for precision in settings.engine.precisions:
+        rank = engine_model_name(precision)
+        models[rank] = tensorrt_rank_model(rank, settings, ccs)
+        models[engine_ensemble_name(precision)] = ensemble(engine_ensemble_name(precision), rank)
+    return models

@@ -1,0 +1,87 @@
+"""``rankserve build --target gpu``: TensorRT engines next to a CPU build, checked and gated.
+
+Runs on the GPU host, in the TensorRT container that matches the Triton image. It starts from a
+repository the CPU build laid out (its manifest lists the FP16 and QDQ INT8 ONNX variants with
+checksums, kept in the work directory) and adds ``rank_trt_<precision>`` (one plan per GPU type)
+and ``ranker_trt_<precision>`` to it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from rankserve.builder import configs
+from rankserve.builder.engine import (SOURCE_VARIANT, build_engine, compare_to_reference, engine_model_name,
+                                      engine_record, local_gpus, plan_filename, run_engine, tensorrt_version)
+from rankserve.builder.repository import MANIFEST, sha256, verify_repository
+from rankserve.data.catalog import Dataset
+from rankserve.errors import BuildError
+from rankserve.optimize.gate import gate, heldout_scores, require
+from rankserve.settings import BuildSettings, RuntimeSettings
+from rankserve.stages.rank import create_ranker
+from rankserve.stages.tokenize import encode_pairs, load_tokenizer
+
+
+def _source_onnx(manifest: dict, work: Path, precision: str) -> Path:
+    variant = SOURCE_VARIANT[precision]
+    record = manifest["variants"].get(variant)
+    path = work / f"{variant}.onnx"
+    if record is None or not path.exists():
+        raise BuildError(f"the {precision} engine is built from the '{variant}' ONNX variant: build it first "
+                         f"(`rankserve build --target cpu --variants ...,{variant} --work-dir {work}`)")
+    if sha256(path) != record["onnx_sha256"]:
+        raise BuildError(f"{path} does not match the checksum the manifest records for '{variant}'; rebuild the CPU variants")
+    return path
+
+
+def build_gpu_repository(repo: Path, work: Path, dataset: Dataset, settings: BuildSettings,
+                         log: Callable[[str], None] = print) -> dict:
+    manifest = verify_repository(repo)
+    gpus = local_gpus()
+    if not gpus:
+        raise BuildError("no NVIDIA GPU is visible (nvidia-smi): build the engines on the GPU host, "
+                         "e.g. `docker compose run --rm build`")
+    try:
+        version = tensorrt_version()
+    except ImportError:
+        raise BuildError("TensorRT is not installed here: build the engines in the TensorRT container "
+                         "that matches the Triton image (`docker compose run --rm build`)") from None
+    gpu = gpus[0]
+    log(f"TensorRT {version} on {gpu.name} (compute capability {gpu.compute_capability})")
+    tokenizer = load_tokenizer(repo / "tokenize" / "1" / "tokenizer.json", settings.tokenize)
+    by_query = dataset.by_query()
+    heldout = [(q.query_id, encode_pairs(tokenizer, q.text, [dataset.products[j.product_id].text for j in by_query[q.query_id]]))
+               for q in dataset.split("heldout")]
+    fp32 = create_ranker(work / "fp32.onnx", RuntimeSettings(), settings.ort)
+    reference = {qid: fp32.score(feeds) for qid, feeds in heldout}
+    engines = manifest.setdefault("engines", {})
+    for precision in settings.engine.precisions:
+        plan = build_engine(_source_onnx(manifest, work, precision), precision, settings.engine, work / "trt" / "timing.cache", log)
+        outputs = run_engine(plan, [feeds for _, feeds in heldout])
+        scores = {qid: out for (qid, _), out in zip(heldout, outputs)}
+        check = compare_to_reference(np.concatenate(list(scores.values())), np.concatenate(list(reference.values())),
+                                     settings.engine.tolerance(precision), precision)
+        result = require(gate(f"trt_{precision}", dataset, scores, reference, settings.gate.max_ndcg_drop, settings.gate.k))
+        log(f"      max abs diff vs ONNX Runtime FP32 {check['max_abs_diff']:.3g} (limit {check['tolerance']:g}); {result.describe()}")
+        folder = repo / engine_model_name(precision) / "1"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = plan_filename(gpu.compute_capability)
+        (folder / name).write_bytes(plan)
+        record = engine_record(precision, version, gpu, settings.engine, f"{engine_model_name(precision)}/1/{name}",
+                               sha256(folder / name), {**check, "gate": result.to_dict()})
+        others = [r for r in engines.get(precision, []) if r["gpu"]["compute_capability"] != gpu.compute_capability]
+        engines[precision] = others + [record]
+    ccs = sorted({r["gpu"]["compute_capability"] for records in engines.values() for r in records})
+    for name, config in configs.gpu_models(settings, ccs).items():
+        (repo / name).mkdir(exist_ok=True)
+        (repo / name / "1").mkdir(exist_ok=True)
+        (repo / name / "config.pbtxt").write_text(configs.to_text(config))
+        manifest["models"][name] = {"config": f"{name}/config.pbtxt", "files": {
+            str(p.relative_to(repo)): sha256(p) for p in sorted((repo / name / "1").iterdir()) if p.is_file()}}
+    (repo / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    log(f"engines for compute capabilities {ccs} in {repo}; manifest {repo / MANIFEST}")
+    return manifest
