@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS := build,serve,client,loadtest,bench,dev
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast build serve report ts loadtest loadtest-half bench clean
+.PHONY: venv demo test test-fast build serve report ts loadtest loadtest-half gpu-check bench clean
 
 # (Re)create the venv and install the package with its extras whenever pyproject.toml changes.
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -52,6 +52,11 @@ loadtest-half: venv
 	$(BIN)/rankserve loadtest --saturation-fraction 0.5 --slo-max-tail-ratio 2.5 --users $(USERS) \
 		--spawn-rate $(SPAWN_RATE) --duration $(DURATION) --protocol $(PROTOCOL) --model $(MODEL) \
 		$(if $(HOST),--host $(HOST)) --out reports/loadtest/half
+
+# On a GPU host (NVIDIA driver + Container Toolkit, TRITON_ADMIN_KEY exported, `make build` done):
+# engines built in the TensorRT container, served by Triton, checked against the CPU ranker.
+gpu-check: venv
+	$(BIN)/rankserve gpu-check --data artifacts/data --model-repository model_repository
 
 # Same workload, same concurrency: Triton ensemble vs the model alone in process vs naive FastAPI + PyTorch.
 CONCURRENCY ?= 4

@@ -49,6 +49,8 @@ def _build(args) -> None:
             raise RankserveError("--target gpu needs --data (for the accuracy gate) and --work-dir (the CPU build's ONNX variants)")
         build_gpu_repository(Path(args.out), Path(args.work_dir), dataset, settings)
         return
+    if not args.ranker:
+        raise RankserveError("--ranker is required for the cpu target")
     build_repository(args.ranker, args.out, settings, dataset=dataset, work_dir=args.work_dir)
 
 
@@ -58,6 +60,15 @@ def _check_engines(args) -> None:
 
     lines = check_repository_engines(verify_repository(args.model_repository), server_tensorrt_version(), local_gpus())
     print("\n".join(lines) if lines else "no TensorRT engines in the repository: nothing to check")
+
+
+def _gpu_check(args) -> None:
+    from rankserve.gpu_check import format_table, run_gpu_check
+
+    steps = run_gpu_check(Path(args.data), Path(args.model_repository), args.url)
+    print(format_table(steps))
+    if not all(s.passed for s in steps):
+        raise RankserveError("GPU check failed")
 
 
 def _serve_settings(args) -> ServeSettings:
@@ -179,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_train)
 
     s = sub.add_parser("build", help="export, check and lay out a ranker as a Triton model repository")
-    s.add_argument("--ranker", required=True, help="Hugging Face sequence-classification directory, one logit")
+    s.add_argument("--ranker", help="Hugging Face sequence-classification directory, one logit (cpu target)")
     s.add_argument("--target", default="cpu", choices=["cpu", "gpu"],
                    help="gpu: TensorRT engines added to a repository the cpu build laid out (needs a GPU and TensorRT)")
     s.add_argument("--out", default="model_repository")
@@ -216,6 +227,12 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check-engines", help="refuse, with the reason, TensorRT engines this server's TensorRT or GPUs cannot run (run before tritonserver)")
     s.add_argument("--model-repository", default="model_repository")
     s.set_defaults(func=_check_engines)
+
+    s = sub.add_parser("gpu-check", help="on a GPU host: build engines, serve with docker compose, verify the TensorRT ensembles")
+    s.add_argument("--data", default="artifacts/data")
+    s.add_argument("--model-repository", default="model_repository")
+    s.add_argument("--url", default="http://127.0.0.1:8000")
+    s.set_defaults(func=_gpu_check)
 
     s = sub.add_parser("loadtest", help="headless Locust run with reports and an SLO verdict (starts the embedded server if no --host)")
     d = LoadTestSettings()

@@ -157,3 +157,22 @@ def test_repository_engines_checked_before_serving():
         check_repository_engines(manifest, None, [A10G])
     with pytest.raises(BuildError, match="no NVIDIA GPU"):
         check_repository_engines(manifest, "10.5.0", [])
+
+
+def test_gpu_check_table_and_served_comparison():
+    from rankserve.gpu_check import Step, compare_served, format_table
+
+    base = [np.array([0.1, 0.2]), np.array([1.0])]
+    scores = {"ranker_fp32": base, "ranker_trt_fp16": [b + 0.01 for b in base], "ranker_trt_int8": [b + 0.9 for b in base]}
+    steps = compare_served(scores, "ranker_fp32", DEFAULT.engine.tolerance)
+    assert [(s.name, s.passed) for s in steps] == [("ranker_trt_fp16 vs ranker_fp32", True), ("ranker_trt_int8 vs ranker_fp32", False)]
+    table = format_table([Step("GPU visible", True, "nvidia-smi -L"), *steps])
+    assert "| ranker_trt_int8 vs ranker_fp32 | FAIL | max abs diff 0.9" in table and table.endswith("FAILED: ranker_trt_int8 vs ranker_fp32")
+
+
+def test_gpu_check_stops_at_once_without_an_admin_key(monkeypatch, tmp_path):
+    from rankserve.gpu_check import run_gpu_check
+
+    monkeypatch.delenv("TRITON_ADMIN_KEY", raising=False)
+    (step,) = run_gpu_check(tmp_path, tmp_path)
+    assert not step.passed and "TRITON_ADMIN_KEY" in step.detail

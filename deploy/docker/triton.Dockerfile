@@ -1,0 +1,14 @@
+# NVIDIA's Triton image plus what the rankserve Python-backend stages import. The same image serves
+# GPU hosts (TensorRT plans through Triton's TensorRT backend) and CPU hosts (the Python stages).
+# NGC_RELEASE is pinned in .env (24.10 = Triton 2.51, the version the embedded server runs).
+ARG NGC_RELEASE
+FROM nvcr.io/nvidia/tritonserver:${NGC_RELEASE}-py3
+
+COPY pyproject.toml README.md /opt/rankserve/
+COPY src /opt/rankserve/src
+# The `stages` extra of pyproject.toml (ONNX Runtime, OpenVINO, tokenizers, numpy) and what
+# `rankserve check-engines` reads the manifest with; the image already has tritonserver.
+RUN pip install --no-cache-dir "/opt/rankserve[stages]" "tritonclient[grpc]>=2.51"
+
+RUN useradd --create-home --uid 1000 rankserve
+USER rankserve

@@ -1,0 +1,12 @@
+# Builds the TensorRT engines on the GPU host: NVIDIA's TensorRT image of the same NGC release as
+# the Triton image (NGC_RELEASE in .env), so the engines load in that Triton's TensorRT.
+ARG NGC_RELEASE
+FROM nvcr.io/nvidia/tensorrt:${NGC_RELEASE}-py3
+
+COPY pyproject.toml README.md /opt/rankserve/
+COPY src /opt/rankserve/src
+RUN pip install --no-cache-dir "/opt/rankserve[gpu-build]"
+
+RUN useradd --create-home --uid 1000 rankserve
+USER rankserve
+ENTRYPOINT ["rankserve", "build", "--target", "gpu"]
