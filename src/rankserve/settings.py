@@ -38,9 +38,23 @@ class TokenizeSettings:
     """Largest number of candidate texts one request may carry."""
     max_text_bytes: int = 4096
     """Largest UTF-8 size of the query or of one candidate text."""
+    pad_buckets: str = ""
+    """Comma-separated token widths (e.g. ``64,128``): each request is padded up to the smallest one
+    that holds its longest pair, so requests share a few shapes (the TensorRT rank stage batches only
+    equal shapes). Empty: pad to the longest pair (the CPU stage batches ragged requests)."""
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return tuple(int(w) for w in self.pad_buckets.split(",")) if self.pad_buckets else ()
 
     def __post_init__(self) -> None:
         _require(8 <= self.max_length <= 512, f"max_length must be in [8, 512], got {self.max_length}")
+        try:
+            buckets = self.buckets
+        except ValueError:
+            raise ConfigError(f"pad_buckets must be comma-separated integers, got {self.pad_buckets!r}") from None
+        _require(not buckets or (list(buckets) == sorted(set(buckets)) and buckets[0] >= 1 and buckets[-1] >= self.max_length),
+                 f"pad_buckets must ascend and the last must hold max_length ({self.max_length}), got {self.pad_buckets!r}")
         _require(1 <= self.max_candidates <= 100_000, f"max_candidates must be in [1, 100000], got {self.max_candidates}")
         _require(self.max_text_bytes >= 16, f"max_text_bytes must be >= 16, got {self.max_text_bytes}")
 

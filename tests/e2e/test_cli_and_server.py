@@ -134,3 +134,16 @@ def test_server_that_fails_to_load_reports_the_log(tiny_repo, tmp_path):
 def test_serve_command_refuses_a_repository_without_manifest(tmp_path):
     out = _rankserve("serve", "--model-repository", str(tmp_path))
     assert out.returncode == 2 and "has no manifest.json" in out.stderr
+
+
+@pytest.mark.triton
+def test_compose_health_check_path_answers_200_on_the_real_server(server):
+    import urllib.request
+    from urllib.parse import urlparse
+
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
+    url = next(arg for arg in compose["x-triton"]["healthcheck"]["test"] if arg.startswith("http"))
+    with urllib.request.urlopen(f"http://{server.http_url}{urlparse(url).path}", timeout=10) as response:
+        assert response.status == 200

@@ -95,7 +95,8 @@ def test_post_build_check_against_onnx_runtime():
 
 def test_tensorrt_models_and_ensembles_keep_the_public_api():
     models = {name: configs.parse(configs.to_text(c)) for name, c in configs.gpu_models(DEFAULT, ["8.6", "9.0"]).items()}
-    assert set(models) == {"rank_trt_fp16", "ranker_trt_fp16", "rank_trt_int8", "ranker_trt_int8"}
+    assert set(models) == {"tokenize_gpu", "rank_trt_fp16", "ranker_trt_fp16", "rank_trt_int8", "ranker_trt_int8"}
+    assert models["tokenize_gpu"].parameters["pad_buckets"].string_value == "64,128"  # the profiles' widths
     rank = models["rank_trt_int8"]
     assert rank.platform == "tensorrt_plan" and rank.max_batch_size == DEFAULT.engine.max_pairs
     assert rank.instance_group[0].kind == rank.instance_group[0].KIND_GPU and list(rank.instance_group[0].profile) == ["0", "1"]
@@ -105,7 +106,7 @@ def test_tensorrt_models_and_ensembles_keep_the_public_api():
     cpu = configs.ensemble(api.RANKER_MODEL, api.RANK_MODEL)
     ensemble = models["ranker_trt_int8"]
     assert list(ensemble.input) == list(cpu.input) and list(ensemble.output) == list(cpu.output)
-    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["tokenize", "rank_trt_int8", "postprocess"]
+    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["tokenize_gpu", "rank_trt_int8", "postprocess"]
 
 
 def _tensorrt_gpu() -> str | None:
@@ -176,3 +177,21 @@ def test_gpu_check_stops_at_once_without_an_admin_key(monkeypatch, tmp_path):
     monkeypatch.delenv("TRITON_ADMIN_KEY", raising=False)
     (step,) = run_gpu_check(tmp_path, tmp_path)
     assert not step.passed and "TRITON_ADMIN_KEY" in step.detail
+
+
+def test_gpu_tokenize_pads_requests_to_the_profile_widths(tiny_repo):
+    from rankserve.stages.tokenize import encode_pairs, load_tokenizer
+
+    settings = TokenizeSettings(pad_buckets="64,128")
+    tokenizer = load_tokenizer(tiny_repo / "tokenize" / "1" / "tokenizer.json", settings)
+    short = encode_pairs(tokenizer, "blue sofa", ["velvet sofa", "a blue velvet sofa with oak legs"], settings.buckets)
+    plain = encode_pairs(tokenizer, "blue sofa", ["velvet sofa", "a blue velvet sofa with oak legs"])
+    assert short["input_ids"].shape == (2, 64) and plain["input_ids"].shape[1] < 64
+    np.testing.assert_array_equal(short["input_ids"][:, : plain["input_ids"].shape[1]], plain["input_ids"])
+    assert short["attention_mask"].sum() == plain["attention_mask"].sum()  # only padding was added
+    long = encode_pairs(tokenizer, "sofa", ["sofa " * 100], settings.buckets)
+    assert long["input_ids"].shape == (1, 128)
+    with pytest.raises(ConfigError, match="pad_buckets"):
+        TokenizeSettings(pad_buckets="128,64")
+    with pytest.raises(ConfigError, match="pad_buckets"):
+        TokenizeSettings(pad_buckets="32")  # must hold max_length

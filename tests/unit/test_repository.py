@@ -126,3 +126,23 @@ def test_a_rebuild_removes_models_of_the_previous_build(tiny_ranker, dataset, tm
     assert second.returncode == 0, second.stderr
     assert sorted(p.parent.name for p in repo.glob("*/config.pbtxt")) == ["postprocess", "rank", "ranker", "ranker_fp32", "tokenize"]
     assert not list(repo.glob("rank_*")) and verify_repository(repo)["default_variant"] == "fp32"
+
+
+def test_refresh_keeps_the_tensorrt_models_a_gpu_build_added(tiny_repo, tmp_path):
+    import shutil
+
+    from rankserve.builder.engine import GpuFacts, engine_record
+
+    copy = tmp_path / "repo"
+    shutil.copytree(tiny_repo, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    record = engine_record("fp16", "10.5.0", GpuFacts("NVIDIA A10G", "8.6"), TINY.engine, "rank_trt_fp16/1/model.sm86.plan", "0" * 64, {})
+    manifest["engines"] = {p: [dict(record, precision=p)] for p in TINY.engine.precisions}
+    gpu = configs.gpu_models(TINY, ["8.6"])
+    for name in gpu:  # what build_gpu_repository lays out, without the plan files
+        (copy / name / "1").mkdir(parents=True, exist_ok=True)
+        (copy / name / "config.pbtxt").write_text("# stale\n")
+        manifest["models"][name] = {"config": f"{name}/config.pbtxt", "files": {}}
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    assert sorted(refresh_configs(copy, TINY)) == sorted(gpu)
+    assert configs.parse(copy / "rank_trt_fp16" / "config.pbtxt").cc_model_filenames["8.6"] == "model.sm86.plan"

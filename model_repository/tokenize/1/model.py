@@ -1,4 +1,7 @@
-"""Triton Python-backend adapter of the ``tokenize`` stage: (query, texts) -> encoded pairs."""
+"""Triton Python-backend adapter of the ``tokenize`` stage: (query, texts) -> encoded pairs.
+
+Also serves ``tokenize_gpu`` (same adapter, ``pad_buckets`` set): requests padded to a few widths,
+which the TensorRT rank stage can batch together."""
 
 import json
 from pathlib import Path
@@ -23,4 +26,4 @@ class TritonPythonModel:
 
     def _encode(self, inputs):
         query, texts = parse_request(inputs[QUERY.name], inputs[TEXTS.name], self.settings)
-        return encode_pairs(self.tokenizer, query, texts)
+        return encode_pairs(self.tokenizer, query, texts, self.settings.buckets)

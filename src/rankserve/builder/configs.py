@@ -85,13 +85,13 @@ def tensorrt_rank_model(name: str, settings: BuildSettings, compute_capabilities
     return config
 
 
-def ensemble(name: str, rank_model: str) -> mc.ModelConfig:
-    """The public ``ranker`` API wired as tokenize -> ``rank_model`` -> postprocess."""
+def ensemble(name: str, rank_model: str, tokenize_model: str = api.TOKENIZE_MODEL) -> mc.ModelConfig:
+    """The public ``ranker`` API wired as ``tokenize_model`` -> ``rank_model`` -> postprocess."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=0)
     _io(config.input, api.RANKER_INPUTS)
     _io(config.output, api.RANKER_OUTPUTS)
     steps = config.ensemble_scheduling.step
-    tokenize = steps.add(model_name=api.TOKENIZE_MODEL, model_version=-1)
+    tokenize = steps.add(model_name=tokenize_model, model_version=-1)
     tokenize.input_map.update({api.QUERY.name: api.QUERY.name, api.TEXTS.name: api.TEXTS.name})
     tokenize.output_map.update({t.name: t.name for t in api.ENCODED})
     rank = steps.add(model_name=rank_model, model_version=-1)
@@ -143,15 +143,28 @@ def parse(path_or_text: str | Path) -> mc.ModelConfig:
     return text_format.Parse(text, mc.ModelConfig())
 
 
+GPU_TOKENIZE_MODEL = f"{api.TOKENIZE_MODEL}_gpu"
+
+
+def gpu_tokenize_settings(settings: BuildSettings):
+    """Tokenize for the TensorRT ensembles: requests padded to the profiles' widths, so they share
+    the few shapes TensorRT batches (and each lands in the profile built for it)."""
+    import dataclasses
+
+    widths = sorted({p.max[1] for p in settings.engine.profiles})
+    return dataclasses.replace(settings.tokenize, pad_buckets=",".join(map(str, widths)))
+
+
 def gpu_models(settings: BuildSettings, compute_capabilities: Iterable[str] = ()) -> dict[str, mc.ModelConfig]:
-    """One TensorRT rank model and one ``ranker_trt_<precision>`` ensemble per engine precision
-    (tokenize and postprocess are the CPU repository's, shared)."""
+    """``tokenize_gpu``, and one TensorRT rank model and one ``ranker_trt_<precision>`` ensemble per
+    engine precision (postprocess is the CPU repository's, shared)."""
     from rankserve.builder.engine import engine_ensemble_name, engine_model_name
 
     ccs = tuple(compute_capabilities)
-    models = {}
+    models = {GPU_TOKENIZE_MODEL: python_model(GPU_TOKENIZE_MODEL, (api.QUERY, api.TEXTS), api.ENCODED,
+                                               to_parameters(gpu_tokenize_settings(settings)))}
     for precision in settings.engine.precisions:
         rank = engine_model_name(precision)
         models[rank] = tensorrt_rank_model(rank, settings, ccs)
-        models[engine_ensemble_name(precision)] = ensemble(engine_ensemble_name(precision), rank)
+        models[engine_ensemble_name(precision)] = ensemble(engine_ensemble_name(precision), rank, GPU_TOKENIZE_MODEL)
     return models

@@ -9,15 +9,17 @@ and ``ranker_trt_<precision>`` to it.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from rankserve import api
 from rankserve.builder import configs
 from rankserve.builder.engine import (SOURCE_VARIANT, build_engine, compare_to_reference, engine_model_name,
                                       engine_record, local_gpus, plan_filename, run_engine, tensorrt_version)
-from rankserve.builder.repository import MANIFEST, sha256, verify_repository
+from rankserve.builder.repository import MANIFEST, install_stage, sha256, verify_repository
 from rankserve.data.catalog import Dataset
 from rankserve.errors import BuildError
 from rankserve.optimize.gate import gate, heldout_scores, require
@@ -76,9 +78,10 @@ def build_gpu_repository(repo: Path, work: Path, dataset: Dataset, settings: Bui
         others = [r for r in engines.get(precision, []) if r["gpu"]["compute_capability"] != gpu.compute_capability]
         engines[precision] = others + [record]
     ccs = sorted({r["gpu"]["compute_capability"] for records in engines.values() for r in records})
+    tokenize_dir = install_stage(configs.GPU_TOKENIZE_MODEL, repo, source_stage=api.TOKENIZE_MODEL)
+    shutil.copyfile(repo / api.TOKENIZE_MODEL / "1" / "tokenizer.json", tokenize_dir / "tokenizer.json")
     for name, config in configs.gpu_models(settings, ccs).items():
-        (repo / name).mkdir(exist_ok=True)
-        (repo / name / "1").mkdir(exist_ok=True)
+        (repo / name / "1").mkdir(parents=True, exist_ok=True)
         (repo / name / "config.pbtxt").write_text(configs.to_text(config))
         manifest["models"][name] = {"config": f"{name}/config.pbtxt", "files": {
             str(p.relative_to(repo)): sha256(p) for p in sorted((repo / name / "1").iterdir()) if p.is_file()}}

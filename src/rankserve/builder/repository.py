@@ -51,7 +51,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _install_stage(name: str, out: Path, source_stage: str | None = None) -> Path:
+def install_stage(name: str, out: Path, source_stage: str | None = None) -> Path:
     """Copy the tracked ``model.py`` of a stage into ``out/<name>/1/`` (no-op when building in place)."""
     src = STAGE_SOURCES / (source_stage or name) / "1" / "model.py"
     if not src.exists():
@@ -136,10 +136,10 @@ def build_repository(
         _clear_stale_models(out, set(model_configs))
         for name, b in served.items():
             rank_name = configs.rank_model_name(name, default.name)
-            shutil.copyfile(b.onnx, _install_stage(rank_name, out, source_stage=api.RANK_MODEL) / "model.onnx")
-        tokenize_dir = _install_stage(api.TOKENIZE_MODEL, out)
+            shutil.copyfile(b.onnx, install_stage(rank_name, out, source_stage=api.RANK_MODEL) / "model.onnx")
+        tokenize_dir = install_stage(api.TOKENIZE_MODEL, out)
         shutil.copyfile(tokenizer_json, tokenize_dir / "tokenizer.json")
-    _install_stage(api.POSTPROCESS_MODEL, out)
+    install_stage(api.POSTPROCESS_MODEL, out)
     for name, config in model_configs.items():
         if config.platform == "ensemble":
             (out / name / "1").mkdir(parents=True, exist_ok=True)  # ensembles need a version dir
@@ -221,6 +221,10 @@ def expected_configs(manifest: dict, settings: BuildSettings) -> dict[str, str]:
     runtimes = {name: RuntimeSettings(v["runtime"], v["inference_precision"])
                 for name, v in manifest["variants"].items() if v.get("served_on_cpu", True)}
     models = configs.cpu_repository(settings, runtimes, manifest["default_variant"])
+    engines = manifest.get("engines", {})
+    if engines:  # a GPU build added TensorRT models next to these
+        ccs = sorted({r["gpu"]["compute_capability"] for records in engines.values() for r in records})
+        models.update(configs.gpu_models(settings, ccs))
     return {name: configs.to_text(config) for name, config in models.items()}
 
 
@@ -236,12 +240,12 @@ def refresh_configs(repo: str | Path, settings: BuildSettings) -> list[str]:
     changed = []
     for name, text in expected.items():
         adapter = repo / name / "1" / "model.py"
-        stage = api.RANK_MODEL if name.startswith(f"{api.RANK_MODEL}_") else name
+        stage = next((s for s in (api.RANK_MODEL, api.TOKENIZE_MODEL) if name.startswith(f"{s}_")), name)
         source = STAGE_SOURCES / stage / "1" / "model.py"
         stale_adapter = adapter.exists() and source.exists() and adapter.read_bytes() != source.read_bytes()
         if (repo / name / "config.pbtxt").read_text() != text or stale_adapter:
             (repo / name / "config.pbtxt").write_text(text)
             if stale_adapter:
-                _install_stage(name, repo, source_stage=stage)
+                install_stage(name, repo, source_stage=stage)
             changed.append(name)
     return changed

@@ -71,11 +71,19 @@ def load_tokenizer(path: str | Path, settings: TokenizeSettings):
     return tokenizer
 
 
-def encode_pairs(tokenizer, query: str, texts: Sequence[str]) -> dict[str, np.ndarray]:
-    """Encode (query, text) pairs into int64 ``input_ids``, ``attention_mask``, ``token_type_ids``."""
+def encode_pairs(tokenizer, query: str, texts: Sequence[str], buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
+    """Encode (query, text) pairs into int64 ``input_ids``, ``attention_mask``, ``token_type_ids``,
+    padded to the longest pair, or up to the smallest of ``buckets`` that holds it."""
     encodings = tokenizer.encode_batch([(query, text) for text in texts])
-    return {
+    encoded = {
         "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
         "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
         "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
     }
+    width = encoded["input_ids"].shape[1]
+    target = next((b for b in buckets if b >= width), width)
+    if target > width:
+        pad = tokenizer.padding
+        fill = {"input_ids": pad["pad_id"], "attention_mask": 0, "token_type_ids": pad["pad_type_id"]}
+        encoded = {k: np.pad(v, ((0, 0), (0, target - width)), constant_values=fill[k]) for k, v in encoded.items()}
+    return encoded
