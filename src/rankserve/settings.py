@@ -37,7 +37,8 @@ class TokenizeSettings:
     max_candidates: int = 1000
     """Largest number of candidate texts one request may carry."""
     max_text_bytes: int = 4096
-    """Largest UTF-8 size of the query or of one candidate text."""
+    """Largest UTF-8 size of the query (longer: rejected) and of what is read of one candidate text
+    (longer: cut there, on a character boundary; ``max_length`` tokens take far fewer bytes)."""
     pad_buckets: str = ""
     """Comma-separated token widths (e.g. ``64,128``): each request is padded up to the smallest one
     that holds its longest pair, so requests share a few shapes (the TensorRT rank stage batches only
@@ -85,9 +86,14 @@ class BatchingSettings:
     """Token budget of one model call: pairs x longest pair of the call."""
     max_queue_delay_us: int = 2000
     """How long Triton may hold a request to batch it with others."""
+    max_queue_size: int = 64
+    """Requests the rank stage may hold waiting; beyond it Triton refuses at once ("exceeds maximum
+    queue size", the SDK's ``Overloaded``) instead of letting latency grow without bound. 64 is
+    about 5 s of work at the 2-core saturation (~12 requests/s). 0: unbounded."""
 
     def __post_init__(self) -> None:
         _require(self.max_batch_tokens >= 64, "max_batch_tokens must be >= 64")
+        _require(self.max_queue_size >= 0, "max_queue_size must be >= 0")
         _require(0 <= self.max_queue_delay_us <= 1_000_000, "max_queue_delay_us must be in [0, 1e6]")
 
 

@@ -95,11 +95,21 @@ def test_http_and_grpc_agree(server, requests_):
             np.testing.assert_array_equal([r.score for r in a], [r.score for r in b])
 
 
-@pytest.mark.parametrize("texts", [["gray sofa", "bad\x00text"], ["x" * 5000]], ids=["NUL byte", "too long"])
-def test_bad_input_is_a_clear_bad_request_and_the_server_keeps_serving(client, texts):
+@pytest.mark.parametrize("query, texts", [("sofa", ["gray sofa", "bad\x00text"]), ("x" * 5000, ["gray sofa"])],
+                         ids=["NUL byte", "query too long"])
+def test_bad_input_is_a_clear_bad_request_and_the_server_keeps_serving(client, query, texts):
     with pytest.raises(BadRequest, match="NUL|limit of 4096"):
-        client.rank("sofa", texts)
+        client.rank(query, texts)
     assert len(client.rank("sofa", ["gray sofa", "oak table"])) == 2
+
+
+def test_a_one_megabyte_candidate_is_read_up_to_the_byte_limit_not_rejected(client, offline_scorer):
+    huge = "grey velvet sofa with oak legs and deep cushions " * 21_400  # ~1 MB
+    assert len(huge.encode()) > 1_000_000
+    results = client.rank("grey sofa", [huge, "oak table"])
+    served = {r.id: r.score for r in results}
+    expected = offline_scorer("grey sofa", [huge[:4096], "oak table"])  # the model reads 128 tokens of either
+    assert abs(served[0] - expected[0]) <= 1e-4 and abs(served[1] - expected[1]) <= 1e-4
 
 
 def _post(server, body: bytes, model="ranker"):

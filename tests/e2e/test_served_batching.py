@@ -50,3 +50,34 @@ def test_requests_of_different_lengths_are_scored_in_one_dynamic_batch(tiny_repo
     for (query, candidates), result in zip(requests, results):
         got = np.array([s for _, s in sorted((r.id, r.score) for r in result)])
         assert np.max(np.abs(got - offline_scorer(query, candidates))) <= 1e-4
+
+
+def test_a_full_rank_queue_refuses_at_once_as_overloaded_and_the_server_keeps_serving(tiny_repo, tmp_path, dataset):
+    from rankserve.server.embedded import EmbeddedServer
+    from rankserve_client import Overloaded
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    config = parse(repo / "rank" / "config.pbtxt")
+    config.dynamic_batching.max_queue_delay_microseconds = 800_000  # the first request waits in the queue
+    config.dynamic_batching.default_queue_policy.max_queue_size = 1
+    (repo / "rank" / "config.pbtxt").write_text(to_text(config))
+    texts = [p.text for p in dataset.products.values()][:5]
+
+    def call(client):
+        started = time.perf_counter()
+        try:
+            client.rank("oak table", texts)
+            return "ok", time.perf_counter() - started
+        except Overloaded as exc:
+            assert "maximum queue size" in str(exc)
+            return "overloaded", time.perf_counter() - started
+
+    with EmbeddedServer(repo, free_serve_settings(), tmp_path / "tritonserver.log") as server:
+        with RankerClient(f"http://{server.http_url}", retries=0) as client:
+            with ThreadPoolExecutor(6) as pool:
+                outcomes = list(pool.map(lambda _: call(client), range(6)))
+            kinds = [k for k, _ in outcomes]
+            assert "ok" in kinds and "overloaded" in kinds, outcomes
+            assert all(seconds < 0.5 for kind, seconds in outcomes if kind == "overloaded")  # refused at once
+            assert len(client.rank("oak table", texts)) == len(texts)  # still serving

@@ -39,3 +39,11 @@ def test_the_sdk_maps_each_server_error_back_to_its_declared_exception(server_er
 
 def test_http_status_of_each_type():
     assert (InvalidInput.http_status, Unavailable.http_status, ServerError.http_status) == (400, 503, 500)
+
+
+def test_tritons_queue_full_message_is_overloaded_over_both_protocols():
+    from rankserve_client import Overloaded
+
+    message = "in ensemble 'ranker', [request id: <id_unknown>] Exceeds maximum queue size"  # as Triton 2.51 words it
+    assert type(from_triton("503", message)) is Overloaded
+    assert type(from_triton("StatusCode.UNAVAILABLE", message)) is Overloaded

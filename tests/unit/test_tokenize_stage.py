@@ -44,7 +44,8 @@ def test_parse_request_decodes_utf8():
         (_bytes(b"q"), _bytes(*[b"x"] * 6), "limit of 5"),
         (_bytes(b"q"), _bytes(b"ok", b"\xff\xfe"), r"'texts'\[1\] is not valid UTF-8"),
         (_bytes(b"q\x00"), _bytes(b"x"), "NUL"),
-        (_bytes(b"q"), _bytes(b"x" * 65), "65 bytes"),
+        (_bytes(b"q" * 65), _bytes(b"x"), "'query'.0. is 65 bytes, more than the limit of 64"),
+        (_bytes(b"q"), _bytes(b"\xff" + b"x" * 70), r"'texts'\[0\] is not valid UTF-8"),  # invalid before the cut
         (_bytes(b"q"), np.array([1, 2]), "must be BYTES"),
     ],
 )
@@ -90,3 +91,9 @@ def test_tokenizer_without_padding_is_refused(tmp_path, hf_tokenizer):
     raw.save(str(path))
     with pytest.raises(ValueError, match="no padding"):
         load_tokenizer(path, SETTINGS)
+
+
+def test_long_candidate_texts_are_cut_on_a_character_boundary_not_rejected():
+    text = "é" * 40  # 80 bytes: the 64-byte cut falls after 32 whole characters
+    _, texts = parse_request(_bytes(b"q"), _bytes(text.encode(), ("a" + "é" * 40).encode()), SETTINGS)
+    assert texts == ["é" * 32, "a" + "é" * 31]  # the second cut splits an "é": its first byte is dropped

@@ -53,6 +53,6 @@ def from_triton(status: object, message: str) -> RankerError:
         cls = _HTTP.get(int(text), ServerError if int(text) >= 500 else BadRequest)
     else:
         cls = _GRPC.get(text, ServerError)
-    if "exceeds maximum queue size" in message or "rate limit" in message.lower():
+    if "exceeds maximum queue size" in message.lower() or "rate limit" in message.lower():  # Triton: "Exceeds maximum queue size"
         cls = Overloaded
     return cls(message)

@@ -42,6 +42,15 @@ def python_model(
     return config
 
 
+def _batching(config: mc.ModelConfig, settings: BuildSettings) -> None:
+    """Dynamic batching with a bounded queue: overload is refused at once, not queued forever. No
+    queue timeout: in Triton's batcher a default timeout has been reported to erode throughput over
+    time (server issue 8870), and the bounded queue already bounds the wait."""
+    config.dynamic_batching.max_queue_delay_microseconds = settings.batching.max_queue_delay_us
+    if settings.batching.max_queue_size:
+        config.dynamic_batching.default_queue_policy.max_queue_size = settings.batching.max_queue_size
+
+
 def batched_rank_model(name: str, settings: BuildSettings, parameters: Mapping[str, str]) -> mc.ModelConfig:
     """The rank stage with Triton dynamic batching: the batch dimension is the pair, so requests
     (each [pairs, tokens]) queue together and the stage scores them in length-sorted token-budget
@@ -57,7 +66,7 @@ def batched_rank_model(name: str, settings: BuildSettings, parameters: Mapping[s
     for entry in config.input:
         entry.allow_ragged_batch = True
     _io(config.output, [TensorSpec(api.LOGITS.name, api.LOGITS.dtype, (1,))])  # [pairs, 1]
-    config.dynamic_batching.max_queue_delay_microseconds = settings.batching.max_queue_delay_us
+    _batching(config, settings)
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=settings.rank_instances)
     for key, value in {**parameters, **to_parameters(settings.batching),
                        "max_pairs": str(settings.tokenize.max_candidates)}.items():
@@ -78,7 +87,7 @@ def tensorrt_rank_model(name: str, settings: BuildSettings, compute_capabilities
     _io(config.output, [TensorSpec(api.LOGITS.name, api.LOGITS.dtype, (1,))])
     group = config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
     group.profile.extend(str(i) for i in range(len(engine.profiles)))
-    config.dynamic_batching.max_queue_delay_microseconds = settings.batching.max_queue_delay_us
+    _batching(config, settings)
     config.default_model_filename = "model.plan"
     for cc in compute_capabilities:
         config.cc_model_filenames[cc] = plan_filename(cc)

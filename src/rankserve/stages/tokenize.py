@@ -11,8 +11,11 @@ from rankserve.errors import InvalidInput
 from rankserve.settings import TokenizeSettings
 
 
-def decode_texts(values: np.ndarray | None, what: str, max_bytes: int) -> list[str]:
-    """Decode a BYTES tensor into strings; raise :class:`InvalidInput` on anything malformed."""
+def decode_texts(values: np.ndarray | None, what: str, max_bytes: int, truncate: bool = False) -> list[str]:
+    """Decode a BYTES tensor into strings; raise :class:`InvalidInput` on anything malformed.
+
+    A value longer than ``max_bytes`` is rejected, or with ``truncate`` cut to ``max_bytes`` on a
+    character boundary (the model reads at most ``max_length`` tokens of it anyway)."""
     if values is None:
         raise InvalidInput(f"input '{what}' is required")
     out: list[str] = []
@@ -21,12 +24,17 @@ def decode_texts(values: np.ndarray | None, what: str, max_bytes: int) -> list[s
             raw = raw.encode("utf-8")
         if not isinstance(raw, (bytes, bytearray)):
             raise InvalidInput(f"'{what}'[{i}] must be BYTES (UTF-8 text), got {type(raw).__name__}")
+        cut = False
         if len(raw) > max_bytes:
-            raise InvalidInput(f"'{what}'[{i}] is {len(raw)} bytes, more than the limit of {max_bytes}")
+            if not truncate:
+                raise InvalidInput(f"'{what}'[{i}] is {len(raw)} bytes, more than the limit of {max_bytes}")
+            raw, cut = bytes(raw[:max_bytes]), True
         try:
             text = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InvalidInput(f"'{what}'[{i}] is not valid UTF-8 (byte {exc.start})") from None
+            if not (cut and exc.reason == "unexpected end of data"):
+                raise InvalidInput(f"'{what}'[{i}] is not valid UTF-8 (byte {exc.start})") from None
+            text = bytes(raw[: exc.start]).decode("utf-8")  # the cut split a character: drop its first bytes
         if "\x00" in text:
             raise InvalidInput(f"'{what}'[{i}] contains a NUL character")
         out.append(text)
@@ -42,7 +50,7 @@ def parse_request(
         raise InvalidInput(f"'query' must hold exactly one string, got {len(queries)}")
     if not queries[0].strip():
         raise InvalidInput("'query' is empty")
-    candidates = decode_texts(texts, "texts", settings.max_text_bytes)
+    candidates = decode_texts(texts, "texts", settings.max_text_bytes, truncate=True)
     if not candidates:
         raise InvalidInput("'texts' is empty: send at least one candidate")
     if len(candidates) > settings.max_candidates:
