@@ -372,7 +372,7 @@ class LoadTestSettings:
     seed: int = 5
     rate_per_s: float = 0.0
     """0: every user sends its next request as soon as the last one is answered (closed loop, finds
-    saturation); > 0: the users together aim at this many requests per second (paced)."""
+    saturation); > 0: the users together send a Poisson stream of this many requests per second."""
     slo_p95_ms: float = 2000.0
     slo_max_failure_ratio: float = 0.0
     slo_max_tail_ratio: float = 0.0
