@@ -249,9 +249,9 @@ def run_bench(repo: Path, ranker_dir: Path, out: Path, concurrency: int = 4, dur
     setups = []
     log(f"(a) Triton ensemble, {concurrency} concurrent clients, {duration_s:.0f} s")
     setups.append(bench_triton(repo, dataset, concurrency, duration_s, seed))
-    log(f"(b) model alone in process")
+    log("(b) model alone in process")
     setups.append(bench_in_process(repo, dataset, concurrency, duration_s, seed))
-    log(f"(c) naive FastAPI + PyTorch FP32, padding to 128")
+    log("(c) naive FastAPI + PyTorch FP32, padding to 128")
     setups.append(bench_naive(ranker_dir, dataset, concurrency, duration_s, seed, free_port()))
     triton, ceiling, naive = setups
     ratios = {"triton_vs_in_process": triton["pairs_per_s"] / ceiling["pairs_per_s"],

@@ -6,6 +6,7 @@ checked when the config is built, and :func:`parse` reads a ``config.pbtxt`` bac
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -14,7 +15,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from rankserve import api
 from rankserve.api import TensorSpec
-from rankserve.settings import BuildSettings, RuntimeSettings, to_parameters
+from rankserve.settings import BuildSettings, RuntimeSettings, TokenizeSettings, to_parameters
 
 
 def _io(message_list, specs: Iterable[TensorSpec]) -> None:
@@ -155,11 +156,9 @@ def parse(path_or_text: str | Path) -> mc.ModelConfig:
 GPU_TOKENIZE_MODEL = f"{api.TOKENIZE_MODEL}_gpu"
 
 
-def gpu_tokenize_settings(settings: BuildSettings):
+def gpu_tokenize_settings(settings: BuildSettings) -> TokenizeSettings:
     """Tokenize for the TensorRT ensembles: requests padded to the profiles' widths, so they share
     the few shapes TensorRT batches (and each lands in the profile built for it)."""
-    import dataclasses
-
     widths = sorted({p.max[1] for p in settings.engine.profiles})
     return dataclasses.replace(settings.tokenize, pad_buckets=",".join(map(str, widths)))
 

@@ -56,7 +56,7 @@ def load_ranker(ranker_dir: str | Path, settings: BuildSettings) -> LoadedRanker
     taken = set(inspect.signature(model.forward).parameters)
     names = tuple(n for n in MODEL_INPUT_NAMES if n in produced and n in taken)
     if "input_ids" not in names or "attention_mask" not in names:
-        raise BuildError(f"{source}: tokenizer inputs {sorted(accepted)} lack input_ids/attention_mask")
+        raise BuildError(f"{source}: the inputs both tokenizer and model take, {list(names)}, lack input_ids/attention_mask")
     return LoadedRanker(model, tokenizer, names, source)
 
 

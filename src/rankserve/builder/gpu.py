@@ -18,11 +18,12 @@ import numpy as np
 from rankserve import api
 from rankserve.builder import configs
 from rankserve.builder.engine import (SOURCE_VARIANT, build_engine, compare_to_reference, engine_model_name,
-                                      engine_record, local_gpus, plan_filename, run_engine, tensorrt_version)
-from rankserve.builder.repository import MANIFEST, install_stage, sha256, verify_repository
+                                      engine_record, local_gpus, plan_filename, profile_for, run_engine,
+                                      tensorrt_version)
+from rankserve.builder.repository import MANIFEST, install_stage, model_entry, sha256, verify_repository
 from rankserve.data.catalog import Dataset
 from rankserve.errors import BuildError
-from rankserve.optimize.gate import gate, heldout_scores, require
+from rankserve.optimize.gate import gate, require
 from rankserve.settings import BuildSettings, RuntimeSettings
 from rankserve.stages.rank import create_ranker
 from rankserve.stages.tokenize import encode_pairs, load_tokenizer
@@ -54,10 +55,15 @@ def build_gpu_repository(repo: Path, work: Path, dataset: Dataset, settings: Bui
                          "that matches the Triton image (`docker compose run --rm build`)") from None
     gpu = gpus[0]
     log(f"TensorRT {version} on {gpu.name} (compute capability {gpu.compute_capability})")
-    tokenizer = load_tokenizer(repo / "tokenize" / "1" / "tokenizer.json", settings.tokenize)
+    # the held-out queries, tokenized as tokenize_gpu will serve them: padded to the profiles' widths
+    tokenize = configs.gpu_tokenize_settings(settings)
+    tokenizer = load_tokenizer(repo / api.TOKENIZE_MODEL / "1" / "tokenizer.json", tokenize)
     by_query = dataset.by_query()
-    heldout = [(q.query_id, encode_pairs(tokenizer, q.text, [dataset.products[j.product_id].text for j in by_query[q.query_id]]))
+    heldout = [(q.query_id, encode_pairs(tokenizer, q.text, [dataset.products[j.product_id].text for j in by_query[q.query_id]],
+                                         tokenize.buckets))
                for q in dataset.split("heldout")]
+    for _, feeds in heldout:
+        profile_for(settings.engine, *feeds["input_ids"].shape)  # a clear error before TensorRT's own
     fp32 = create_ranker(work / "fp32.onnx", RuntimeSettings(), settings.ort)
     reference = {qid: fp32.score(feeds) for qid, feeds in heldout}
     engines = manifest.setdefault("engines", {})
@@ -83,8 +89,7 @@ def build_gpu_repository(repo: Path, work: Path, dataset: Dataset, settings: Bui
     for name, config in configs.gpu_models(settings, ccs).items():
         (repo / name / "1").mkdir(parents=True, exist_ok=True)
         (repo / name / "config.pbtxt").write_text(configs.to_text(config))
-        manifest["models"][name] = {"config": f"{name}/config.pbtxt", "files": {
-            str(p.relative_to(repo)): sha256(p) for p in sorted((repo / name / "1").iterdir()) if p.is_file()}}
+        manifest["models"][name] = model_entry(repo, name)
     (repo / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"engines for compute capabilities {ccs} in {repo}; manifest {repo / MANIFEST}")
     return manifest

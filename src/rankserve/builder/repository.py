@@ -159,17 +159,7 @@ def build_repository(
             "inputs": list(ranker.input_names),
             "files": {p.name: sha256(p) for p in sorted(source.iterdir()) if p.is_file()},
         },
-        "models": {
-            name: {
-                "config": f"{name}/config.pbtxt",
-                "files": {
-                    str(p.relative_to(out)): sha256(p)
-                    for p in sorted((out / name / "1").iterdir())
-                    if p.is_file() and p.suffix != ".py"
-                },
-            }
-            for name in model_configs
-        },
+        "models": {name: model_entry(out, name) for name in model_configs},
         "default_variant": default.name,
         "variants": {
             b.name: {
@@ -190,6 +180,14 @@ def build_repository(
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"done in {manifest['build_seconds']} s: {len(model_configs)} models, manifest {out / MANIFEST}")
     return manifest
+
+
+def model_entry(repo: Path, name: str) -> dict:
+    """A model's manifest entry: its config and the checksums of its version files (the tracked
+    ``model.py`` adapters excluded: they follow the code, and ``refresh_configs`` renews them)."""
+    return {"config": f"{name}/config.pbtxt",
+            "files": {str(p.relative_to(repo)): sha256(p) for p in sorted((repo / name / "1").iterdir())
+                      if p.is_file() and p.suffix != ".py"}}
 
 
 def verify_repository(repo: str | Path) -> dict:

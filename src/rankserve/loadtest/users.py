@@ -20,12 +20,14 @@ _workload: Workload | None = None
 
 
 def _settings() -> LoadTestSettings:
-    env = os.environ
+    """The scenario from ``RANKSERVE_LOADTEST_*`` (what ``rankserve loadtest`` sets); the settings'
+    own defaults for anything unset."""
+    env, d = os.environ, LoadTestSettings()
     return LoadTestSettings(
-        model=env.get("RANKSERVE_LOADTEST_MODEL", "ranker"),
-        candidates_mean=float(env.get("RANKSERVE_LOADTEST_CANDIDATES_MEAN", 100)),
-        candidates_max=int(env.get("RANKSERVE_LOADTEST_CANDIDATES_MAX", 500)),
-        candidates_sigma=float(env.get("RANKSERVE_LOADTEST_CANDIDATES_SIGMA", 0.6)),
+        model=env.get("RANKSERVE_LOADTEST_MODEL", d.model),
+        candidates_mean=float(env.get("RANKSERVE_LOADTEST_CANDIDATES_MEAN", d.candidates_mean)),
+        candidates_max=int(env.get("RANKSERVE_LOADTEST_CANDIDATES_MAX", d.candidates_max)),
+        candidates_sigma=float(env.get("RANKSERVE_LOADTEST_CANDIDATES_SIGMA", d.candidates_sigma)),
     )
 
 
