@@ -101,7 +101,7 @@ def show_rankings(server: EmbeddedServer, dataset: Dataset) -> None:
             t0 = time.perf_counter()
             over_http = http.rank(q.text, texts)
             t1 = time.perf_counter()
-            over_grpc = grpc.rank(q.text, texts, top_k=SHOWN)
+            over_grpc = grpc.rank(q.text, texts, top_k=min(SHOWN, len(texts)))
             t2 = time.perf_counter()
             agree = [r.id for r in over_http[:SHOWN]] == [r.id for r in over_grpc]
             print(f"\nquery: {q.text!r}  (WANDS class: {q.query_class}; held out from training)")

@@ -22,6 +22,7 @@ CASES = {
     "too many candidates": ({"texts": np.array([b"x"] * 1001, dtype=object)}, "limit of 1000"),
     "top_k zero": ({"top_k": np.array([0], dtype=np.int32)}, "'top_k' must be >= 1"),
     "top_k negative": ({"top_k": np.array([-3], dtype=np.int32)}, "'top_k' must be >= 1"),
+    "top_k over the list": ({"top_k": np.array([3], dtype=np.int32)}, "only 2 candidates"),
 }
 DTYPES = {np.dtype(object): "BYTES", np.dtype(np.int32): "INT32"}
 

@@ -61,7 +61,9 @@ def test_top_k_is_honoured(client, requests_):
     full = client.rank(query, texts)
     top3 = client.rank(query, texts, top_k=3)
     assert [(r.id, r.score) for r in top3] == [(r.id, r.score) for r in full[:3]]
-    assert len(client.rank(query, texts, top_k=1000)) == len(texts)
+    assert len(client.rank(query, texts, top_k=len(texts))) == len(texts)
+    with pytest.raises(BadRequest, match=f"only {len(texts)} items"):
+        client.rank(query, texts, top_k=len(texts) + 1)
 
 
 def test_one_candidate(client, offline_scorer):

@@ -152,6 +152,8 @@ def test_client_side_validation_and_url_rules():
         RankerClient("http://127.0.0.1:1", check_api=False).rank("sofa", [])
     with pytest.raises(BadRequest, match="top_k"):
         RankerClient("http://127.0.0.1:1", check_api=False).rank("sofa", ["x"], top_k=0)
+    with pytest.raises(BadRequest, match="only 1 items"):
+        RankerClient("http://127.0.0.1:1", check_api=False).rank("sofa", ["x"], top_k=2)
     with pytest.raises(ValueError, match="contradicts"):
         RankerClient("grpc://127.0.0.1:1", protocol="http", check_api=False)
 

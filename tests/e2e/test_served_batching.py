@@ -81,3 +81,55 @@ def test_a_full_rank_queue_refuses_at_once_as_overloaded_and_the_server_keeps_se
             assert "ok" in kinds and "overloaded" in kinds, outcomes
             assert all(seconds < 0.5 for kind, seconds in outcomes if kind == "overloaded")  # refused at once
             assert len(client.rank("oak table", texts)) == len(texts)  # still serving
+
+
+def test_one_bad_request_in_a_dynamic_batch_fails_alone(tiny_repo, tiny_ranker, tmp_path, dataset, offline_scorer):
+    """Tensors sent straight to the rank model (what the ensemble guards against): one request with a
+    token id past the vocabulary shares a dynamic batch with good ones; the runtime refuses the
+    combined call, and only the bad request gets an error (400), the others their right scores."""
+    import tritonclient.http as httpclient
+    from transformers import AutoTokenizer
+    from tritonclient.utils import InferenceServerException
+
+    from rankserve.server.embedded import EmbeddedServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    config = parse(repo / "rank" / "config.pbtxt")
+    config.dynamic_batching.max_queue_delay_microseconds = 1_000_000  # hold the first until the others arrive
+    (repo / "rank" / "config.pbtxt").write_text(to_text(config))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_ranker)
+    texts = [p.text for p in dataset.products.values()]
+    requests = [(q.text, texts[5 * i: 5 * i + 3 + i]) for i, q in enumerate(dataset.queries[:4])]
+    encoded = [tokenizer([q] * len(t), t, truncation=True, max_length=128, padding=True, return_tensors="np") for q, t in requests]
+    bad = 2
+    encoded[bad]["input_ids"][1, 1] = len(tokenizer) + 10_000
+
+    def infer(enc):
+        inputs = []
+        for name in ("input_ids", "attention_mask", "token_type_ids"):
+            tensor = httpclient.InferInput(name, list(enc[name].shape), "INT64")
+            tensor.set_data_from_numpy(enc[name].astype(np.int64))
+            inputs.append(tensor)
+        with httpclient.InferenceServerClient(server.http_url) as client:
+            try:
+                return client.infer("rank", inputs).as_numpy("logits")[:, 0]
+            except InferenceServerException as exc:
+                return exc
+
+    with EmbeddedServer(repo, free_serve_settings(), tmp_path / "tritonserver.log") as server:
+        with ThreadPoolExecutor(len(encoded)) as pool:
+            outcomes = list(pool.map(infer, encoded))
+        deadline = time.monotonic() + 10
+        while (counters := _rank_counters(server.metrics_url)).get("exec_count", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with RankerClient(f"http://{server.http_url}") as client:  # still serving
+            assert len(client.rank(*requests[0])) == len(requests[0][1])
+
+    assert counters["exec_count"] < len(encoded), counters  # the bad request shared an execution
+    error = outcomes[bad]
+    assert isinstance(error, InferenceServerException) and str(error.status()) == "400", error
+    assert "could not score this request" in error.message() and "Traceback" not in error.message()
+    for i, (query, candidates) in enumerate(requests):
+        if i != bad:
+            assert np.max(np.abs(outcomes[i] - offline_scorer(query, candidates))) <= 1e-4, i

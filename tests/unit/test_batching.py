@@ -1,5 +1,6 @@
 import numpy as np
 
+from rankserve.errors import InvalidInput
 from rankserve.stages.batching import score_batched, score_streamed, stream_batches
 
 
@@ -68,3 +69,29 @@ def test_each_request_is_done_as_soon_as_its_own_pairs_are_scored():
                    on_done=lambda r, scores: events.append(("done", r, len(scores))))
     # request 2 (one pair) and request 1 (two pairs) are answered before the big one's later calls
     assert events == [("call", 3), ("done", 2, 1), ("done", 1, 2), ("call", 3), ("call", 3), ("call", 3), ("done", 0, 9)]
+
+
+def test_a_request_the_model_refuses_fails_alone_and_its_batch_mates_are_scored():
+    def score(feeds):  # refuses any token id past its "vocabulary" of 1000, as a runtime would
+        if (feeds["input_ids"] >= 1000).any():
+            raise RuntimeError("indices element out of data bounds")
+        return (feeds["input_ids"] * feeds["attention_mask"]).sum(axis=1).astype(np.float32)
+
+    requests = [_encoded([3, 9, 4], 12, 0), _encoded([5, 2], 6, 1), _encoded([7, 7], 7, 2)]
+    requests[1]["input_ids"][1, 0] = 5000
+    outcomes = {}
+    score_streamed(score, requests, ("input_ids", "attention_mask"), max_tokens=1000, max_pairs=16,
+                   on_done=outcomes.__setitem__)
+    assert isinstance(outcomes[1], InvalidInput) and "RuntimeError" in str(outcomes[1])
+    for r in (0, 2):
+        np.testing.assert_array_equal(outcomes[r], (requests[r]["input_ids"] * requests[r]["attention_mask"]).sum(axis=1))
+
+
+def test_a_call_that_fails_for_every_request_keeps_its_own_error():
+    def score(feeds):
+        raise MemoryError("out of memory")
+
+    outcomes = {}
+    score_streamed(score, [_encoded([3], 3, 0), _encoded([4], 4, 1)], ("input_ids", "attention_mask"),
+                   max_tokens=1000, max_pairs=16, on_done=outcomes.__setitem__)
+    assert all(isinstance(e, MemoryError) for e in outcomes.values()) and len(outcomes) == 2

@@ -16,10 +16,12 @@ def test_ties_keep_input_order_and_nan_sorts_last():
     assert idx.tolist() == [3, 0, 2, 1, 4]
 
 
-def test_top_k_absent_means_all_and_is_clamped():
+def test_top_k_absent_means_all():
     assert parse_top_k(None, 7) == 7
     assert parse_top_k(np.array([3], dtype=np.int32), 7) == 3
-    assert parse_top_k(np.array([100], dtype=np.int32), 7) == 7
+    assert parse_top_k(np.array([7], dtype=np.int32), 7) == 7
+    with pytest.raises(InvalidInput, match="only 7 candidates"):
+        parse_top_k(np.array([8], dtype=np.int32), 7)
 
 
 @pytest.mark.parametrize(

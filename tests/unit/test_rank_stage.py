@@ -20,6 +20,9 @@ def test_check_encoded_selects_what_the_model_needs():
         ({"input_ids": np.ones((2, 5), np.int32), "attention_mask": np.ones((2, 5), np.int64)}, "INT64"),
         ({"input_ids": np.ones(5, np.int64), "attention_mask": np.ones(5, np.int64)}, "2-D"),
         ({"input_ids": np.ones((2, 5), np.int64), "attention_mask": np.ones((2, 4), np.int64)}, "disagree"),
+        ({"input_ids": np.ones((2, 5), np.int64), "attention_mask": np.full((2, 5), 2, np.int64)}, "only 0 and 1"),
+        ({"input_ids": np.ones((2, 5), np.int64), "attention_mask": np.eye(2, 5, dtype=np.int64) * [[1], [0]]}, "at least one token"),
+        ({"input_ids": -np.ones((2, 5), np.int64), "attention_mask": np.ones((2, 5), np.int64)}, "negative"),
     ],
 )
 def test_check_encoded_rejects_bad_tensors(encoded, message):

@@ -119,3 +119,5 @@ def validate(query: str, items: Sequence[Item], top_k: int | None) -> None:
         raise BadRequest("items is empty: send at least one candidate")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise BadRequest(f"top_k must be a positive integer, got {top_k!r}")
+    if top_k is not None and top_k > len(items):
+        raise BadRequest(f"top_k is {top_k} but there are only {len(items)} items: send top_k <= {len(items)}, or omit it for all")

@@ -149,6 +149,7 @@ export class RankerClient {
     if (all.length === 0) throw new BadRequest("items is empty: send at least one candidate");
     const { topK, model = this.model, timeoutMs = this.timeoutMs } = options;
     if (topK !== undefined && (!Number.isInteger(topK) || topK < 1)) throw new BadRequest(`topK must be a positive integer, got ${topK}`);
+    if (topK !== undefined && topK > all.length) throw new BadRequest(`topK is ${topK} but there are only ${all.length} items: send topK <= ${all.length}, or omit it for all`);
     const starts: number[] = [];
     for (let s = 0; s < all.length; s += this.chunkSize) starts.push(s);
     const parts = await Promise.all(

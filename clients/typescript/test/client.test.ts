@@ -34,6 +34,7 @@ test("bad input is a BadRequest and the server keeps serving", { skip }, async (
   const client = new RankerClient(url!);
   await assert.rejects(client.rank("sofa", ["bad\u0000text"]), BadRequest);
   await assert.rejects(client.rank("sofa", []), BadRequest);
+  await assert.rejects(client.rank("sofa", ["gray sofa"], { topK: 2 }), /only 1 items/);
   assert.equal((await client.rank("sofa", ["gray sofa"])).length, 1);
 });
 

@@ -9,7 +9,10 @@ from rankserve.errors import InvalidInput
 
 
 def parse_top_k(top_k: np.ndarray | None, n: int) -> int:
-    """The number of results to return: ``top_k`` clamped to ``n``, or ``n`` when absent."""
+    """The number of results to return: ``top_k``, or all ``n`` when absent.
+
+    A ``top_k`` outside 1..n is refused: asking for more results than candidates is a client bug
+    (it usually means the list was cut upstream), and answering with fewer hides it."""
     if top_k is None:
         return n
     values = np.asarray(top_k).reshape(-1)
@@ -20,7 +23,9 @@ def parse_top_k(top_k: np.ndarray | None, n: int) -> int:
     k = int(values[0])
     if k < 1:
         raise InvalidInput(f"'top_k' must be >= 1, got {k}")
-    return min(k, n)
+    if k > n:
+        raise InvalidInput(f"'top_k' is {k} but the request has only {n} candidates: send top_k <= {n}, or omit it for all")
+    return k
 
 
 def order(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,9 @@ def create_session(model_path: str | Path, settings: OrtSettings):
 
 
 def check_encoded(encoded: Mapping[str, np.ndarray | None], required: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Check that the encoded inputs the model needs are present, 2-D int64 and of one shape."""
+    """Check that the encoded inputs the model needs are present, 2-D int64, of one shape, with 0/1
+    masks and token types, at least one token per pair and no negative token id. (Ids past the
+    vocabulary are caught when the model refuses them: see :func:`score_streamed`.)"""
     feeds: dict[str, np.ndarray] = {}
     for name in required:
         value = encoded.get(name)
@@ -39,6 +41,13 @@ def check_encoded(encoded: Mapping[str, np.ndarray | None], required: tuple[str,
     shapes = {v.shape for v in feeds.values()}
     if len(shapes) != 1:
         raise InvalidInput(f"encoded inputs disagree in shape: {sorted(shapes)}")
+    for name in ("attention_mask", "token_type_ids"):
+        if name in feeds and not np.isin(feeds[name], (0, 1)).all():
+            raise InvalidInput(f"'{name}' must hold only 0 and 1")
+    if "attention_mask" in feeds and feeds["attention_mask"].size and not feeds["attention_mask"].any(axis=1).all():
+        raise InvalidInput("every pair needs at least one token: a row of 'attention_mask' is all 0")
+    if "input_ids" in feeds and (feeds["input_ids"] < 0).any():
+        raise InvalidInput("'input_ids' must not be negative")
     return feeds
 
 
@@ -105,5 +114,6 @@ def rank_batch(ranker, requests: list, max_batch_tokens: int, max_pairs: int,
             done(i, exc)
     if feeds:
         score_streamed(ranker.score, feeds, ranker.input_names, max_batch_tokens, max_pairs,
-                       lambda k, scores: done(valid[k], {LOGITS.name: scores.reshape(-1, 1)}))  # [pairs, 1]
+                       lambda k, scores: done(valid[k], scores if isinstance(scores, Exception)
+                                              else {LOGITS.name: scores.reshape(-1, 1)}))  # [pairs, 1]
     return outcomes
