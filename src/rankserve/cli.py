@@ -72,38 +72,45 @@ def _gpu_check(args) -> None:
 
 
 def _serve_settings(args) -> ServeSettings:
-    return ServeSettings(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+    return ServeSettings(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                         health_interval_s=args.health_interval, max_restarts=args.max_restarts)
 
 
 def _serve(args) -> None:
+    import tempfile
+    import threading
+
     from rankserve.builder.repository import verify_repository
     from rankserve.server.embedded import EmbeddedServer
+    from rankserve.server.supervisor import supervise
 
     verify_repository(args.model_repository)
-    server = EmbeddedServer(args.model_repository, _serve_settings(args), args.log_file)
-    stopping = []
+    settings = _serve_settings(args)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    starts = []
+    first_log = Path(args.log_file) if args.log_file else Path(tempfile.mkdtemp(prefix="rankserve-serve-")) / "tritonserver.log"
 
-    def on_signal(signum, _frame):
-        stopping.append(signum)
-        raise KeyboardInterrupt
+    def make_server() -> EmbeddedServer:  # each start writes its own log, kept for reading after a restart
+        log = first_log.with_name(f"{first_log.stem}.{len(starts)}{first_log.suffix}") if starts else first_log
+        starts.append(log)
+        return EmbeddedServer(args.model_repository, settings, log)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        server.start()
-        server.wait_ready()
+    def ready(server: EmbeddedServer) -> None:
+        if len(starts) > 1:
+            return
         print(f"tritonserver ready: models {', '.join(server.models)}")
         print(f"  HTTP     http://{server.http_url}  (POST /v2/models/ranker/infer)")
         print(f"  gRPC     {server.grpc_url}")
         print(f"  metrics  {server.metrics_url}")
         print(f"  log      {server.log_path}")
+        print(f"  watching the server and its {len(server.stubs)} Python-backend stubs every {settings.health_interval_s:g} s; "
+              "a broken server is restarted", flush=True)
         print("Ctrl-C or SIGTERM stops it.", flush=True)
-        server.process.wait()
-        raise RankserveError(f"tritonserver exited unexpectedly (code {server.process.returncode}):\n{server.log_tail()}")
-    except KeyboardInterrupt:
-        print("\nstopping tritonserver...", flush=True)
-    finally:
-        code = server.stop()
-    print(f"stopped (exit code {code})")
+
+    code = supervise(make_server, settings, stop, log=lambda msg: print(msg, flush=True), on_ready=ready)
+    print(f"stopped (exit code {code})", flush=True)
 
 
 def _rank(args) -> None:
@@ -211,7 +218,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, default=ServeSettings.http_port)
     s.add_argument("--grpc-port", type=int, default=ServeSettings.grpc_port)
     s.add_argument("--metrics-port", type=int, default=ServeSettings.metrics_port)
-    s.add_argument("--log-file", help="tritonserver log (default: a temporary file)")
+    s.add_argument("--log-file", help="tritonserver log (default: in a new temporary folder); restarts write NAME.1.log, ...")
+    s.add_argument("--health-interval", type=float, default=ServeSettings.health_interval_s,
+                   help="seconds between checks of the server and its stubs")
+    s.add_argument("--max-restarts", type=int, default=ServeSettings.max_restarts,
+                   help=f"give up after this many restarts within {ServeSettings.restart_window_s:.0f} s")
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("rank", help="rank candidate texts for a query through a running server")

@@ -345,6 +345,13 @@ class ServeSettings:
     ready_timeout_s: float = 180.0
     exit_timeout_s: int = 30
     log_verbose: int = 0
+    health_interval_s: float = 1.0
+    """How often ``rankserve serve`` checks the server and every Python-backend stub."""
+    restart_grace_s: float = 5.0
+    """How long a broken server (a stub died) gets to finish in-flight requests before it is killed."""
+    max_restarts: int = 5
+    restart_window_s: float = 600.0
+    """At most ``max_restarts`` restarts within any ``restart_window_s``; past that, serve gives up."""
 
     def __post_init__(self) -> None:
         ports = (self.http_port, self.grpc_port, self.metrics_port)
@@ -353,6 +360,10 @@ class ServeSettings:
         _require(len(set(ports)) == 3, f"http, grpc and metrics ports must differ, got {ports}")
         _require(self.ready_timeout_s > 0, "ready_timeout_s must be > 0")
         _require(self.exit_timeout_s >= 1, "exit_timeout_s must be >= 1")
+        _require(self.health_interval_s > 0, "health_interval_s must be > 0")
+        _require(self.restart_grace_s >= 0, "restart_grace_s must be >= 0")
+        _require(self.max_restarts >= 0, "max_restarts must be >= 0")
+        _require(self.restart_window_s > 0, "restart_window_s must be > 0")
 
 
 @dataclass(frozen=True)

@@ -47,3 +47,16 @@ def test_tritons_queue_full_message_is_overloaded_over_both_protocols():
     message = "in ensemble 'ranker', [request id: <id_unknown>] Exceeds maximum queue size"  # as Triton 2.51 words it
     assert type(from_triton("503", message)) is Overloaded
     assert type(from_triton("StatusCode.UNAVAILABLE", message)) is Overloaded
+
+
+def test_a_dead_stub_and_a_closed_connection_are_unavailable_and_retried():
+    import http.client
+
+    from rankserve_client import Unavailable as SdkUnavailable
+    from rankserve_client.client import map_error
+
+    message = "in ensemble 'ranker', Stub process 'rank_0_0' is not healthy."  # as Triton 2.51 words it (measured)
+    assert type(from_triton("500", message)) is SdkUnavailable
+    assert type(from_triton("StatusCode.INTERNAL", message)) is SdkUnavailable
+    assert map_error(http.client.RemoteDisconnected("closed")).retryable
+    assert map_error(http.client.HTTPException("connection closed.")).retryable

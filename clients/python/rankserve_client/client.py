@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import socket
 import threading
 import time
@@ -25,6 +26,8 @@ def map_error(exc: BaseException) -> RankerError:
         return Timeout(f"no answer in time: {exc}")
     if isinstance(exc, OSError):
         return Unavailable(f"cannot reach the server: {exc}")
+    if isinstance(exc, http.client.HTTPException):  # e.g. the connection closed by a stopping server; ranking is idempotent
+        return Unavailable(f"the server closed the connection: {type(exc).__name__} {exc}")
     return RankerError(f"{type(exc).__name__}: {exc}")
 
 

@@ -55,4 +55,6 @@ def from_triton(status: object, message: str) -> RankerError:
         cls = _GRPC.get(text, ServerError)
     if "exceeds maximum queue size" in message.lower() or "rate limit" in message.lower():  # Triton: "Exceeds maximum queue size"
         cls = Overloaded
+    elif "is not healthy" in message:  # Triton: "Stub process '<instance>' is not healthy": restarted by rankserve serve
+        cls = Unavailable
     return cls(message)

@@ -65,7 +65,7 @@ export function toItems(items: ItemLike[]): { id: ItemId; text: string }[] {
 
 export function errorFromStatus(status: number, message: string): RankerError {
   if (status === 429 || /exceeds maximum queue size/i.test(message)) return new Overloaded(message);
-  if (status === 503) return new Unavailable(message);
+  if (status === 503 || /is not healthy/.test(message)) return new Unavailable(message); // a dead stub: `rankserve serve` restarts the server
   if (status === 504) return new Timeout(message);
   if (status >= 500) return new ServerError(message);
   return new BadRequest(message);

@@ -22,6 +22,29 @@ class LoadedRanker:
     source: Path
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _load_weights(auto_class, source: Path):
+    """The model with every weight from ``source``; a missing, truncated or partial checkpoint is
+    a :class:`BuildError` (Hugging Face would fill missing tensors with random values, with only
+    a warning, and the build would ship a ranker that scores at random)."""
+    try:
+        try:
+            model, info = auto_class.from_pretrained(source, attn_implementation="eager", output_loading_info=True)
+        except TypeError:  # architectures without an eager/attn switch
+            model, info = auto_class.from_pretrained(source, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad ranker directory
+        raise BuildError(f"cannot load the ranker's weights from {source}: {_first_line(exc)}") from None
+    missing = list(info.get("missing_keys", []))
+    if missing:
+        raise BuildError(f"the weights in {source} lack {len(missing)} tensors the model needs ({', '.join(missing[:3])}...): "
+                         "a partial or mismatched checkpoint; retrain or re-save the ranker")
+    return model.eval()
+
+
 def load_ranker(ranker_dir: str | Path, settings: BuildSettings) -> LoadedRanker:
     """Load any ``*ForSequenceClassification`` directory with one output logit and a fast tokenizer."""
     import torch
@@ -30,7 +53,10 @@ def load_ranker(ranker_dir: str | Path, settings: BuildSettings) -> LoadedRanker
     source = Path(ranker_dir)
     if not (source / "config.json").exists():
         raise BuildError(f"{source} is not a Hugging Face model directory (no config.json)")
-    config = AutoConfig.from_pretrained(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001 - a corrupt config.json is a bad ranker directory
+        raise BuildError(f"cannot read {source / 'config.json'}: {_first_line(exc)}") from None
     if config.num_labels != 1:
         raise BuildError(
             f"{source} has {config.num_labels} output labels; a cross-encoder ranker must have exactly one "
@@ -45,11 +71,7 @@ def load_ranker(ranker_dir: str | Path, settings: BuildSettings) -> LoadedRanker
         raise BuildError(f"cannot load a tokenizer from {source}: {exc}") from exc
     if not getattr(tokenizer, "is_fast", False) or tokenizer.pad_token_id is None:
         raise BuildError(f"{source} needs a fast tokenizer with a pad token (tokenizer.json)")
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, attn_implementation="eager")
-    except (TypeError, ValueError):  # architectures without an eager/attn switch
-        model = AutoModelForSequenceClassification.from_pretrained(source)
-    model.eval()
+    model = _load_weights(AutoModelForSequenceClassification, source)
     # Inputs both the tokenizer produces and the model's forward takes (DistilBERT, RoBERTa-style
     # rankers have no token_type_ids; the rank stage then ignores that tensor).
     produced = set(tokenizer.model_input_names)

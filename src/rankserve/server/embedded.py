@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rankserve.errors import ServeError
+from rankserve.server.processes import StubProcess, dead_stubs, remove_shm_regions, stub_processes
 from rankserve.settings import ServeSettings
 
 
@@ -134,6 +135,8 @@ class EmbeddedServer:
         self.process: subprocess.Popen | None = None
         self._tmp: Path | None = None
         self._log = None
+        self.stubs: list[StubProcess] = []
+        """The Python-backend stubs, recorded once the server is ready."""
 
     @property
     def http_url(self) -> str:
@@ -214,25 +217,40 @@ class EmbeddedServer:
                 code = None if self.process is None else self.process.returncode
                 raise self._startup_error(f"tritonserver exited (code {code}) before it was ready")
             if self.is_ready():
+                self.stubs = stub_processes(self.process.pid)
                 return self
             time.sleep(0.25)
         raise self._startup_error(f"tritonserver not ready after {self.settings.ready_timeout_s:.0f} s")
 
-    def stop(self) -> int | None:
-        """SIGTERM the server's process group, wait for the exit timeout, then SIGKILL what is left."""
+    def health_problem(self) -> str | None:
+        """Why the running server cannot serve every request (its process exited, or one of its
+        Python-backend stubs died: Triton 2.51 would keep reporting that model ready), or None."""
+        if self.process is None or self.process.poll() is not None:
+            return f"tritonserver exited (code {None if self.process is None else self.process.returncode})"
+        dead = dead_stubs(self.stubs)
+        if dead:
+            return "Python-backend stub died: " + ", ".join(f"{s.instance} (model {s.model}, pid {s.pid})" for s in dead)
+        return None
+
+    def stop(self, grace_s: float | None = None) -> int | None:
+        """SIGTERM the server's process group, give in-flight requests ``grace_s`` (default: the
+        server's exit timeout and 10 s) to finish, SIGKILL what is left, and remove any shared-memory
+        region of its stubs that a killed server left in /dev/shm."""
         code = None
         if self.process is not None:
             pgid = self.process.pid
+            regions = {s.shm_region for s in self.stubs + stub_processes(pgid)}
             if self.process.poll() is None:
                 _signal_group(pgid, signal.SIGTERM)
                 try:
-                    self.process.wait(timeout=self.settings.exit_timeout_s + 10)
+                    self.process.wait(timeout=self.settings.exit_timeout_s + 10 if grace_s is None else grace_s)
                 except subprocess.TimeoutExpired:
                     _signal_group(pgid, signal.SIGKILL)
                     self.process.wait()
             _signal_group(pgid, signal.SIGKILL)  # any stub left behind in the group
             code = self.process.returncode
             self.process = None
+            remove_shm_regions(sorted(regions))
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -1,0 +1,49 @@
+"""Reading a tritonserver's stubs from /proc, and the restart budget of ``rankserve serve``."""
+
+from pathlib import Path
+
+from rankserve.server.processes import SHM_PREFIX, alive, parse_stub_args, remove_shm_regions, stub_processes
+from rankserve.server.supervisor import RestartBudget
+
+# as ps shows a Triton 2.51 stub (measured)
+STUB_ARGS = ["/tmp/x/backends/python/triton_python_backend_stub", "/repo/rank/1/model.py",
+             f"{SHM_PREFIX}_64eb5a50-5df7", "1048576", "1048576", "2398", "/tmp/x/backends/python", "336", "rank_0_0", "DEFAULT"]
+
+
+def test_a_stub_command_line_names_model_instance_and_region():
+    stub = parse_stub_args(7, STUB_ARGS)
+    assert (stub.pid, stub.model, stub.instance, stub.shm_region) == (7, "rank", "rank_0_0", f"{SHM_PREFIX}_64eb5a50-5df7")
+    assert parse_stub_args(8, ["/usr/bin/tritonserver", "--model-repository=/repo"]) is None
+
+
+def _proc(root: Path, pid: int, state: str, pgid: int, args: list[str], comm: str = "triton_python_b") -> None:
+    d = root / str(pid)
+    d.mkdir(parents=True)
+    (d / "stat").write_text(f"{pid} ({comm}) {state} 1 {pgid} {pgid} 0 -1 4194304 0\n")
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in args) + b"\0")
+
+
+def test_stubs_of_one_process_group_and_zombies_are_dead(tmp_path):
+    _proc(tmp_path, 10, "S", 10, ["/bin/tritonserver"], comm="tritonserver")
+    _proc(tmp_path, 11, "S", 10, STUB_ARGS)
+    _proc(tmp_path, 12, "Z", 10, STUB_ARGS[:8] + ["tokenize_0_0", "DEFAULT"])
+    _proc(tmp_path, 13, "S", 99, STUB_ARGS, comm="a (weird) name")
+    (tmp_path / "self").mkdir()
+    assert [s.pid for s in stub_processes(10, tmp_path)] == [11]
+    assert alive(11, tmp_path) and not alive(12, tmp_path) and not alive(14, tmp_path)
+    assert [s.pid for s in stub_processes(99, tmp_path)] == [13]  # a command name with spaces and parentheses
+
+
+def test_only_named_triton_regions_are_removed(tmp_path):
+    (tmp_path / f"{SHM_PREFIX}_a").write_bytes(b"x")
+    (tmp_path / "other").write_bytes(b"x")
+    assert remove_shm_regions([f"{SHM_PREFIX}_a", f"{SHM_PREFIX}_gone", "other", f"{SHM_PREFIX}/../x"], tmp_path) == [f"{SHM_PREFIX}_a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+
+
+def test_restart_budget_is_a_sliding_window():
+    budget = RestartBudget(max_restarts=2, window_s=60)
+    assert budget.allow(0) and budget.allow(10)
+    assert not budget.allow(20)  # a third within 60 s
+    assert budget.allow(61)  # the first left the window
+    assert not RestartBudget(0, 60).allow(0)
