@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS := build,serve,client,loadtest,bench,dev
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast build serve report ts loadtest loadtest-half gpu-check bench clean
+.PHONY: venv demo test test-fast build serve report ts loadtest loadtest-half soak gpu-check bench clean
 
 # (Re)create the venv and install the package with its extras whenever pyproject.toml changes.
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -52,6 +52,15 @@ loadtest-half: venv
 	$(BIN)/rankserve loadtest --saturation-fraction 0.5 --slo-max-tail-ratio 2.5 --users $(USERS) \
 		--spawn-rate $(SPAWN_RATE) --duration $(DURATION) --protocol $(PROTOCOL) --model $(MODEL) \
 		$(if $(HOST),--host $(HOST)) --out reports/loadtest/half
+
+# Soak: 10 minutes of Poisson arrivals at 70% of saturation against the embedded server; fails on
+# any failed request, p95 drifting more than 20% first -> last minute, or server RSS or /dev/shm
+# growing more than 5%. Reports (timeline.png, per-minute table) in reports/soak.
+SOAK_DURATION ?= 600
+soak: venv
+	$(BIN)/rankserve loadtest --saturation-fraction 0.7 --users $(USERS) --spawn-rate $(SPAWN_RATE) \
+		--duration $(SOAK_DURATION) --window 60 --slo-max-p95-drift 0.2 --slo-max-rss-growth 0.05 \
+		--slo-max-shm-growth 0.05 --protocol $(PROTOCOL) --model $(MODEL) --out reports/soak
 
 # On a GPU host (NVIDIA driver + Container Toolkit, TRITON_ADMIN_KEY exported, `make build` done):
 # engines built in the TensorRT container, served by Triton, checked against the CPU ranker.

@@ -3,6 +3,12 @@ and the real embedded tritonserver serving it on free loopback ports."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +16,7 @@ import pytest
 
 from rankserve.data.catalog import Dataset, generate
 from rankserve.data.wands import load_queries
-from rankserve.server import embedded
+from rankserve.server import embedded, processes
 from rankserve.settings import PRESETS, DataSettings, ServeSettings
 
 TINY = PRESETS["tiny"]
@@ -115,3 +121,52 @@ def variants_server(tiny_variants_repo, tmp_path_factory):
     log = tmp_path_factory.mktemp("triton_variants") / "tritonserver.log"
     with EmbeddedServer(tiny_variants_repo, free_serve_settings(), log) as srv:
         yield srv
+
+
+class Serve:
+    """``rankserve serve`` in a subprocess, its output collected line by line."""
+
+    def __init__(self, repo: Path, *extra: str) -> None:
+        self.settings = free_serve_settings()
+        s = self.settings
+        self.shm_before = set(os.listdir("/dev/shm"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rankserve", "serve", "--model-repository", str(repo), "--http-port", str(s.http_port),
+             "--grpc-port", str(s.grpc_port), "--metrics-port", str(s.metrics_port), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+        self.url = f"http://127.0.0.1:{s.http_port}"
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 120, count: int = 1) -> float:
+        started = time.monotonic()
+        while self.output.count(text) < count:
+            assert self.proc.poll() is None or text in self.output, self.output
+            assert time.monotonic() - started < timeout, f"no {text!r} after {timeout} s:\n{self.output}"
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def server_pid(self) -> int:
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                    return int(pid)
+            except (OSError, ValueError):
+                continue
+        raise AssertionError("no tritonserver child")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+    def leftover_shm(self) -> set[str]:
+        return {n for n in set(os.listdir("/dev/shm")) - self.shm_before if n.startswith(processes.SHM_PREFIX)}

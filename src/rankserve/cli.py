@@ -133,13 +133,15 @@ def _loadtest(args) -> None:
     settings = LoadTestSettings(users=args.users, spawn_rate=args.spawn_rate, duration_s=args.duration, protocol=args.protocol,
                                 model=args.model, candidates_mean=args.candidates_mean, candidates_sigma=args.candidates_sigma,
                                 rate_per_s=args.rate, slo_p95_ms=args.slo_p95_ms, slo_max_failure_ratio=args.slo_max_failure_ratio,
-                                slo_max_tail_ratio=args.slo_max_tail_ratio)
+                                slo_max_tail_ratio=args.slo_max_tail_ratio, retries=args.retries, retry_backoff_s=args.retry_backoff,
+                                window_s=args.window, slo_max_p95_drift=args.slo_max_p95_drift,
+                                slo_max_rss_growth=args.slo_max_rss_growth, slo_max_shm_growth=args.slo_max_shm_growth)
     if args.saturation_fraction is not None and not 0 < args.saturation_fraction <= 1:
         raise RankserveError("--saturation-fraction must be in (0, 1]")
     summary = run(settings, Path(args.out), args.host, Path(args.model_repository), args.metrics_url,
                   fraction=args.saturation_fraction)
     print(format_summary(summary))
-    print(f"reports: {args.out}/summary.json, {args.out}/report.html, {args.out}/locust_stats.csv")
+    print(f"reports: {args.out}/summary.json, {args.out}/report.html, {args.out}/timeline.png, {args.out}/locust_stats.csv")
     if not summary["slo"]["passed"]:
         raise RankserveError("SLO broken: " + "; ".join(summary["slo"]["violations"]))
 
@@ -263,6 +265,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--slo-p95-ms", type=float, default=d.slo_p95_ms)
     s.add_argument("--slo-max-failure-ratio", type=float, default=d.slo_max_failure_ratio)
     s.add_argument("--slo-max-tail-ratio", type=float, default=d.slo_max_tail_ratio, help="p99/p50 ceiling (0: not checked)")
+    s.add_argument("--retries", type=int, default=d.retries, help="SDK retries per request (0: failures count at once)")
+    s.add_argument("--retry-backoff", type=float, default=d.retry_backoff_s, help="SDK backoff base, seconds")
+    s.add_argument("--window", type=int, default=d.window_s, help="seconds per window of the timeline (latency, failures)")
+    s.add_argument("--slo-max-p95-drift", type=float, default=d.slo_max_p95_drift,
+                   help="most relative p95 change, first to last full window (0: not checked)")
+    s.add_argument("--slo-max-rss-growth", type=float, default=d.slo_max_rss_growth,
+                   help="most relative growth of the embedded server's RSS, first to last window (0: not checked)")
+    s.add_argument("--slo-max-shm-growth", type=float, default=d.slo_max_shm_growth,
+                   help="the same for the Python backend's /dev/shm (0: not checked)")
     s.add_argument("--out", default="reports/loadtest")
     s.set_defaults(func=_loadtest)
 

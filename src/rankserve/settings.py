@@ -388,6 +388,17 @@ class LoadTestSettings:
     slo_max_failure_ratio: float = 0.0
     slo_max_tail_ratio: float = 0.0
     """p99 / p50 ceiling (0: not checked); checked at a paced load, where queueing should stay short."""
+    retries: int = 0
+    """SDK retries per request (0: a server that is down counts as failures at once)."""
+    retry_backoff_s: float = 0.2
+    window_s: int = 60
+    """Length of the windows the per-request timeline is cut into (latency and failures per window)."""
+    slo_max_p95_drift: float = 0.0
+    """Most relative change of p95 between the first and the last full window (0: not checked)."""
+    slo_max_rss_growth: float = 0.0
+    """Most relative growth of the server's resident memory from the first to the last window (0: not checked)."""
+    slo_max_shm_growth: float = 0.0
+    """The same for its Python-backend shared memory in /dev/shm (0: not checked)."""
 
     @property
     def rate_per_user(self) -> float:
@@ -400,6 +411,8 @@ class LoadTestSettings:
         _require(self.protocol in ("http", "grpc"), f"protocol must be http or grpc, got {self.protocol!r}")
         _require(1 <= self.candidates_mean <= self.candidates_max, "candidates_mean must be in [1, candidates_max]")
         _require(self.slo_p95_ms > 0 and 0 <= self.slo_max_failure_ratio <= 1, "SLOs: p95 > 0, failure ratio in [0, 1]")
+        _require(self.retries >= 0 and self.retry_backoff_s >= 0 and self.window_s >= 1, "retries, retry_backoff_s >= 0, window_s >= 1")
+        _require(min(self.slo_max_p95_drift, self.slo_max_rss_growth, self.slo_max_shm_growth) >= 0, "drift and growth SLOs must be >= 0")
 
 
 PRESETS: dict[str, BuildSettings] = {

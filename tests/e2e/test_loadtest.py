@@ -55,3 +55,42 @@ def test_paced_run_at_half_of_saturation_reports_both_runs_and_the_tail(server, 
     assert summary["failures"] == 0 and summary["slo"]["passed"] and summary["slo"]["max_tail_ratio"] == 1000
     assert (tmp_path / "saturation" / "summary.json").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["saturation"]["requests_per_s"] == saturated
+
+
+def test_a_server_restart_during_a_run_is_ridden_over_by_sdk_retries_and_reported(tiny_repo, tmp_path):
+    """``rankserve serve`` restarts a tritonserver killed mid-run; Locust users with SDK retries see
+    no failure, and the summary reports the window in which requests needed retries."""
+    import os
+    import shutil
+    import signal
+    import threading
+    import time
+
+    from conftest import Serve
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    serve = Serve(repo, "--health-interval", "0.2")
+    try:
+        serve.wait_for("SIGTERM stops it")
+        settings = LoadTestSettings(users=3, spawn_rate=3, duration_s=16, candidates_mean=20, retries=12,
+                                    retry_backoff_s=0.2, window_s=4)
+        result: dict = {}
+        runner = threading.Thread(target=lambda: result.update(run_locust(serve.url, settings, tmp_path / "run")))
+        started = time.time()
+        runner.start()
+        time.sleep(6)
+        killed = time.time()
+        os.kill(serve.server_pid(), signal.SIGKILL)
+        serve.wait_for("ready again", timeout=60)
+        runner.join(timeout=120)
+    finally:
+        serve.stop()
+    assert "tritonserver exited (code -9): restarting tritonserver" in serve.output
+    window = result["error_window"]
+    assert result["failures"] == 0 and result["slo"]["passed"]  # every request got through
+    assert window["retried"] > 0 and window["failed"] == 0
+    assert killed - started - 1 < window["first_s"] < window["last_s"] < window["first_s"] + 20  # the restart, bounded
+    assert len(result["windows"]) == 4 and all(w["requests"] > 0 and w["failures"] == 0 for w in result["windows"])
+    assert (tmp_path / "run" / "timeline.png").stat().st_size > 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["error_window"] == window

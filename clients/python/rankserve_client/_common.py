@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Sequence, Tuple, Union
 
 import numpy as np
 
-from rankserve_client.errors import ApiMismatch, BadRequest
+from rankserve_client.errors import ApiMismatch, BadRequest, RankerError
+
+RetryHook = Callable[[RankerError, int, float], None]
+"""``on_retry(error, attempt, delay_s)``: attempt 1 is the first retry."""
 
 DEFAULT_MODEL = "ranker"
 DEFAULT_CHUNK = 1000  # the server's default TokenizeSettings.max_candidates

@@ -20,10 +20,12 @@ class AsyncRankerClient:
     """
 
     def __init__(self, url: str, protocol: Optional[str] = None, *, model: str = c.DEFAULT_MODEL, timeout: float = 10.0,
-                 retries: int = 3, backoff: float = 0.1, chunk_size: int = c.DEFAULT_CHUNK, check_api: bool = True) -> None:
+                 retries: int = 3, backoff: float = 0.1, chunk_size: int = c.DEFAULT_CHUNK, check_api: bool = True,
+                 on_retry: Optional[c.RetryHook] = None) -> None:
         self.protocol, self.address = c.parse_url(url, protocol)
         self.model, self.timeout, self.retries, self.backoff, self.chunk_size = model, timeout, retries, backoff, chunk_size
         self.check_api_on_connect = check_api
+        self.on_retry = on_retry
         if self.protocol == "grpc":
             import tritonclient.grpc as tc
             import tritonclient.grpc.aio as aio
@@ -53,7 +55,10 @@ class AsyncRankerClient:
                 error = map_error(exc)
                 if not error.retryable or not delays:
                     raise error from None
-                await asyncio.sleep(delays.pop(0))
+                delay = delays.pop(0)
+                if self.on_retry is not None:
+                    self.on_retry(error, self.retries - len(delays), delay)
+                await asyncio.sleep(delay)
 
     async def is_ready(self, model: Optional[str] = None) -> bool:
         try:

@@ -26,7 +26,7 @@ def map_error(exc: BaseException) -> RankerError:
         return Timeout(f"no answer in time: {exc}")
     if isinstance(exc, OSError):
         return Unavailable(f"cannot reach the server: {exc}")
-    if isinstance(exc, http.client.HTTPException):  # e.g. the connection closed by a stopping server; ranking is idempotent
+    if isinstance(exc, http.client.HTTPException) or any(k.__name__ == "ClientConnectionError" for k in type(exc).__mro__):  # e.g. the connection closed by a stopping server; ranking is idempotent
         return Unavailable(f"the server closed the connection: {type(exc).__name__} {exc}")
     return RankerError(f"{type(exc).__name__}: {exc}")
 
@@ -42,13 +42,16 @@ class RankerClient:
     """
 
     def __init__(self, url: str, protocol: Optional[str] = None, *, model: str = c.DEFAULT_MODEL, timeout: float = 10.0,
-                 retries: int = 3, backoff: float = 0.1, chunk_size: int = c.DEFAULT_CHUNK, check_api: bool = True) -> None:
+                 retries: int = 3, backoff: float = 0.1, chunk_size: int = c.DEFAULT_CHUNK, check_api: bool = True,
+                 on_retry: Optional[c.RetryHook] = None) -> None:
         """``url``: ``http://host:8000``, ``grpc://host:8001`` or ``host:port`` with ``protocol``.
         ``timeout``: seconds per call; ``retries``: extra attempts when the server is unavailable or
         overloaded (exponential backoff from ``backoff`` s); ``chunk_size``: most candidates per request;
-        ``check_api``: fetch the model's metadata now and raise :class:`ApiMismatch` if it is not a ranker."""
+        ``check_api``: fetch the model's metadata now and raise :class:`ApiMismatch` if it is not a ranker;
+        ``on_retry(error, attempt, delay_s)``: called before each retry (to count or log them)."""
         self.protocol, self.address = c.parse_url(url, protocol)
         self.model, self.timeout, self.retries, self.backoff, self.chunk_size = model, timeout, retries, backoff, chunk_size
+        self.on_retry = on_retry
         if self.protocol == "grpc":
             import tritonclient.grpc as tc
         else:
@@ -87,7 +90,10 @@ class RankerClient:
                 error = map_error(exc)
                 if not error.retryable or not delays:
                     raise error from None
-                time.sleep(delays.pop(0))
+                delay = delays.pop(0)
+                if self.on_retry is not None:
+                    self.on_retry(error, self.retries - len(delays), delay)
+                time.sleep(delay)
 
     # -- API -----------------------------------------------------------------------------------
     def is_live(self) -> bool:

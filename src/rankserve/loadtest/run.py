@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from rankserve.loadtest.timeline import ResourceSampler, drift, error_window, read_timeline, resource_growth, windows
 from rankserve.loadtest.workload import draw_sizes
 from rankserve.settings import LoadTestSettings
 
@@ -63,9 +67,16 @@ def summarize(stats_csv: Path, settings: LoadTestSettings, steps: dict) -> dict:
         "p99_over_p50": float(row["99%"]) / float(row["50%"]) if float(row["50%"]) > 0 else float("nan"),
         "settings": {"users": settings.users, "spawn_rate": settings.spawn_rate, "duration_s": settings.duration_s,
                      "protocol": settings.protocol, "model": settings.model, "candidates_mean": settings.candidates_mean,
-                     "candidates_sigma": settings.candidates_sigma, "rate_per_s": settings.rate_per_s},
+                     "candidates_sigma": settings.candidates_sigma, "rate_per_s": settings.rate_per_s,
+                     "retries": settings.retries, "window_s": settings.window_s},
         "triton_steps": steps,
     }
+    return verdict(summary, settings)
+
+
+def verdict(summary: dict, settings: LoadTestSettings) -> dict:
+    """``summary["slo"]``: every SLO of ``settings`` checked against the summary's figures."""
+    requests, failures = summary["requests"], summary["failures"]
     ratio = failures / requests if requests else 1.0
     violations = []
     if requests == 0:
@@ -76,28 +87,101 @@ def summarize(stats_csv: Path, settings: LoadTestSettings, steps: dict) -> dict:
         violations.append(f"p95 {summary['p95_ms']:.0f} ms > {settings.slo_p95_ms:.0f} ms")
     if settings.slo_max_tail_ratio and not summary["p99_over_p50"] <= settings.slo_max_tail_ratio:
         violations.append(f"p99/p50 {summary['p99_over_p50']:.2f} > {settings.slo_max_tail_ratio}")
+    if settings.slo_max_p95_drift:
+        d = summary.get("p95_drift")
+        if d is None or not abs(d) <= settings.slo_max_p95_drift:
+            violations.append(f"p95 drift first -> last window {d if d is None else f'{d:+.1%}'} beyond ±{settings.slo_max_p95_drift:.0%}")
+    for key, limit in (("rss_growth", settings.slo_max_rss_growth), ("shm_growth", settings.slo_max_shm_growth)):
+        if limit:
+            g = (summary.get("resources") or {}).get(key)
+            if g is None or not g <= limit:
+                violations.append(f"server {key.replace('_', ' ')} {g if g is None else f'{g:+.1%}'} > {limit:.0%}")
     summary["slo"] = {"p95_ms": settings.slo_p95_ms, "max_failure_ratio": settings.slo_max_failure_ratio,
-                      "max_tail_ratio": settings.slo_max_tail_ratio, "passed": not violations, "violations": violations}
+                      "max_tail_ratio": settings.slo_max_tail_ratio, "max_p95_drift": settings.slo_max_p95_drift,
+                      "max_rss_growth": settings.slo_max_rss_growth, "max_shm_growth": settings.slo_max_shm_growth,
+                      "passed": not violations, "violations": violations}
     return summary
 
 
-def run_locust(host: str, settings: LoadTestSettings, out: Path, metrics_url: str | None = None) -> dict:
+def add_timeline(summary: dict, settings: LoadTestSettings, timeline_dir: Path, origin: float,
+                 samples: list | None = None) -> dict:
+    """The timeline's figures (error window, per-window latency, p95 drift, server memory growth)
+    added to ``summary``, and the verdict taken again with them."""
+    t = read_timeline(timeline_dir)
+    if t["start"].size:
+        summary["error_window"] = error_window(t, origin)
+        summary["windows"] = windows(t, origin, settings.window_s, settings.duration_s)
+        full = [w for w in summary["windows"] if w["requests"]]
+        summary["p95_drift"] = drift(full[0]["p95_ms"], full[-1]["p95_ms"]) if len(full) >= 2 else None
+    if samples:
+        summary["resources"] = resource_growth(samples, origin, settings.window_s, settings.duration_s)
+        if summary["resources"] is not None:
+            summary["resources"]["series"] = [[round(t - origin, 1), round(rss / 2**20, 1), round(shm / 2**20, 2)] for t, rss, shm in samples]
+    return verdict(summary, settings)
+
+
+def plot_timeline(summary: dict, path: Path) -> None:
+    """Latency and failures per window, and the server's memory over the run, as a PNG."""
+    if not summary.get("windows"):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = (summary.get("resources") or {}).get("series")
+    fig, axes = plt.subplots(2 if series else 1, 1, figsize=(9, 6 if series else 3.5), squeeze=False)
+    ax = axes[0][0]
+    w = summary["windows"]
+    x = [v["from_s"] for v in w]
+    ax.plot(x, [v["p50_ms"] for v in w], "o-", label="p50")
+    ax.plot(x, [v["p95_ms"] for v in w], "s-", label="p95")
+    ax.set_ylabel("latency, ms (successful requests)")
+    ax.set_xlabel(f"window start, s ({summary['settings']['window_s']} s windows)")
+    failures = [v["failures"] for v in w]
+    if any(failures):
+        ax.bar(x, failures, width=0.6 * summary["settings"]["window_s"], alpha=0.3, color="red", label="failures")
+    ax.legend()
+    ax.set_title(f"{summary['requests']} requests, {summary['failures']} failed, {summary['requests_per_s']:.1f} req/s")
+    if series:
+        ax = axes[1][0]
+        ax.plot([r[0] for r in series], [r[1] for r in series], label="server RSS (all processes), MiB")
+        ax.plot([r[0] for r in series], [r[2] for r in series], label="/dev/shm, MiB")
+        ax.set_xlabel("s since start")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_locust(host: str, settings: LoadTestSettings, out: Path, metrics_url: str | None = None,
+               server_pgid: int | None = None) -> dict:
+    """One headless Locust run; with ``server_pgid`` (a server on this host), its memory is sampled."""
     out.mkdir(parents=True, exist_ok=True)
+    timeline_dir = out / "timeline"
+    shutil.rmtree(timeline_dir, ignore_errors=True)
     user = "RankerHttpUser" if settings.protocol == "http" else "RankerGrpcUser"
     env = {**os.environ, "RANKSERVE_LOADTEST_MODEL": settings.model,
            "RANKSERVE_LOADTEST_CANDIDATES_MEAN": str(settings.candidates_mean),
            "RANKSERVE_LOADTEST_CANDIDATES_MAX": str(settings.candidates_max),
            "RANKSERVE_LOADTEST_CANDIDATES_SIGMA": str(settings.candidates_sigma),
-           "RANKSERVE_LOADTEST_RATE_PER_USER": str(settings.rate_per_user)}
+           "RANKSERVE_LOADTEST_RATE_PER_USER": str(settings.rate_per_user),
+           "RANKSERVE_LOADTEST_RETRIES": str(settings.retries), "RANKSERVE_LOADTEST_RETRY_BACKOFF": str(settings.retry_backoff_s),
+           "RANKSERVE_LOADTEST_TIMELINE": str(timeline_dir)}
     before = scrape(metrics_url)
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), user, "--headless", "--host", host,
            "-u", str(settings.users), "-r", str(settings.spawn_rate), "-t", f"{settings.duration_s}s",
            "--csv", str(out / "locust"), "--html", str(out / "report.html"), "--only-summary", "--stop-timeout", "10"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=settings.duration_s + 120)
+    origin = time.time()
+    with contextlib.ExitStack() as stack:
+        sampler = stack.enter_context(ResourceSampler(server_pgid)) if server_pgid else None
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=settings.duration_s + 120)
     (out / "locust.log").write_text(proc.stdout + proc.stderr)
     if not (out / "locust_stats.csv").exists():
         raise RuntimeError(f"locust produced no statistics:\n{proc.stderr[-2000:]}")
     summary = summarize(out / "locust_stats.csv", settings, per_step(before, scrape(metrics_url)))
+    summary = add_timeline(summary, settings, timeline_dir, origin, sampler.samples if sampler else None)
+    plot_timeline(summary, out / "timeline.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -126,15 +210,17 @@ def ideal_tail_ratio(rate_per_s: float, pairs_per_s: float, sizes: np.ndarray, s
 
 
 def run_locust_at_fraction(host: str, settings: LoadTestSettings, out: Path, fraction: float,
-                           metrics_url: str | None = None, log=print) -> dict:
-    """Find saturation with a closed-loop run (``out/saturation``), then run paced at ``fraction``
-    of its request rate; the paced run's summary (with the saturation run inside) is the result."""
-    saturated = run_locust(host, replace(settings, rate_per_s=0.0, slo_max_tail_ratio=0.0), out / "saturation", metrics_url)
+                           metrics_url: str | None = None, log=print, server_pgid: int | None = None) -> dict:
+    """Find saturation with a closed-loop run (``out/saturation``, at most 60 s), then run paced at
+    ``fraction`` of its request rate; the paced run's summary (with the saturation run inside) is the result."""
+    closed = replace(settings, rate_per_s=0.0, slo_max_tail_ratio=0.0, duration_s=min(settings.duration_s, 60),
+                     slo_max_p95_drift=0.0, slo_max_rss_growth=0.0, slo_max_shm_growth=0.0)
+    saturated = run_locust(host, closed, out / "saturation", metrics_url)
     log(f"saturation: {saturated['requests_per_s']:.2f} req/s, {saturated['pairs_per_s']:.0f} pairs/s, "
         f"p50 {saturated['p50_ms']:.0f} ms, p99 {saturated['p99_ms']:.0f} ms with {settings.users} closed-loop users")
     at = paced(saturated, settings, fraction)
     log(f"paced run: {at.rate_per_s:.2f} req/s ({fraction:.0%} of saturation) from {at.users} users")
-    summary = run_locust(host, at, out, metrics_url)
+    summary = run_locust(host, at, out, metrics_url, server_pgid)
     summary["saturation"] = {k: saturated[k] for k in ("requests_per_s", "pairs_per_s", "p50_ms", "p95_ms", "p99_ms", "requests", "failures")}
     summary["load_fraction"] = fraction
     sizes = draw_sizes(at, np.random.default_rng(settings.seed), 200_000)
@@ -147,10 +233,10 @@ def run(settings: LoadTestSettings, out: Path, host: str | None = None, repo: Pa
         metrics_url: str | None = None, log=print, fraction: float | None = None) -> dict:
     """Run against ``host``, or start the embedded server on ``repo`` for the duration of the run;
     with ``fraction``, a saturation run first and then a run paced at that fraction of it."""
-    def go(url: str, metrics: str | None) -> dict:
+    def go(url: str, metrics: str | None, pgid: int | None = None) -> dict:
         if fraction is None:
-            return run_locust(url, settings, out, metrics)
-        return run_locust_at_fraction(url, settings, out, fraction, metrics, log)
+            return run_locust(url, settings, out, metrics, pgid)
+        return run_locust_at_fraction(url, settings, out, fraction, metrics, log, pgid)
 
     if host:
         return go(host, metrics_url)
@@ -160,7 +246,7 @@ def run(settings: LoadTestSettings, out: Path, host: str | None = None, repo: Pa
     with EmbeddedServer(repo or Path("model_repository"), serve_settings()) as server:
         url = f"http://{server.http_url}" if settings.protocol == "http" else f"grpc://{server.grpc_url}"
         log(f"embedded tritonserver on {url}; {settings.users} users for {settings.duration_s} s")
-        return go(url, server.metrics_url)
+        return go(url, server.metrics_url, server.process.pid)
 
 
 def format_summary(s: dict) -> str:
@@ -172,9 +258,33 @@ def format_summary(s: dict) -> str:
         lines.insert(0, f"Poisson arrivals at {s['load_fraction']:.0%} of saturation ({sat['requests_per_s']:.2f} req/s, "
                         f"{sat['pairs_per_s']:.0f} pairs/s, p50 {sat['p50_ms']:.0f} / p99 {sat['p99_ms']:.0f} ms closed loop)")
         lines.insert(3, f"  an ideal single FIFO server at this load and list-size mix: p99/p50 {s['ideal_fifo_p99_over_p50']:.2f}")
+    e = s.get("error_window")
+    if e and e["first_s"] is not None:
+        lines.append(f"error window: {e['first_s']:.1f} s to {e['last_s']:.1f} s into the run ({e['span_s']:.1f} s): "
+                     f"{e['failed']} failed, {e['retried']} needed SDK retries ({e['retries']} retries)")
+    elif e:
+        lines.append("error window: none (no request failed or needed a retry)")
+    if s.get("windows") and len(s["windows"]) > 1:
+        lines.append("  window   requests  failures   p50 ms   p95 ms")
+        for w in s["windows"]:
+            lines.append(f"  {w['from_s']:>5} s  {w['requests']:>8}  {w['failures']:>8}  {w['p50_ms']:7.0f}  {w['p95_ms']:7.0f}")
+        if s.get("p95_drift") is not None:
+            lines.append(f"  p95 first -> last window: {s['p95_drift']:+.1%}")
+    r = s.get("resources")
+    if r:
+        lines.append(f"server memory (median of first -> last window): RSS {r['rss_first_mb']:.0f} -> {r['rss_last_mb']:.0f} MiB "
+                     f"({r['rss_growth']:+.1%}), /dev/shm {r['shm_first_mb']:.1f} -> {r['shm_last_mb']:.1f} MiB ({r['shm_growth']:+.1%})")
     for model, m in sorted(s["triton_steps"].items()):
         lines.append(f"  {model:<22} queue {m['queue_ms']:7.2f} ms  compute {m['compute_ms']:7.2f} ms  ({m['requests']:.0f} requests)")
-    verdict = "PASS" if s["slo"]["passed"] else "FAIL: " + "; ".join(s["slo"]["violations"])
-    tail = f", p99/p50 <= {s['slo']['max_tail_ratio']}" if s["slo"].get("max_tail_ratio") else ""
-    lines.append(f"SLO (p95 <= {s['slo']['p95_ms']:.0f} ms, failure ratio <= {s['slo']['max_failure_ratio']}{tail}): {verdict}")
+    slo = s["slo"]
+    outcome = "PASS" if slo["passed"] else "FAIL: " + "; ".join(slo["violations"])
+    checks = [f"p95 <= {slo['p95_ms']:.0f} ms", f"failure ratio <= {slo['max_failure_ratio']}"]
+    if slo.get("max_tail_ratio"):
+        checks.append(f"p99/p50 <= {slo['max_tail_ratio']}")
+    if slo.get("max_p95_drift"):
+        checks.append(f"p95 drift within ±{slo['max_p95_drift']:.0%}")
+    for key, what in (("max_rss_growth", "RSS"), ("max_shm_growth", "/dev/shm")):
+        if slo.get(key):
+            checks.append(f"{what} growth <= {slo[key]:.0%}")
+    lines.append(f"SLO ({', '.join(checks)}): {outcome}")
     return "\n".join(lines)

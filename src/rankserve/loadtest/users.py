@@ -13,6 +13,7 @@ import time
 
 from locust import User, between, events, task
 
+from rankserve.loadtest.timeline import TimelineWriter
 from rankserve.loadtest.workload import Workload, check_response
 from rankserve.settings import LoadTestSettings
 
@@ -28,7 +29,20 @@ def _settings() -> LoadTestSettings:
         candidates_mean=float(env.get("RANKSERVE_LOADTEST_CANDIDATES_MEAN", d.candidates_mean)),
         candidates_max=int(env.get("RANKSERVE_LOADTEST_CANDIDATES_MAX", d.candidates_max)),
         candidates_sigma=float(env.get("RANKSERVE_LOADTEST_CANDIDATES_SIGMA", d.candidates_sigma)),
+        retries=int(env.get("RANKSERVE_LOADTEST_RETRIES", d.retries)),
+        retry_backoff_s=float(env.get("RANKSERVE_LOADTEST_RETRY_BACKOFF", d.retry_backoff_s)),
     )
+
+
+_timeline: TimelineWriter | None = None
+
+
+def timeline() -> TimelineWriter | None:
+    """The per-request timeline of this Locust process, when ``RANKSERVE_LOADTEST_TIMELINE`` names a folder."""
+    global _timeline
+    if _timeline is None and os.environ.get("RANKSERVE_LOADTEST_TIMELINE"):
+        _timeline = TimelineWriter(os.environ["RANKSERVE_LOADTEST_TIMELINE"])
+    return _timeline
 
 
 def poisson_throughput(rate: float):
@@ -69,8 +83,14 @@ class _RankerUser(User):
         from rankserve_client import RankerClient
 
         host = self.host or ("http://127.0.0.1:8000" if self.protocol == "http" else "grpc://127.0.0.1:8001")
-        self.model = _settings().model
-        self.client = RankerClient(host, self.protocol if "://" not in host else None, model=self.model, retries=0, timeout=30)
+        settings = _settings()
+        self.model = settings.model
+        self.retries = 0
+        self.client = RankerClient(host, self.protocol if "://" not in host else None, model=self.model, timeout=30,
+                                   retries=settings.retries, backoff=settings.retry_backoff_s, on_retry=self._count_retry)
+
+    def _count_retry(self, error, attempt, delay) -> None:
+        self.retries += 1
 
     def on_stop(self) -> None:
         self.client.close()
@@ -78,14 +98,19 @@ class _RankerUser(User):
     @task
     def rank(self) -> None:
         query, texts = workload().next_request()
-        start = time.perf_counter()
+        wall, start = time.time(), time.perf_counter()
         exception = None
+        self.retries = 0
         try:
             check_response(texts, self.client.rank(query, texts))
         except Exception as exc:  # noqa: BLE001 - reported to Locust as a failure
             exception = exc
-        events.request.fire(request_type=self.protocol, name=self.model, response_time=1000 * (time.perf_counter() - start),
-                            response_length=len(texts), exception=exception, context={})
+        latency_ms = 1000 * (time.perf_counter() - start)
+        events.request.fire(request_type=self.protocol, name=self.model, response_time=latency_ms,
+                            response_length=len(texts), exception=exception, context={"retries": self.retries})
+        if timeline() is not None:
+            timeline().write(wall, latency_ms, exception is None, self.retries, len(texts),
+                             "" if exception is None else f"{type(exception).__name__}: {exception}")
 
 
 class RankerHttpUser(_RankerUser):

@@ -1,0 +1,161 @@
+"""The per-request timeline of a load run, and what it shows over time.
+
+Each Locust process appends one CSV row per request (start time, latency, outcome, SDK retries)
+to ``timeline-<pid>.csv``; Locust's own statistics are aggregates over the whole run, which cannot
+show an error window (when a restart hurt clients) or drift (whether the last minute of a soak is
+slower than the first). The server's memory is sampled next to it (:class:`ResourceSampler`).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+FIELDS = ("start", "latency_ms", "ok", "retries", "candidates", "error")
+
+
+class TimelineWriter:
+    """Appends rows to ``directory/timeline-<pid>.csv``, one line per request, flushed as written."""
+
+    def __init__(self, directory: str | Path) -> None:
+        path = Path(directory) / f"timeline-{os.getpid()}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", newline="", buffering=1)
+        self._csv = csv.writer(self._file)
+        if path.stat().st_size == 0:
+            self._csv.writerow(FIELDS)
+
+    def write(self, start: float, latency_ms: float, ok: bool, retries: int, candidates: int, error: str = "") -> None:
+        self._csv.writerow((f"{start:.3f}", f"{latency_ms:.1f}", int(ok), retries, candidates, error[:200]))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_timeline(directory: str | Path) -> dict[str, np.ndarray]:
+    """All rows of every ``timeline-*.csv`` in ``directory``, as columns sorted by start time."""
+    rows = []
+    for path in sorted(Path(directory).glob("timeline-*.csv")):
+        with path.open(newline="") as f:
+            rows.extend(csv.DictReader(f))
+    rows.sort(key=lambda r: float(r["start"]))
+    return {
+        "start": np.array([float(r["start"]) for r in rows]),
+        "latency_ms": np.array([float(r["latency_ms"]) for r in rows]),
+        "ok": np.array([r["ok"] == "1" for r in rows], dtype=bool),
+        "retries": np.array([int(r["retries"]) for r in rows], dtype=int),
+        "error": np.array([r["error"] for r in rows], dtype=object),
+    }
+
+
+def error_window(t: dict[str, np.ndarray], origin: float) -> dict:
+    """When requests failed or needed retries: first and last such request (seconds from
+    ``origin``, the run's start), counts, and the span between them."""
+    hurt = ~t["ok"] | (t["retries"] > 0)
+    out = {"failed": int((~t["ok"]).sum()), "retried": int((t["retries"] > 0).sum()), "retries": int(t["retries"].sum())}
+    if not hurt.any():
+        return {**out, "first_s": None, "last_s": None, "span_s": 0.0}
+    starts = t["start"][hurt]
+    ends = starts + t["latency_ms"][hurt] / 1000
+    return {**out, "first_s": float(starts.min() - origin), "last_s": float(ends.max() - origin),
+            "span_s": float(ends.max() - starts.min())}
+
+
+def windows(t: dict[str, np.ndarray], origin: float, window_s: float, duration_s: float) -> list[dict]:
+    """Requests started in each full window of ``window_s`` from ``origin``: count, failures,
+    p50/p95 latency of those that succeeded (a partial last window is left out)."""
+    out = []
+    for k in range(int(duration_s // window_s)):
+        lo, hi = origin + k * window_s, origin + (k + 1) * window_s
+        inside = (t["start"] >= lo) & (t["start"] < hi)
+        ok = t["latency_ms"][inside & t["ok"]]
+        p50, p95 = (np.percentile(ok, [50, 95]) if ok.size else (float("nan"), float("nan")))
+        out.append({"window": k, "from_s": k * window_s, "requests": int(inside.sum()),
+                    "failures": int((inside & ~t["ok"]).sum()), "p50_ms": float(p50), "p95_ms": float(p95)})
+    return out
+
+
+def drift(first: float, last: float) -> float:
+    """Relative change from ``first`` to ``last`` (0.1: 10% higher)."""
+    return float(last / first - 1) if first > 0 else float("nan")
+
+
+# -- the server's memory -----------------------------------------------------------------------
+
+def rss_bytes(pgid: int, proc: Path = Path("/proc")) -> int:
+    """Resident memory of every process in group ``pgid`` (the server and its stubs), summed."""
+    total = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat[stat.rindex(")") + 2:].split()[2]) != pgid:
+                continue
+            status = (entry / "status").read_text()
+        except (OSError, ValueError):
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def shm_bytes(prefix: str = "triton_python_backend_shm_region", shm: Path = Path("/dev/shm")) -> int:
+    """Bytes held by the Python backend's shared-memory regions (all servers on this host)."""
+    total = 0
+    for path in shm.glob(f"{prefix}*"):
+        try:
+            total += path.stat().st_blocks * 512  # what is allocated, not the sparse size
+        except OSError:
+            pass
+    return total
+
+
+class ResourceSampler:
+    """Samples :func:`rss_bytes` of a server's process group and :func:`shm_bytes` every ``interval_s``
+    in a background thread: ``with ResourceSampler(pgid) as sampler: ...`` then ``sampler.samples``
+    (time, rss, shm)."""
+
+    def __init__(self, pgid: int, interval_s: float = 5.0) -> None:
+        self.pgid, self.interval_s = pgid, interval_s
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), rss_bytes(self.pgid), shm_bytes()))
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> "ResourceSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def resource_growth(samples: list[tuple[float, int, int]], origin: float, window_s: float, duration_s: float) -> dict | None:
+    """Median RSS and /dev/shm in the first and the last full window of the run, and their growth."""
+    n = int(duration_s // window_s)
+    if n < 1 or not samples:
+        return None
+    s = np.array(samples, dtype=float)
+
+    def median_in(k: int) -> tuple[float, float]:
+        inside = (s[:, 0] >= origin + k * window_s) & (s[:, 0] < origin + (k + 1) * window_s)
+        chosen = s[inside] if inside.any() else s[[np.abs(s[:, 0] - origin - (k + 0.5) * window_s).argmin()]]
+        return float(np.median(chosen[:, 1])), float(np.median(chosen[:, 2]))
+
+    (rss0, shm0), (rss1, shm1) = median_in(0), median_in(n - 1)
+    return {"rss_first_mb": rss0 / 2**20, "rss_last_mb": rss1 / 2**20, "rss_growth": drift(rss0, rss1),
+            "shm_first_mb": shm0 / 2**20, "shm_last_mb": shm1 / 2**20, "shm_growth": drift(shm0, shm1) if shm0 else (0.0 if shm1 == 0 else float("inf")),
+            "samples": len(samples)}
