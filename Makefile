@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS := build,serve,client,loadtest,bench,dev
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast build serve report ts loadtest loadtest-half soak gpu-check bench clean
+.PHONY: venv demo test test-fast build serve report ts checkov loadtest loadtest-half soak gpu-check bench clean
 
 # (Re)create the venv and install the package with its extras whenever pyproject.toml changes.
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -25,8 +25,19 @@ ts:
 	@if command -v npm >/dev/null; then cd clients/typescript && npm ci --no-audit --no-fund --silent && npm run --silent build; \
 	else echo "npm not found: the TypeScript SDK tests will be skipped"; fi
 
-test: venv ts
+test: venv ts checkov
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# checkov (static security checks of the Kubernetes manifests and Dockerfiles) in its own venv:
+# its many pinned dependencies would otherwise fight the serving stack's.
+CHECKOV_VENV := .venv-checkov
+$(CHECKOV_VENV)/.installed: deploy/checkov-requirements.txt
+	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install -q -r deploy/checkov-requirements.txt
+	@touch $@
+
+checkov: $(CHECKOV_VENV)/.installed
 
 # Unit tests only: no server, no export.
 test-fast: venv

@@ -9,6 +9,8 @@ COPY clients/python ./clients/python
 COPY loadtest ./loadtest
 RUN pip install --no-cache-dir ".[loadtest]" ./clients/python
 
-RUN useradd --create-home --uid 1000 rankserve && mkdir /reports && chown rankserve /reports
+RUN useradd --create-home --uid 10001 rankserve && mkdir /reports && chown rankserve /reports
 USER rankserve
+# load generators; the master's exit code is the verdict: nothing to probe
+HEALTHCHECK NONE
 ENV RANKSERVE_WANDS_QUERIES=/data/wands/query.csv

@@ -10,5 +10,7 @@ COPY src /opt/rankserve/src
 # `rankserve check-engines` reads the manifest with; the image already has tritonserver.
 RUN pip install --no-cache-dir "/opt/rankserve[stages]" "tritonclient[grpc]>=2.51"
 
-RUN useradd --create-home --uid 1000 rankserve
+RUN useradd --create-home --uid 10001 rankserve
 USER rankserve
+# The server is live and every Python-backend stub runs (Triton 2.51 keeps a model ready after its stub died).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s CMD ["rankserve", "health", "--url", "http://127.0.0.1:8000", "--model-repository", "/models"]

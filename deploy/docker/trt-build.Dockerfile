@@ -7,6 +7,8 @@ COPY pyproject.toml README.md /opt/rankserve/
 COPY src /opt/rankserve/src
 RUN pip install --no-cache-dir "/opt/rankserve[gpu-build]"
 
-RUN useradd --create-home --uid 1000 rankserve
+RUN useradd --create-home --uid 10001 rankserve
 USER rankserve
+# a build job that runs to completion: nothing to probe
+HEALTHCHECK NONE
 ENTRYPOINT ["rankserve", "build", "--target", "gpu"]

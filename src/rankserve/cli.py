@@ -113,6 +113,15 @@ def _serve(args) -> None:
     print(f"stopped (exit code {code})", flush=True)
 
 
+def _health(args) -> None:
+    from rankserve.server.health import check
+
+    problems, summary = check(args.url, args.model_repository)
+    if problems:
+        raise RankserveError("unhealthy: " + "; ".join(problems))
+    print(f"healthy: {summary}")
+
+
 def _rank(args) -> None:
     from rankserve_client import RankerClient, RankerError
 
@@ -226,6 +235,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-restarts", type=int, default=ServeSettings.max_restarts,
                    help=f"give up after this many restarts within {ServeSettings.restart_window_s:.0f} s")
     s.set_defaults(func=_serve)
+
+    s = sub.add_parser("health", help="probe for containers: the server is live and every Python-backend stub runs")
+    s.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP endpoint")
+    s.add_argument("--model-repository", default="/models", help="the repository it serves (for the expected stubs)")
+    s.set_defaults(func=_health)
 
     s = sub.add_parser("rank", help="rank candidate texts for a query through a running server")
     s.add_argument("--url", default="127.0.0.1:8000", help="host:port, http://host:port or grpc://host:port")

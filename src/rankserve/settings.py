@@ -65,7 +65,7 @@ class OrtSettings:
     """ONNX Runtime session options of the CPU rank stage."""
 
     intra_op_threads: int = 0
-    """0 lets ONNX Runtime use one thread per physical core."""
+    """0: the runtime's default (one thread per core), or the CPUs a container limit allows when fewer."""
     inter_op_threads: int = 1
     graph_optimization: str = "all"
 
@@ -104,9 +104,14 @@ class RuntimeSettings:
     runtime: str = "onnxruntime"
     inference_precision: str = "f32"
     """OpenVINO only: ``bf16`` runs matrix products on the CPU's BF16 units (AMX / AVX512-BF16)."""
+    openvino_cache_capacity: int = 256
+    """OpenVINO only: most input shapes whose compiled kernels its CPU plugin keeps
+    (``CPU_RUNTIME_CACHE_CAPACITY``; OpenVINO's default, 5000, let a served rank stage grow from
+    0.2 to 3 GB: every batch has its own (pairs, tokens) shape). 0 keeps none."""
 
     def __post_init__(self) -> None:
         _require(self.runtime in RUNTIMES, f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        _require(self.openvino_cache_capacity >= 0, "openvino_cache_capacity must be >= 0")
         _require(self.inference_precision in ("f32", "bf16"), "inference_precision must be f32 or bf16")
         _require(self.runtime == "openvino" or self.inference_precision == "f32", "bf16 inference needs the openvino runtime")
 
@@ -345,6 +350,10 @@ class ServeSettings:
     ready_timeout_s: float = 180.0
     exit_timeout_s: int = 30
     log_verbose: int = 0
+    shm_default_bytes: int = 16 * 2**20
+    """Each Python-backend stub's shared-memory region, sized so the largest request fits (1,000
+    pairs x 128 tokens x 3 int64 tensors is 3 MB; 1,000 texts of 4 KB, 4 MB): regions never grow
+    while serving. Tmpfs pages are only allocated when touched."""
     health_interval_s: float = 1.0
     """How often ``rankserve serve`` checks the server and every Python-backend stub."""
     restart_grace_s: float = 5.0
@@ -361,6 +370,7 @@ class ServeSettings:
         _require(self.ready_timeout_s > 0, "ready_timeout_s must be > 0")
         _require(self.exit_timeout_s >= 1, "exit_timeout_s must be >= 1")
         _require(self.health_interval_s > 0, "health_interval_s must be > 0")
+        _require(self.shm_default_bytes >= 2**20, "shm_default_bytes must be >= 1 MiB")
         _require(self.restart_grace_s >= 0, "restart_grace_s must be >= 0")
         _require(self.max_restarts >= 0, "max_restarts must be >= 0")
         _require(self.restart_window_s > 0, "restart_window_s must be > 0")

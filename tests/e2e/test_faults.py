@@ -188,3 +188,25 @@ def test_build_fails_fast_on_a_corrupt_ranker(tiny_ranker, tmp_path, fault, mess
     assert out.returncode == 2 and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and seconds < 120
     assert not (tmp_path / "repo" / MANIFEST).exists()
+
+
+def test_health_probe_sees_a_dead_stub_that_triton_still_reports_ready(tiny_repo, tmp_path):
+    """What the Kubernetes liveness probe and the compose health check run next to the server."""
+    import urllib.request
+
+    from rankserve.server.embedded import EmbeddedServer
+
+    repo = _copy(tiny_repo, tmp_path)
+    with EmbeddedServer(repo, free_serve_settings(), tmp_path / "tritonserver.log") as server:
+        url = f"http://{server.http_url}"
+        healthy, _ = _rankserve("health", "--url", url, "--model-repository", str(repo))
+        assert healthy.returncode == 0 and "3/3 Python-backend stubs running" in healthy.stdout, healthy.stderr
+        (stub,) = [s for s in server.stubs if s.model == "tokenize"]
+        os.kill(stub.pid, signal.SIGKILL)
+        time.sleep(0.5)
+        with urllib.request.urlopen(f"{url}/v2/models/ranker/ready", timeout=5) as r:
+            assert r.status == 200  # Triton 2.51: still "ready" (measured), hence the stub check
+        sick, _ = _rankserve("health", "--url", url, "--model-repository", str(repo))
+    assert sick.returncode == 2 and "model tokenize: 0 of 1 Python-backend stubs running" in sick.stderr, sick.stderr
+    down, _ = _rankserve("health", "--url", url, "--model-repository", str(repo))
+    assert down.returncode == 2 and "is not live" in down.stderr

@@ -174,3 +174,31 @@ def test_async_timeout_and_server_down(server, protocol, catalog):
         return time.monotonic() - started
 
     assert asyncio.run(run()) < 10
+
+
+def test_grpc_round_robin_spreads_requests_over_replicas(tiny_repo, tmp_path, catalog):
+    """What a client of a Kubernetes headless Service does, on loopback: two replicas behind one
+    gRPC target; with load_balancing="round_robin" both get requests, and the client keeps working
+    across a channel refresh."""
+    import re
+    import urllib.request
+
+    from conftest import free_serve_settings
+    from rankserve.server.embedded import EmbeddedServer
+
+    def served(server) -> float:
+        text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+        return float(re.search(r'^nv_inference_request_success\{model="ranker",version="1"\} (\S+)$', text, re.M).group(1))
+
+    texts = catalog[:5]
+    with EmbeddedServer(tiny_repo, free_serve_settings(), tmp_path / "a.log") as a, \
+            EmbeddedServer(tiny_repo, free_serve_settings(), tmp_path / "b.log") as b:
+        target = f"grpc://ipv4:127.0.0.1:{a.settings.grpc_port},127.0.0.1:{b.settings.grpc_port}"
+        with RankerClient(target, load_balancing="round_robin", refresh_s=0.5) as client:
+            for i in range(20):
+                assert len(client.rank("oak table", texts)) == len(texts)
+                if i == 10:
+                    time.sleep(0.6)  # the next call opens a new channel
+        assert served(a) >= 5 and served(b) >= 5 and served(a) + served(b) == 20
+    with pytest.raises(ValueError, match="for gRPC"):
+        RankerClient("http://127.0.0.1:1", load_balancing="round_robin", check_api=False)

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rankserve.settings import ServeSettings
+
 ROOT = Path(__file__).resolve().parents[2]
 TRITON_EMBEDDED = "2.51"  # the tritonserver in the nvidia-pytriton wheel; NGC 24.10 ships 2.51.0
 NGC_RELEASE_FOR = {"2.51": "24.10"}
 COMPOSE = Path(sys.executable).parent / "docker-compose"
-DOCKERFILES = ("triton.Dockerfile", "trt-build.Dockerfile", "locust.Dockerfile")
+DOCKERFILES = ("triton.Dockerfile", "trt-build.Dockerfile", "locust.Dockerfile", "models.Dockerfile")
 
 
 def _compose():
@@ -79,6 +81,7 @@ def test_triton_services_are_safe_by_default(resolved):
             apis, key = value[len(flag):].split(":", 1)
             assert {"model-repository", "shared-memory", "logging", "trace"} <= set(apis.split(",")) and key == "rankserve-admin-key=a-test-key"
         assert any(c.startswith("--http-max-input-size=") for c in command)
+        assert f"--backend-config=python,shm-default-byte-size={ServeSettings().shm_default_bytes}" in command  # as the embedded server
         assert all(p["host_ip"] == "127.0.0.1" for p in service["ports"])
         assert {p["target"] for p in service["ports"]} == {8000, 8001, 8002}
         assert "/v2/models/ranker/ready" in " ".join(service["healthcheck"]["test"])

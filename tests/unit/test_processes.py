@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from rankserve.server.processes import SHM_PREFIX, alive, parse_stub_args, remove_shm_regions, stub_processes
+from rankserve.server.processes import SHM_PREFIX, alive, parse_stub_args, remove_shm_regions, server_pids, stub_processes
 from rankserve.server.supervisor import RestartBudget
 
 # as ps shows a Triton 2.51 stub (measured)
@@ -16,15 +16,16 @@ def test_a_stub_command_line_names_model_instance_and_region():
     assert parse_stub_args(8, ["/usr/bin/tritonserver", "--model-repository=/repo"]) is None
 
 
-def _proc(root: Path, pid: int, state: str, pgid: int, args: list[str], comm: str = "triton_python_b") -> None:
+def _proc(root: Path, pid: int, state: str, ppid: int, args: list[str], comm: str = "triton_python_b") -> None:
     d = root / str(pid)
     d.mkdir(parents=True)
-    (d / "stat").write_text(f"{pid} ({comm}) {state} 1 {pgid} {pgid} 0 -1 4194304 0\n")
+    (d / "stat").write_text(f"{pid} ({comm}) {state} {ppid} {ppid} {ppid} 0 -1 4194304 0\n")
     (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in args) + b"\0")
 
 
-def test_stubs_of_one_process_group_and_zombies_are_dead(tmp_path):
-    _proc(tmp_path, 10, "S", 10, ["/bin/tritonserver"], comm="tritonserver")
+def test_stubs_are_the_servers_children_and_zombies_are_dead(tmp_path):
+    _proc(tmp_path, 10, "S", 1, ["/bin/tritonserver", "--model-repository=/models"], comm="tritonserver")
+    _proc(tmp_path, 20, "S", 1, ["/bin/tritonserver", "--model-repository=/elsewhere"], comm="tritonserver")
     _proc(tmp_path, 11, "S", 10, STUB_ARGS)
     _proc(tmp_path, 12, "Z", 10, STUB_ARGS[:8] + ["tokenize_0_0", "DEFAULT"])
     _proc(tmp_path, 13, "S", 99, STUB_ARGS, comm="a (weird) name")
@@ -32,6 +33,7 @@ def test_stubs_of_one_process_group_and_zombies_are_dead(tmp_path):
     assert [s.pid for s in stub_processes(10, tmp_path)] == [11]
     assert alive(11, tmp_path) and not alive(12, tmp_path) and not alive(14, tmp_path)
     assert [s.pid for s in stub_processes(99, tmp_path)] == [13]  # a command name with spaces and parentheses
+    assert server_pids("/models", tmp_path) == [10] and server_pids("/other", tmp_path) == []
 
 
 def test_only_named_triton_regions_are_removed(tmp_path):

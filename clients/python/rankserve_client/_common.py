@@ -69,6 +69,27 @@ def parse_url(url: str, protocol: str | None) -> tuple[str, str]:
     return protocol or "http", url.rstrip("/")
 
 
+GRPC_MAX_MESSAGE = 2**31 - 1
+RESOLVER_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
+
+
+def grpc_channel(address: str, load_balancing: str | None) -> tuple[str, list | None]:
+    """The gRPC target and channel arguments for tritonclient's client.
+
+    A gRPC client keeps one HTTP/2 connection, so behind a plain Kubernetes Service all its
+    requests go to one replica. With ``load_balancing="round_robin"`` the client resolves every
+    address behind the name (a headless Service: ``rankserve-grpc.<namespace>.svc``) and sends
+    each request to the next one. A target that already names a gRPC resolver (``dns:``,
+    ``ipv4:127.0.0.1:8001,127.0.0.1:9001``, ...) is used as it is."""
+    if load_balancing is None:
+        return address, None
+    if load_balancing != "round_robin":
+        raise ValueError(f"load_balancing must be None or 'round_robin', got {load_balancing!r}")
+    target = address if address.startswith(RESOLVER_SCHEMES) else f"dns:///{address}"
+    return target, [("grpc.max_send_message_length", GRPC_MAX_MESSAGE), ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
+                    ("grpc.lb_policy_name", "round_robin")]
+
+
 def chunks(n: int, size: int) -> list[tuple[int, int]]:
     if size < 1:
         raise ValueError("chunk size must be >= 1")

@@ -21,11 +21,12 @@ class AsyncRankerClient:
 
     def __init__(self, url: str, protocol: Optional[str] = None, *, model: str = c.DEFAULT_MODEL, timeout: float = 10.0,
                  retries: int = 3, backoff: float = 0.1, chunk_size: int = c.DEFAULT_CHUNK, check_api: bool = True,
-                 on_retry: Optional[c.RetryHook] = None) -> None:
+                 on_retry: Optional[c.RetryHook] = None, load_balancing: Optional[str] = None) -> None:
         self.protocol, self.address = c.parse_url(url, protocol)
         self.model, self.timeout, self.retries, self.backoff, self.chunk_size = model, timeout, retries, backoff, chunk_size
         self.check_api_on_connect = check_api
         self.on_retry = on_retry
+        self.target, self.channel_args = c.grpc_channel(self.address, load_balancing) if self.protocol == "grpc" else (self.address, None)
         if self.protocol == "grpc":
             import tritonclient.grpc as tc
             import tritonclient.grpc.aio as aio
@@ -36,7 +37,8 @@ class AsyncRankerClient:
 
     async def connect(self) -> "AsyncRankerClient":
         if self._client is None:
-            self._client = self._aio.InferenceServerClient(self.address)
+            self._client = (self._aio.InferenceServerClient(self.target, channel_args=self.channel_args)
+                            if self.protocol == "grpc" else self._aio.InferenceServerClient(self.address))
         if self.check_api_on_connect:
             await self.check_api()
         return self

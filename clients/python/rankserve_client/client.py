@@ -43,15 +43,24 @@ class RankerClient:
 
     def __init__(self, url: str, protocol: Optional[str] = None, *, model: str = c.DEFAULT_MODEL, timeout: float = 10.0,
                  retries: int = 3, backoff: float = 0.1, chunk_size: int = c.DEFAULT_CHUNK, check_api: bool = True,
-                 on_retry: Optional[c.RetryHook] = None) -> None:
+                 on_retry: Optional[c.RetryHook] = None, load_balancing: Optional[str] = None,
+                 refresh_s: float = 60.0) -> None:
         """``url``: ``http://host:8000``, ``grpc://host:8001`` or ``host:port`` with ``protocol``.
         ``timeout``: seconds per call; ``retries``: extra attempts when the server is unavailable or
         overloaded (exponential backoff from ``backoff`` s); ``chunk_size``: most candidates per request;
         ``check_api``: fetch the model's metadata now and raise :class:`ApiMismatch` if it is not a ranker;
-        ``on_retry(error, attempt, delay_s)``: called before each retry (to count or log them)."""
+        ``on_retry(error, attempt, delay_s)``: called before each retry (to count or log them);
+        ``load_balancing="round_robin"`` (gRPC): spread requests over every replica behind a headless
+        Service name, re-resolving it every ``refresh_s`` seconds so new replicas get traffic."""
         self.protocol, self.address = c.parse_url(url, protocol)
         self.model, self.timeout, self.retries, self.backoff, self.chunk_size = model, timeout, retries, backoff, chunk_size
         self.on_retry = on_retry
+        if load_balancing and self.protocol != "grpc":
+            raise ValueError("load_balancing is for gRPC; HTTP clients open several connections and a Service spreads them")
+        self.target, self.channel_args = c.grpc_channel(self.address, load_balancing) if self.protocol == "grpc" else (self.address, None)
+        self.refresh_s = refresh_s if self.channel_args else None
+        self._grpc_born = 0.0
+        self._retired: list = []
         if self.protocol == "grpc":
             import tritonclient.grpc as tc
         else:
@@ -68,8 +77,17 @@ class RankerClient:
     def _client(self, timeout: float):
         if self.protocol == "grpc":
             with self._lock:
+                now = time.monotonic()
+                if self._grpc is not None and self.refresh_s and now - self._grpc_born > self.refresh_s:
+                    # a new channel resolves the name again (gRPC's DNS resolver does not poll): calls on the
+                    # old one finish, it is closed at a later refresh
+                    self._retired.append(self._grpc)
+                    self._grpc = None
                 if self._grpc is None:
-                    self._grpc = self._tc.InferenceServerClient(self.address)
+                    self._grpc = self._tc.InferenceServerClient(self.target, channel_args=self.channel_args)
+                    self._grpc_born = now
+                    while len(self._retired) > 1:
+                        self._retired.pop(0).close()
                 return self._grpc
         clients = getattr(self._local, "clients", None)
         if clients is None:
@@ -153,6 +171,9 @@ class RankerClient:
             if self._grpc is not None:
                 self._grpc.close()
                 self._grpc = None
+            for client in self._retired:
+                client.close()
+            self._retired.clear()
 
     def __enter__(self) -> "RankerClient":
         return self

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rankserve.server.processes import stub_processes
+
 FIELDS = ("start", "latency_ms", "ok", "retries", "candidates", "error")
 
 
@@ -106,12 +108,13 @@ def rss_bytes(pgid: int, proc: Path = Path("/proc")) -> int:
     return total
 
 
-def shm_bytes(prefix: str = "triton_python_backend_shm_region", shm: Path = Path("/dev/shm")) -> int:
-    """Bytes held by the Python backend's shared-memory regions (all servers on this host)."""
+def shm_bytes(server_pid: int, proc: Path = Path("/proc"), shm: Path = Path("/dev/shm")) -> int:
+    """Bytes the server's Python-backend stubs hold in /dev/shm: the sizes of their regions (a
+    region grows when a request does not fit; a leak shows as regions that grow or multiply)."""
     total = 0
-    for path in shm.glob(f"{prefix}*"):
+    for stub in stub_processes(server_pid, proc):
         try:
-            total += path.stat().st_blocks * 512  # what is allocated, not the sparse size
+            total += (shm / stub.shm_region).stat().st_size
         except OSError:
             pass
     return total
@@ -130,7 +133,7 @@ class ResourceSampler:
 
     def _run(self) -> None:
         while True:
-            self.samples.append((time.time(), rss_bytes(self.pgid), shm_bytes()))
+            self.samples.append((time.time(), rss_bytes(self.pgid), shm_bytes(self.pgid)))
             if self._stop.wait(self.interval_s):
                 return
 

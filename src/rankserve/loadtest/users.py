@@ -11,6 +11,7 @@ import os
 import random
 import time
 
+import gevent
 from locust import User, between, events, task
 
 from rankserve.loadtest.timeline import TimelineWriter
@@ -81,6 +82,10 @@ class _RankerUser(User):
 
     def on_start(self) -> None:
         from rankserve_client import RankerClient
+
+        rate = float(os.environ.get("RANKSERVE_LOADTEST_RATE_PER_USER", 0))
+        if rate > 0:  # a Poisson user's first request comes after an exponential gap too, not all at once at spawn
+            gevent.sleep(random.expovariate(rate))
 
         host = self.host or ("http://127.0.0.1:8000" if self.protocol == "http" else "grpc://127.0.0.1:8001")
         settings = _settings()

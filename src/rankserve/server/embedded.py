@@ -83,6 +83,7 @@ def server_command(install: TritonInstall, repo: Path, backends: Path, s: ServeS
         "--strict-readiness=true",
         "--disable-auto-complete-config",
         f"--exit-timeout-secs={s.exit_timeout_s}",
+        f"--backend-config=python,shm-default-byte-size={s.shm_default_bytes}",
         f"--log-verbose={s.log_verbose}",
         f"--http-address={s.host}",
         f"--http-port={s.http_port}",

@@ -34,14 +34,14 @@ def parse_stub_args(pid: int, args: list[str]) -> StubProcess | None:
     return StubProcess(pid, model, instance, region)
 
 
-def _stat(pid: int, proc: Path) -> tuple[str, int] | None:
-    """(state, process group) of ``pid``, or None when it is gone."""
+def _stat(pid: int, proc: Path) -> tuple[str, int, str] | None:
+    """(state, parent pid, command name) of ``pid``, or None when it is gone."""
     try:
         text = (proc / str(pid) / "stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
-    return fields[0], int(fields[2])
+    return fields[0], int(fields[1]), text[text.index("(") + 1:text.rindex(")")]
 
 
 def alive(pid: int, proc: Path = Path("/proc")) -> bool:
@@ -50,14 +50,14 @@ def alive(pid: int, proc: Path = Path("/proc")) -> bool:
     return stat is not None and stat[0] not in ("Z", "X")
 
 
-def stub_processes(pgid: int, proc: Path = Path("/proc")) -> list[StubProcess]:
-    """The live Python-backend stubs in process group ``pgid`` (the server's)."""
+def stub_processes(server_pid: int, proc: Path = Path("/proc")) -> list[StubProcess]:
+    """The live Python-backend stubs of the tritonserver process ``server_pid`` (its children)."""
     stubs = []
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
         stat = _stat(int(entry.name), proc)
-        if stat is None or stat[1] != pgid or stat[0] in ("Z", "X"):
+        if stat is None or stat[1] != server_pid or stat[0] in ("Z", "X"):
             continue
         try:
             args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -67,6 +67,26 @@ def stub_processes(pgid: int, proc: Path = Path("/proc")) -> list[StubProcess]:
         if stub is not None:
             stubs.append(stub)
     return sorted(stubs, key=lambda s: s.instance)
+
+
+def server_pids(model_repository: str | Path, proc: Path = Path("/proc")) -> list[int]:
+    """The running ``tritonserver`` processes serving ``model_repository``."""
+    wanted = Path(model_repository).resolve()
+    pids = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _stat(int(entry.name), proc)
+        if stat is None or stat[2] != "tritonserver" or stat[0] in ("Z", "X"):
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        repos = [a.split("=", 1)[1] for a in args if a.startswith("--model-repository=")]
+        if any(Path(r).resolve() == wanted for r in repos):
+            pids.append(int(entry.name))
+    return sorted(pids)
 
 
 def dead_stubs(stubs: list[StubProcess], proc: Path = Path("/proc")) -> list[StubProcess]:

@@ -3,6 +3,8 @@ across requests."""
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -16,11 +18,39 @@ from rankserve.settings import OrtSettings, RuntimeSettings
 _GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Whole CPUs the cgroup may use (a container's CPU limit, rounded up), or None when unlimited.
+    cgroup v2 ``cpu.max`` (``"200000 100000"`` = 2 CPUs), else v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1") or int(period) <= 0:
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
+
+
+def default_threads(configured: int, cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """``configured`` threads, or for 0 (the runtime's default: one per core of the machine) the
+    CPUs this process may really use when that is fewer: a container limited to 2 CPUs on a 64-core
+    node would otherwise run 32+ threads and be throttled. 0 still means the runtime's default."""
+    if configured:
+        return configured
+    usable = len(os.sched_getaffinity(0))
+    quota = cpu_quota(cgroup)
+    usable = min(usable, quota) if quota else usable
+    return usable if usable < (os.cpu_count() or usable) else 0
+
+
 def create_session(model_path: str | Path, settings: OrtSettings):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads
+    options.intra_op_num_threads = default_threads(settings.intra_op_threads)
     options.inter_op_num_threads = settings.inter_op_threads
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_LEVELS[settings.graph_optimization])
     return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
@@ -68,12 +98,13 @@ class OnnxRanker:
 class OpenVinoRanker:
     """The same contract on OpenVINO (dynamic shapes; ``bf16`` uses the CPU's BF16 matrix units)."""
 
-    def __init__(self, model_path: str | Path, settings: OrtSettings, precision: str = "f32") -> None:
+    def __init__(self, model_path: str | Path, settings: OrtSettings, precision: str = "f32", cache_capacity: int = 256) -> None:
         import openvino as ov
 
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-        if settings.intra_op_threads:
-            config["INFERENCE_NUM_THREADS"] = settings.intra_op_threads
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "CPU_RUNTIME_CACHE_CAPACITY": cache_capacity}
+        threads = default_threads(settings.intra_op_threads)
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = ov.Core().compile_model(str(model_path), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.input_names = tuple(i.get_any_name() for i in self.compiled.inputs)
@@ -88,7 +119,7 @@ class OpenVinoRanker:
 def create_ranker(model_path: str | Path, runtime: RuntimeSettings, settings: OrtSettings):
     """The rank stage's scorer for a variant: ONNX Runtime or OpenVINO over the same ONNX file."""
     if runtime.runtime == "openvino":
-        return OpenVinoRanker(model_path, settings, runtime.inference_precision)
+        return OpenVinoRanker(model_path, settings, runtime.inference_precision, runtime.openvino_cache_capacity)
     return OnnxRanker(model_path, settings)
 
 

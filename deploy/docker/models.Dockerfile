@@ -1,0 +1,13 @@
+# The built model repository as an image, for clusters: the publish Job copies /bundle into the
+# shared volume. Build after `make build`: `docker build -f deploy/docker/models.Dockerfile -t rankserve/models:0.1.0 .`
+# It carries the ONNX variants and held-out data too: the GPU engines Job builds from them.
+FROM busybox:1.37
+
+COPY model_repository /bundle/model_repository
+COPY artifacts/variants /bundle/artifacts/variants
+COPY artifacts/data /bundle/artifacts/data
+
+RUN adduser -D -u 10001 rankserve
+USER rankserve
+# data only: the publish Job copies it and exits
+HEALTHCHECK NONE
