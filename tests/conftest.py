@@ -170,3 +170,18 @@ class Serve:
 
     def leftover_shm(self) -> set[str]:
         return {n for n in set(os.listdir("/dev/shm")) - self.shm_before if n.startswith(processes.SHM_PREFIX)}
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of running Triton processes (server or stubs) that mention ``text``."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and "triton" in cmdline:
+            found.append(cmdline)
+    return found

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_serve_settings
+from conftest import free_serve_settings, processes_mentioning
 from rankserve.errors import ServeError
 from rankserve.server.embedded import EmbeddedServer
 
@@ -20,20 +20,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def _rankserve(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "rankserve", *args], capture_output=True, text=True, timeout=120, **kwargs)
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and "triton" in cmdline:
-            found.append(cmdline)
-    return found
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -87,14 +73,14 @@ def test_serve_command_starts_reports_endpoints_and_stops_cleanly(tiny_repo, tmp
         banner = "".join(lines)
         assert "tritonserver ready" in banner, banner
         assert f"http://127.0.0.1:{s.http_port}" in banner and f"127.0.0.1:{s.grpc_port}" in banner
-        assert len(_processes_mentioning(str(repo))) == 4  # the server and one stub per Python model
+        assert len(processes_mentioning(str(repo))) == 4  # the server and one stub per Python model
         proc.send_signal(stop_signal)
         rest = proc.communicate(timeout=60)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0 and "stopped (exit code 0)" in rest
-    assert _processes_mentioning(str(repo)) == []
+    assert processes_mentioning(str(repo)) == []
     assert not {n for n in set(os.listdir("/dev/shm")) - shm_before if "triton" in n}
 
 
@@ -106,11 +92,11 @@ def test_embedded_server_binds_loopback_and_stops_its_stubs(tiny_repo, tmp_path)
     with EmbeddedServer(repo, free_serve_settings()) as srv:
         assert srv.is_ready()
         assert srv.models == ["postprocess", "rank", "ranker", "ranker_fp32", "tokenize"]
-        stubs = [c for c in _processes_mentioning(str(repo)) if "triton_python_backend_stub" in c]
+        stubs = [c for c in processes_mentioning(str(repo)) if "triton_python_backend_stub" in c]
         assert len(stubs) == 3
         log = srv.log_path.read_text()
         assert f"127.0.0.1:{srv.settings.http_port}" in log and f"127.0.0.1:{srv.settings.grpc_port}" in log
-    assert _processes_mentioning(str(repo)) == []
+    assert processes_mentioning(str(repo)) == []
 
 
 def test_server_refuses_an_empty_repository(tmp_path):
@@ -128,7 +114,7 @@ def test_server_that_fails_to_load_reports_the_log(tiny_repo, tmp_path):
         with EmbeddedServer(repo, free_serve_settings()):
             pass
     assert "model 'rank' failed to load" in str(info.value) and "Protobuf parsing failed" in str(info.value)
-    assert _processes_mentioning(str(repo)) == []
+    assert processes_mentioning(str(repo)) == []
 
 
 def test_serve_command_refuses_a_repository_without_manifest(tmp_path):

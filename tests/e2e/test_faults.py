@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Serve, free_serve_settings
+from conftest import Serve, free_serve_settings, processes_mentioning
 from rankserve.builder.configs import parse, to_text
 from rankserve.builder.repository import MANIFEST, sha256
 from rankserve.server.processes import stub_processes
@@ -118,15 +118,8 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_leaves_nothing
     finally:
         serve.stop()
     assert "stopped (exit code 0)" in serve.output
-    assert not [p for p in os.listdir("/proc") if p.isdigit() and str(repo) in _cmdline(p)]  # no stub left
+    assert processes_mentioning(str(repo)) == []  # no server or stub left
     assert serve.leftover_shm() == set()
-
-
-def _cmdline(pid: str) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _rankserve(*args: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -159,7 +152,7 @@ def test_serve_fails_fast_with_a_clear_message(tiny_repo, tmp_path, fault, messa
                               "--grpc-port", str(s.grpc_port), "--metrics-port", str(s.metrics_port))
     assert out.returncode == 2 and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and seconds < 60
-    assert not [p for p in os.listdir("/proc") if p.isdigit() and str(repo) in _cmdline(p)]
+    assert processes_mentioning(str(repo)) == []
 
 
 @pytest.mark.parametrize("fault, message", [
