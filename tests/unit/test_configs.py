@@ -71,6 +71,6 @@ def test_rank_inputs_allow_ragged_batches_so_requests_of_any_length_batch_togeth
     assert rank.max_batch_size == PRESETS["tiny"].tokenize.max_candidates
     assert rank.dynamic_batching.max_queue_delay_microseconds == PRESETS["tiny"].batching.max_queue_delay_us
     assert [i.allow_ragged_batch for i in rank.input] == [True] * len(rank.input)
-    assert rank.dynamic_batching.default_queue_policy.max_queue_size == PRESETS["tiny"].batching.max_queue_size == 64
+    assert rank.dynamic_batching.default_queue_policy.max_queue_size == PRESETS["tiny"].batching.max_queue_size == 16
     assert rank.dynamic_batching.default_queue_policy.default_timeout_microseconds == 0  # see configs._batching
     assert not any(i.allow_ragged_batch for i in models["tokenize"].input)
