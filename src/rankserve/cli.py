@@ -116,7 +116,7 @@ def _serve(args) -> None:
 def _health(args) -> None:
     from rankserve.server.health import check
 
-    problems, summary = check(args.url, args.model_repository)
+    problems, summary = check(args.url, args.model_repository, args.model)
     if problems:
         raise RankserveError("unhealthy: " + "; ".join(problems))
     print(f"healthy: {summary}")
@@ -239,6 +239,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("health", help="probe for containers: the server is live and every Python-backend stub runs")
     s.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP endpoint")
     s.add_argument("--model-repository", default="/models", help="the repository it serves (for the expected stubs)")
+    s.add_argument("--model", help="also require this model to be ready (a readiness check, e.g. ranker)")
     s.set_defaults(func=_health)
 
     s = sub.add_parser("rank", help="rank candidate texts for a query through a running server")

@@ -123,13 +123,17 @@ def test_serve_command_refuses_a_repository_without_manifest(tmp_path):
 
 
 @pytest.mark.triton
-def test_compose_health_check_path_answers_200_on_the_real_server(server):
-    import urllib.request
-    from urllib.parse import urlparse
-
+def test_compose_health_check_passes_on_the_real_server(server):
     import yaml
 
     compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
-    url = next(arg for arg in compose["x-triton"]["healthcheck"]["test"] if arg.startswith("http"))
-    with urllib.request.urlopen(f"http://{server.http_url}{urlparse(url).path}", timeout=10) as response:
-        assert response.status == 200
+    test = compose["x-triton"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "rankserve", "health"]
+    args = test[3:]  # the same command, pointed at this server and its repository
+    args[args.index("--url") + 1] = f"http://{server.http_url}"
+    args[args.index("--model-repository") + 1] = str(server.repo)
+    out = _rankserve("health", *args)
+    assert out.returncode == 0 and "3/3 Python-backend stubs running" in out.stdout, out.stderr
+    args[args.index("--model") + 1] = "no_such_model"
+    out = _rankserve("health", *args)
+    assert out.returncode == 2 and "model no_such_model is not ready" in out.stderr

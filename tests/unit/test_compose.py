@@ -84,7 +84,9 @@ def test_triton_services_are_safe_by_default(resolved):
         assert f"--backend-config=python,shm-default-byte-size={ServeSettings().shm_default_bytes}" in command  # as the embedded server
         assert all(p["host_ip"] == "127.0.0.1" for p in service["ports"])
         assert {p["target"] for p in service["ports"]} == {8000, 8001, 8002}
-        assert "/v2/models/ranker/ready" in " ".join(service["healthcheck"]["test"])
+        health = service["healthcheck"]["test"]
+        assert health[1:3] == ["rankserve", "health"] and health[health.index("--model") + 1] == "ranker"
+        assert health[health.index("--model-repository") + 1] == "/models"
         assert int(service["shm_size"]) >= 256 * 2**20
         exit_timeout = int(next(c for c in command if c.startswith("--exit-timeout-secs=")).split("=")[1])
         assert int(service["stop_grace_period"].rstrip("s")) > exit_timeout

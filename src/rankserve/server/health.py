@@ -37,15 +37,22 @@ def stub_problems(expected: dict[str, int], running: Counter) -> list[str]:
             if running.get(m, 0) < n]
 
 
-def check(url: str, repo: str | Path, proc: Path = Path("/proc")) -> tuple[list[str], str]:
-    """(problems, summary line) for the server at ``url`` serving ``repo`` on this host."""
+def _ok(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/v2/health/live", timeout=3) as r:
-            live = r.status == 200
+        with urllib.request.urlopen(url, timeout=3) as r:
+            return r.status == 200
     except (urllib.error.URLError, OSError):
-        live = False
-    if not live:
+        return False
+
+
+def check(url: str, repo: str | Path, model: str | None = None, proc: Path = Path("/proc")) -> tuple[list[str], str]:
+    """(problems, summary line) for the server at ``url`` serving ``repo`` on this host; with
+    ``model``, that model must also report ready (a readiness check rather than a liveness one)."""
+    url = url.rstrip("/")
+    if not _ok(f"{url}/v2/health/live"):
         return [f"tritonserver at {url} is not live"], ""
+    if model and not _ok(f"{url}/v2/models/{model}/ready"):
+        return [f"model {model} is not ready"], ""
     servers = server_pids(repo, proc)
     if len(servers) != 1:
         return [f"expected one tritonserver serving {repo} on this host, found {len(servers)}"], ""
