@@ -155,8 +155,9 @@ def plot_timeline(summary: dict, path: Path) -> None:
 
 
 def run_locust(host: str, settings: LoadTestSettings, out: Path, metrics_url: str | None = None,
-               server_pgid: int | None = None) -> dict:
-    """One headless Locust run; with ``server_pgid`` (a server on this host), its memory is sampled."""
+               server_pid: int | None = None) -> dict:
+    """One headless Locust run; with ``server_pid`` (the embedded server, which leads its own process
+    group), the memory of the server and its stubs is sampled."""
     out.mkdir(parents=True, exist_ok=True)
     timeline_dir = out / "timeline"
     shutil.rmtree(timeline_dir, ignore_errors=True)
@@ -174,7 +175,7 @@ def run_locust(host: str, settings: LoadTestSettings, out: Path, metrics_url: st
            "--csv", str(out / "locust"), "--html", str(out / "report.html"), "--only-summary", "--stop-timeout", "10"]
     origin = time.time()
     with contextlib.ExitStack() as stack:
-        sampler = stack.enter_context(ResourceSampler(server_pgid)) if server_pgid else None
+        sampler = stack.enter_context(ResourceSampler(server_pid)) if server_pid else None
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=settings.duration_s + 120)
     (out / "locust.log").write_text(proc.stdout + proc.stderr)
     if not (out / "locust_stats.csv").exists():
@@ -210,7 +211,7 @@ def ideal_tail_ratio(rate_per_s: float, pairs_per_s: float, sizes: np.ndarray, s
 
 
 def run_locust_at_fraction(host: str, settings: LoadTestSettings, out: Path, fraction: float,
-                           metrics_url: str | None = None, log=print, server_pgid: int | None = None) -> dict:
+                           metrics_url: str | None = None, log=print, server_pid: int | None = None) -> dict:
     """Find saturation with a closed-loop run (``out/saturation``, at most 60 s), then run paced at
     ``fraction`` of its request rate; the paced run's summary (with the saturation run inside) is the result."""
     closed = replace(settings, rate_per_s=0.0, slo_max_tail_ratio=0.0, duration_s=min(settings.duration_s, 60),
@@ -220,7 +221,7 @@ def run_locust_at_fraction(host: str, settings: LoadTestSettings, out: Path, fra
         f"p50 {saturated['p50_ms']:.0f} ms, p99 {saturated['p99_ms']:.0f} ms with {settings.users} closed-loop users")
     at = paced(saturated, settings, fraction)
     log(f"paced run: {at.rate_per_s:.2f} req/s ({fraction:.0%} of saturation) from {at.users} users")
-    summary = run_locust(host, at, out, metrics_url, server_pgid)
+    summary = run_locust(host, at, out, metrics_url, server_pid)
     summary["saturation"] = {k: saturated[k] for k in ("requests_per_s", "pairs_per_s", "p50_ms", "p95_ms", "p99_ms", "requests", "failures")}
     summary["load_fraction"] = fraction
     sizes = draw_sizes(at, np.random.default_rng(settings.seed), 200_000)
@@ -233,10 +234,10 @@ def run(settings: LoadTestSettings, out: Path, host: str | None = None, repo: Pa
         metrics_url: str | None = None, log=print, fraction: float | None = None) -> dict:
     """Run against ``host``, or start the embedded server on ``repo`` for the duration of the run;
     with ``fraction``, a saturation run first and then a run paced at that fraction of it."""
-    def go(url: str, metrics: str | None, pgid: int | None = None) -> dict:
+    def go(url: str, metrics: str | None, server_pid: int | None = None) -> dict:
         if fraction is None:
-            return run_locust(url, settings, out, metrics, pgid)
-        return run_locust_at_fraction(url, settings, out, fraction, metrics, log, pgid)
+            return run_locust(url, settings, out, metrics, server_pid)
+        return run_locust_at_fraction(url, settings, out, fraction, metrics, log, server_pid)
 
     if host:
         return go(host, metrics_url)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rankserve.server.processes import stub_processes
+from rankserve.server.processes import group_pids, stub_processes
 
 FIELDS = ("start", "latency_ms", "ok", "retries", "candidates", "error")
 
@@ -92,15 +92,10 @@ def drift(first: float, last: float) -> float:
 def rss_bytes(pgid: int, proc: Path = Path("/proc")) -> int:
     """Resident memory of every process in group ``pgid`` (the server and its stubs), summed."""
     total = 0
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in group_pids(pgid, proc):
         try:
-            stat = (entry / "stat").read_text()
-            if int(stat[stat.rindex(")") + 2:].split()[2]) != pgid:
-                continue
-            status = (entry / "status").read_text()
-        except (OSError, ValueError):
+            status = (proc / str(pid) / "status").read_text()
+        except OSError:
             continue
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
@@ -121,19 +116,20 @@ def shm_bytes(server_pid: int, proc: Path = Path("/proc"), shm: Path = Path("/de
 
 
 class ResourceSampler:
-    """Samples :func:`rss_bytes` of a server's process group and :func:`shm_bytes` every ``interval_s``
-    in a background thread: ``with ResourceSampler(pgid) as sampler: ...`` then ``sampler.samples``
+    """Samples the memory of a server that leads its own process group (the embedded server):
+    :func:`rss_bytes` of the group and :func:`shm_bytes` of its stubs, every ``interval_s``, in a
+    background thread: ``with ResourceSampler(pid) as sampler: ...`` then ``sampler.samples``
     (time, rss, shm)."""
 
-    def __init__(self, pgid: int, interval_s: float = 5.0) -> None:
-        self.pgid, self.interval_s = pgid, interval_s
+    def __init__(self, server_pid: int, interval_s: float = 5.0) -> None:
+        self.server_pid, self.interval_s = server_pid, interval_s
         self.samples: list[tuple[float, int, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while True:
-            self.samples.append((time.time(), rss_bytes(self.pgid), shm_bytes(self.pgid)))
+            self.samples.append((time.time(), rss_bytes(self.server_pid), shm_bytes(self.server_pid)))
             if self._stop.wait(self.interval_s):
                 return
 

@@ -62,9 +62,14 @@ def poisson_throughput(rate: float):
     return wait_time
 
 
+def _rate_per_user() -> float:
+    """Requests per second each user aims at (``RANKSERVE_LOADTEST_RATE_PER_USER``; 0: closed loop)."""
+    return float(os.environ.get("RANKSERVE_LOADTEST_RATE_PER_USER", 0))
+
+
 def _wait_time():
-    """Back to back (closed loop), or Poisson arrivals at ``RANKSERVE_LOADTEST_RATE_PER_USER`` per user."""
-    rate = float(os.environ.get("RANKSERVE_LOADTEST_RATE_PER_USER", 0))
+    """Back to back (closed loop), or Poisson arrivals at :func:`_rate_per_user` per user."""
+    rate = _rate_per_user()
     return poisson_throughput(rate) if rate > 0 else between(0.0, 0.05)
 
 
@@ -83,7 +88,7 @@ class _RankerUser(User):
     def on_start(self) -> None:
         from rankserve_client import RankerClient
 
-        rate = float(os.environ.get("RANKSERVE_LOADTEST_RATE_PER_USER", 0))
+        rate = _rate_per_user()
         if rate > 0:  # a Poisson user's first request comes after an exponential gap too, not all at once at spawn
             gevent.sleep(random.expovariate(rate))
 

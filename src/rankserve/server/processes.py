@@ -34,14 +34,25 @@ def parse_stub_args(pid: int, args: list[str]) -> StubProcess | None:
     return StubProcess(pid, model, instance, region)
 
 
-def _stat(pid: int, proc: Path) -> tuple[str, int, str] | None:
-    """(state, parent pid, command name) of ``pid``, or None when it is gone."""
+def _stat(pid: int, proc: Path) -> tuple[str, int, int, str] | None:
+    """(state, parent pid, process group, command name) of ``pid``, or None when it is gone."""
     try:
         text = (proc / str(pid) / "stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
-    return fields[0], int(fields[1]), text[text.index("(") + 1:text.rindex(")")]
+    return fields[0], int(fields[1]), int(fields[2]), text[text.index("(") + 1:text.rindex(")")]
+
+
+def group_pids(pgid: int, proc: Path = Path("/proc")) -> list[int]:
+    """Live processes of process group ``pgid`` (the embedded server leads its own: server and stubs)."""
+    pids = []
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            stat = _stat(int(entry.name), proc)
+            if stat is not None and stat[2] == pgid and stat[0] not in ("Z", "X"):
+                pids.append(int(entry.name))
+    return pids
 
 
 def alive(pid: int, proc: Path = Path("/proc")) -> bool:
@@ -77,7 +88,7 @@ def server_pids(model_repository: str | Path, proc: Path = Path("/proc")) -> lis
         if not entry.name.isdigit():
             continue
         stat = _stat(int(entry.name), proc)
-        if stat is None or stat[2] != "tritonserver" or stat[0] in ("Z", "X"):
+        if stat is None or stat[3] != "tritonserver" or stat[0] in ("Z", "X"):
             continue
         try:
             args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
