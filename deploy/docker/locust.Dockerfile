@@ -3,8 +3,9 @@
 FROM python:3.11-slim
 
 WORKDIR /opt/rankserve
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY src ./src
+COPY model_repository ./model_repository
 COPY clients/python ./clients/python
 COPY loadtest ./loadtest
 RUN pip install --no-cache-dir ".[loadtest]" ./clients/python

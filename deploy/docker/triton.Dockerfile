@@ -4,8 +4,10 @@
 ARG NGC_RELEASE
 FROM nvcr.io/nvidia/tritonserver:${NGC_RELEASE}-py3
 
-COPY pyproject.toml README.md /opt/rankserve/
+COPY pyproject.toml setup.py README.md /opt/rankserve/
 COPY src /opt/rankserve/src
+# the stage adapters, package data of the wheel (.dockerignore lets only them through)
+COPY model_repository /opt/rankserve/model_repository
 # The `stages` extra of pyproject.toml (ONNX Runtime, OpenVINO, tokenizers, numpy) and what
 # `rankserve check-engines` reads the manifest with; the image already has tritonserver.
 RUN pip install --no-cache-dir "/opt/rankserve[stages]" "tritonclient[grpc]>=2.51"

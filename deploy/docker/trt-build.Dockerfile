@@ -3,8 +3,12 @@
 ARG NGC_RELEASE
 FROM nvcr.io/nvidia/tensorrt:${NGC_RELEASE}-py3
 
-COPY pyproject.toml README.md /opt/rankserve/
+COPY pyproject.toml setup.py README.md /opt/rankserve/
 COPY src /opt/rankserve/src
+# the stage adapters, package data of the wheel (.dockerignore lets only them through)
+COPY model_repository /opt/rankserve/model_repository
+# the GPU tests run here, on the build's ONNX files (`make gpu-check`): tensorrt is in this image, torch is not needed
+COPY tests/gpu /opt/rankserve/tests/gpu
 RUN pip install --no-cache-dir "/opt/rankserve[gpu-build]"
 
 RUN useradd --create-home --uid 10001 rankserve

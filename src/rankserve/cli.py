@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from rankserve.errors import RankserveError
-from rankserve.settings import CALIBRATION_METHODS, CPU_VARIANTS, GPU_VARIANTS, DataSettings, LoadTestSettings, ServeSettings, TrainSettings, preset
+from rankserve.settings import CALIBRATION_METHODS, CPU_VARIANTS, GPU_VARIANTS, HARDWARE_COMPATIBILITY, DataSettings, LoadTestSettings, ServeSettings, TrainSettings, preset
 
 
 def _data(args) -> None:
@@ -40,7 +40,10 @@ def _build(args) -> None:
     quant = dataclasses.replace(settings.quant, **{k: v for k, v in (("method", args.calibration_method),
                                                                     ("calibration_pairs", args.calibration_pairs)) if v})
     gate = settings.gate if args.max_ndcg_drop is None else dataclasses.replace(settings.gate, max_ndcg_drop=args.max_ndcg_drop)
-    settings = dataclasses.replace(settings, target=args.target, variants=variants, quant=quant, gate=gate)
+    engine = dataclasses.replace(settings.engine, **{k: v for k, v in (
+        ("version_compatible", None if args.version_compatible is None else args.version_compatible == "true"),
+        ("hardware_compatibility", args.hardware_compatibility)) if v is not None})
+    settings = dataclasses.replace(settings, target=args.target, variants=variants, quant=quant, gate=gate, engine=engine)
     dataset = Dataset.load(args.data) if args.data else None
     if args.target == "gpu":  # engines next to an existing CPU build of the same repository
         from rankserve.builder.gpu import build_gpu_repository
@@ -58,7 +61,9 @@ def _check_engines(args) -> None:
     from rankserve.builder.engine import check_repository_engines, local_gpus, server_tensorrt_version
     from rankserve.builder.repository import verify_repository
 
-    lines = check_repository_engines(verify_repository(args.model_repository), server_tensorrt_version(), local_gpus())
+    server_args = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
+    lines = check_repository_engines(verify_repository(args.model_repository), server_tensorrt_version(), local_gpus(),
+                                     server_args if args.server_args else None)
     print("\n".join(lines) if lines else "no TensorRT engines in the repository: nothing to check")
 
 
@@ -221,6 +226,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration-method", choices=CALIBRATION_METHODS, help="INT8 calibration (default percentile)")
     s.add_argument("--calibration-pairs", type=int, help="real pairs used to calibrate INT8 (default 512)")
     s.add_argument("--max-ndcg-drop", type=float, help="accuracy gate: largest relative NDCG@10 drop (default 0.01)")
+    s.add_argument("--version-compatible", choices=["true", "false"],
+                   help="gpu: engines later TensorRT 10 releases can load (the server then needs "
+                        "--backend-config=tensorrt,version-compatible=true)")
+    s.add_argument("--hardware-compatibility", choices=HARDWARE_COMPATIBILITY,
+                   help="gpu: ampere_plus builds one engine (model.plan) for every Ampere or newer GPU")
     s.set_defaults(func=_build)
 
     s = sub.add_parser("serve", help="run the embedded tritonserver on a model repository")
@@ -254,6 +264,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("check-engines", help="refuse, with the reason, TensorRT engines this server's TensorRT or GPUs cannot run (run before tritonserver)")
     s.add_argument("--model-repository", default="model_repository")
+    s.add_argument("server_args", nargs=argparse.REMAINDER,
+                   help="after --: the tritonserver arguments (checked for the flags the engines need)")
     s.set_defaults(func=_check_engines)
 
     s = sub.add_parser("gpu-check", help="on a GPU host: build engines, serve with docker compose, verify the TensorRT ensembles")

@@ -179,9 +179,21 @@ class GateSettings:
     max_ndcg_drop_pruned: float = 0.02
     """The same for pruned variants (fewer layers cost some quality by design)."""
     k: int = 10
+    max_ndcg_drop_int8_engine: float = 0.005
+    min_top_k_overlap_int8_engine: float = 0.95
+    """The TensorRT INT8 engine and the QDQ model it is built from keep the FP32 ranking: NDCG@k
+    within 0.5% and top-k overlap with FP32 of at least 0.95 on the held-out queries."""
 
     def __post_init__(self) -> None:
-        _require(0 <= self.max_ndcg_drop < 1 and 0 <= self.max_ndcg_drop_pruned < 1, "NDCG drops must be in [0, 1)")
+        _require(0 <= self.max_ndcg_drop < 1 and 0 <= self.max_ndcg_drop_pruned < 1
+                 and 0 <= self.max_ndcg_drop_int8_engine < 1, "NDCG drops must be in [0, 1)")
+        _require(0 <= self.min_top_k_overlap_int8_engine <= 1, "top-k overlap limits must be in [0, 1]")
+
+    def for_engine(self, precision: str) -> dict[str, float]:
+        """The gate limits of a TensorRT engine of ``precision``: ``gate()`` keyword arguments."""
+        if precision == "int8":
+            return {"max_drop": self.max_ndcg_drop_int8_engine, "min_overlap": self.min_top_k_overlap_int8_engine, "k": self.k}
+        return {"max_drop": self.max_ndcg_drop, "k": self.k}
         _require(self.k >= 1, "k must be >= 1")
 
 
@@ -440,7 +452,8 @@ PRESETS: dict[str, BuildSettings] = {
         quant=QuantSettings(calibration_pairs=64),
         prune=PruneSettings(keep_layers=(1,), queries_per_step=16, learning_rate=1e-3),
         # a random tiny model has no quality to keep: its gate only checks the plumbing
-        gate=GateSettings(max_ndcg_drop=1.0 - 1e-9, max_ndcg_drop_pruned=1.0 - 1e-9),
+        gate=GateSettings(max_ndcg_drop=1.0 - 1e-9, max_ndcg_drop_pruned=1.0 - 1e-9, max_ndcg_drop_int8_engine=1.0 - 1e-9,
+                          min_top_k_overlap_int8_engine=0.0),
     ),
 }
 

@@ -1,7 +1,6 @@
 """TensorRT engine logic that needs no GPU: profiles, names, configs, portability, checks."""
 
 import dataclasses
-import importlib.util
 
 import numpy as np
 import pytest
@@ -49,6 +48,15 @@ def test_every_input_gets_each_profile_and_batches_find_their_profile():
         profile_for(DEFAULT.engine, 2000, 10)
 
 
+def test_the_profile_is_the_fitting_one_nearest_to_its_opt_shape_as_triton_picks():
+    wide = EngineProfile("wide", min=(1, 1), opt=(512, 128), max=(1000, 128))
+    near = EngineProfile("near", min=(1, 1), opt=(8, 32), max=(1000, 64))
+    settings = EngineSettings(profiles=(wide, near))
+    assert profile_for(settings, 10, 30) == 1  # both fit; the first one listed is not the nearest
+    assert profile_for(settings, 600, 100) == 0  # only `wide` takes 100 tokens
+    assert profile_for(settings, 600, 64) == 0  # |600-512|+|64-128| = 152 < |600-8|+|64-32| = 624
+
+
 def test_plan_files_per_compute_capability_and_nvidia_smi_parsing():
     assert plan_filename("8.6") == "model.sm86.plan" and plan_filename("10.0") == "model.sm100.plan"
     with pytest.raises(BuildError, match="compute capability"):
@@ -57,31 +65,31 @@ def test_plan_files_per_compute_capability_and_nvidia_smi_parsing():
     assert isinstance(local_gpus(), list)  # empty here, no nvidia-smi: never an exception
 
 
-def _record(gpu=A10G, version="10.5.0", **engine):
+def _record(gpu=A10G, version="10.5.0.18", **engine):
     return engine_record("fp16", version, gpu, dataclasses.replace(DEFAULT.engine, **engine),
                          "rank_trt_fp16/1/" + plan_filename(gpu.compute_capability), "0" * 64, {})
 
 
 def test_portability_guard_names_the_mismatch():
-    check_portability(_record(), "10.5.0", A10G)
-    check_portability(_record(), "10.5.1", A10G)  # patch releases share engines
-    with pytest.raises(BuildError, match="built with TensorRT 10.5.0; this server has 10.6.0"):
-        check_portability(_record(), "10.6.0", A10G)
+    check_portability(_record(), "10.5.0.18", A10G)
+    for other in ("10.5.1.3", "10.5.0.26", "10.6.0.26"):  # engines load only in the exact version that built them
+        with pytest.raises(BuildError, match=f"built with TensorRT 10.5.0.18; this server has {other}"):
+            check_portability(_record(), other, A10G)
     with pytest.raises(BuildError, match="built on NVIDIA A10G .compute capability 8.6.; NVIDIA H200 has 9.0"):
-        check_portability(_record(), "10.5.0", H200)
-    check_portability(_record(version_compatible=True), "10.7.0", A10G)
+        check_portability(_record(), "10.5.0.18", H200)
+    check_portability(_record(version_compatible=True), "10.7.0.23", A10G)
     with pytest.raises(BuildError, match="at or above"):
-        check_portability(_record(version_compatible=True), "10.3.0", A10G)
-    check_portability(_record(hardware_compatibility="ampere_plus"), "10.5.0", H200)
+        check_portability(_record(version_compatible=True), "10.3.0.26", A10G)
+    check_portability(_record(hardware_compatibility="ampere_plus"), "10.5.0.18", H200)
     with pytest.raises(BuildError, match="Ampere or newer"):
-        check_portability(_record(hardware_compatibility="ampere_plus"), "10.5.0", T4)
+        check_portability(_record(hardware_compatibility="ampere_plus"), "10.5.0.18", T4)
 
 
 def test_the_engine_for_this_gpu_is_chosen_among_one_per_compute_capability():
     records = [_record(A10G), _record(H200)]
-    assert usable_engine(records, "10.5.0", H200)["plan_file"] == "rank_trt_fp16/1/model.sm90.plan"
+    assert usable_engine(records, "10.5.0.18", H200)["plan_file"] == "rank_trt_fp16/1/model.sm90.plan"
     with pytest.raises(BuildError, match="no engine can run here") as err:
-        usable_engine(records, "10.5.0", T4)
+        usable_engine(records, "10.5.0.18", T4)
     assert "model.sm86.plan" in str(err.value) and "model.sm90.plan" in str(err.value)
 
 
@@ -94,7 +102,9 @@ def test_post_build_check_against_onnx_runtime():
 
 
 def test_tensorrt_models_and_ensembles_keep_the_public_api():
-    models = {name: configs.parse(configs.to_text(c)) for name, c in configs.gpu_models(DEFAULT, ["8.6", "9.0"]).items()}
+    engines = {p: [engine_record(p, "10.5.0.18", g, DEFAULT.engine, f"rank_trt_{p}/1/{plan_filename(g.compute_capability)}", "0" * 64, {})
+                   for g in (A10G, H200)] for p in DEFAULT.engine.precisions}
+    models = {name: configs.parse(configs.to_text(c)) for name, c in configs.gpu_models(DEFAULT, engines).items()}
     assert set(models) == {"tokenize_gpu", "rank_trt_fp16", "ranker_trt_fp16", "rank_trt_int8", "ranker_trt_int8"}
     assert models["tokenize_gpu"].parameters["pad_buckets"].string_value == "64,128"  # the profiles' widths
     rank = models["rank_trt_int8"]
@@ -109,40 +119,24 @@ def test_tensorrt_models_and_ensembles_keep_the_public_api():
     assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["tokenize_gpu", "rank_trt_int8", "postprocess"]
 
 
-def _tensorrt_gpu() -> str | None:
-    if importlib.util.find_spec("tensorrt") is None:
-        return "the tensorrt package is not installed (GPU hosts: the TensorRT container)"
-    if not local_gpus():
-        return "no NVIDIA GPU visible to nvidia-smi"
-    return None
+def test_server_tensorrt_version_is_read_from_the_library_itself(tmp_path):
+    """``getInferLibVersion`` and ``getInferLibBuildVersion`` of whatever libnvinfer the loader finds
+    (no glob of image folders). No TensorRT here: a library with TensorRT 10.5.0.18's two exported
+    version functions stands in for it, compiled by the test."""
+    import shutil
+    import subprocess
 
+    from rankserve.builder.engine import _decode_version, library_tensorrt_version
 
-@pytest.mark.gpu
-@pytest.mark.skipif(_tensorrt_gpu() is not None, reason=str(_tensorrt_gpu()))
-def test_fp16_engine_scores_like_onnx_runtime(tiny_repo, tmp_path):
-    from rankserve.builder.engine import build_engine, run_engine
-    from rankserve.settings import OrtSettings, RuntimeSettings
-    from rankserve.stages.rank import create_ranker
-
-    tiny = PRESETS["tiny"]
-    onnx = tiny_repo / "rank" / "1" / "model.onnx"
-    plan = build_engine(onnx, "fp16", tiny.engine, tmp_path / "timing.cache", log=lambda _m: None)
-    assert (tmp_path / "timing.cache").stat().st_size > 0
-    rng = np.random.default_rng(0)
-    feeds = {"input_ids": rng.integers(1, 1000, (7, 20)), "attention_mask": np.ones((7, 20), np.int64),
-             "token_type_ids": np.zeros((7, 20), np.int64)}
-    (got,) = run_engine(plan, [feeds])
-    expected = create_ranker(onnx, RuntimeSettings(), OrtSettings()).score(feeds)
-    compare_to_reference(got, expected, tiny.engine.tolerance("fp16"), "fp16")
-
-
-def test_server_tensorrt_version_from_its_libraries():
-    from rankserve.builder.engine import tensorrt_version_from_libraries
-
-    libs = ["/usr/lib/x86_64-linux-gnu/libnvinfer.so.10", "/usr/lib/x86_64-linux-gnu/libnvinfer.so.10.5.0",
-            "/usr/lib/x86_64-linux-gnu/libnvinfer_plugin.so.10.5.0", "/usr/lib/x86_64-linux-gnu/libnvinfer.so.9.3.0"]
-    assert tensorrt_version_from_libraries(libs) == "10.5.0"
-    assert tensorrt_version_from_libraries(["/usr/lib/libc.so.6"]) is None
+    assert library_tensorrt_version() is None  # no TensorRT on this machine: None, not an exception
+    assert _decode_version(100500) == (10, 5, 0) and _decode_version(8601) == (8, 6, 1)
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler to build the stand-in library")
+    source = tmp_path / "nvinfer.c"
+    source.write_text("int getInferLibVersion(void) { return 100500; }\nint getInferLibBuildVersion(void) { return 18; }\n")
+    library = tmp_path / "libnvinfer.so.10"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    assert library_tensorrt_version(str(library)) == "10.5.0.18"
 
 
 def test_repository_engines_checked_before_serving():
@@ -150,14 +144,27 @@ def test_repository_engines_checked_before_serving():
 
     manifest = {"engines": {"fp16": [_record(A10G), _record(H200)], "int8": [_record(A10G)]}}
     assert check_repository_engines({"models": {}}, None, []) == []  # a CPU repository: nothing to check
-    lines = check_repository_engines({"engines": {"fp16": manifest["engines"]["fp16"]}}, "10.5.0", [A10G, H200])
+    lines = check_repository_engines({"engines": {"fp16": manifest["engines"]["fp16"]}}, "10.5.0.18", [A10G, H200])
     assert len(lines) == 2 and "model.sm90.plan runs on NVIDIA H200" in lines[1]
     with pytest.raises(BuildError, match="no engine can run here"):
-        check_repository_engines(manifest, "10.5.0", [H200])  # int8 was built on the A10G only
+        check_repository_engines(manifest, "10.5.0.18", [H200])  # int8 was built on the A10G only
     with pytest.raises(BuildError, match="no TensorRT runtime"):
         check_repository_engines(manifest, None, [A10G])
     with pytest.raises(BuildError, match="no NVIDIA GPU"):
-        check_repository_engines(manifest, "10.5.0", [])
+        check_repository_engines(manifest, "10.5.0.18", [])
+
+
+def test_version_compatible_engines_need_the_server_flag():
+    from rankserve.builder.engine import VERSION_COMPATIBLE_FLAG, check_repository_engines
+
+    manifest = {"engines": {"fp16": [_record(A10G, version_compatible=True)]}}
+    server = ["--model-repository=/models", "--backend-config=python,shm-default-byte-size=16777216"]
+    with pytest.raises(BuildError, match="needs --backend-config=tensorrt,version-compatible=true"):
+        check_repository_engines(manifest, "10.7.0.23", [A10G], server)
+    assert check_repository_engines(manifest, "10.7.0.23", [A10G], server + [VERSION_COMPATIBLE_FLAG])
+    assert check_repository_engines(manifest, "10.7.0.23", [A10G])  # no server arguments given: nothing to compare
+    plain = {"engines": {"fp16": [_record(A10G)]}}
+    assert check_repository_engines(plain, "10.5.0.18", [A10G], server)
 
 
 def test_gpu_check_table_and_served_comparison():

@@ -138,7 +138,7 @@ def test_refresh_keeps_the_tensorrt_models_a_gpu_build_added(tiny_repo, tmp_path
     manifest = json.loads((copy / MANIFEST).read_text())
     record = engine_record("fp16", "10.5.0", GpuFacts("NVIDIA A10G", "8.6"), TINY.engine, "rank_trt_fp16/1/model.sm86.plan", "0" * 64, {})
     manifest["engines"] = {p: [dict(record, precision=p)] for p in TINY.engine.precisions}
-    gpu = configs.gpu_models(TINY, ["8.6"])
+    gpu = configs.gpu_models(TINY, manifest["engines"])
     for name in gpu:  # what build_gpu_repository lays out, without the plan files
         (copy / name / "1").mkdir(parents=True, exist_ok=True)
         (copy / name / "config.pbtxt").write_text("# stale\n")

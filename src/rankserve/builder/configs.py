@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -75,37 +75,60 @@ def batched_rank_model(name: str, settings: BuildSettings, parameters: Mapping[s
     return config
 
 
-def tensorrt_rank_model(name: str, settings: BuildSettings, compute_capabilities: Iterable[str] = ()) -> mc.ModelConfig:
+def tensorrt_rank_model(name: str, settings: BuildSettings, input_names: Sequence[str],
+                        plan_files: Mapping[str, str] | None = None) -> mc.ModelConfig:
     """The rank stage as a TensorRT plan on the GPU: the pair is the batch dimension (up to the
-    profiles' largest batch), every optimization profile is offered to the instance (Triton picks
-    the one that fits each batch), dynamic batching merges requests of equal width. With compute
-    capabilities, one plan file per GPU type (``cc_model_filenames``); else ``model.plan``."""
-    from rankserve.builder.engine import plan_filename
+    profiles' largest batch), every optimization profile is offered to the instance (for each batch
+    Triton picks, among the profiles that accept its shape, the one whose opt shape is nearest),
+    dynamic batching merges requests of equal width.
 
+    ``input_names`` are the engine's inputs, read from the ONNX file it was built from (rankers
+    without ``token_type_ids`` have two). ``logits`` is ``[pairs]`` in the engine; the config
+    declares dims ``[1]`` with an empty ``reshape`` so the ensemble sees ``[pairs, 1]``, as from the
+    CPU rank stage, while Triton compares ``[-1]`` with the engine (tensorrt_backend
+    ``CompareDimsSupported``; core accepts an empty reshape for dims ``[1]`` when batching).
+    ``plan_files`` maps a compute capability to its plan (``cc_model_filenames``); a GPU not listed
+    loads ``model.plan``, where a hardware-compatible (Ampere+) engine is written."""
     engine = settings.engine
     config = mc.ModelConfig(name=name, platform="tensorrt_plan", max_batch_size=engine.max_pairs)
-    _io(config.input, (TensorSpec(t.name, t.dtype, (-1,)) for t in api.ENCODED))
+    _io(config.input, (TensorSpec(t.name, t.dtype, (-1,)) for t in _encoded(input_names)))
     _io(config.output, [TensorSpec(api.LOGITS.name, api.LOGITS.dtype, (1,))])
+    config.output[0].reshape.SetInParent()  # reshape { } : [pairs] in the engine, [pairs, 1] outside
     group = config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
     group.profile.extend(str(i) for i in range(len(engine.profiles)))
     _batching(config, settings)
-    config.default_model_filename = "model.plan"
-    for cc in compute_capabilities:
-        config.cc_model_filenames[cc] = plan_filename(cc)
+    config.default_model_filename = DEFAULT_PLAN
+    for cc, filename in sorted((plan_files or {}).items()):
+        config.cc_model_filenames[cc] = filename
     return config
 
 
-def ensemble(name: str, rank_model: str, tokenize_model: str = api.TOKENIZE_MODEL) -> mc.ModelConfig:
-    """The public ``ranker`` API wired as ``tokenize_model`` -> ``rank_model`` -> postprocess."""
+DEFAULT_PLAN = "model.plan"
+
+
+def _encoded(input_names: Sequence[str]) -> tuple[TensorSpec, ...]:
+    """The encoded tensors a model takes, in ``api.ENCODED`` order; unknown names are an error."""
+    known = {t.name: t for t in api.ENCODED}
+    unknown = [n for n in input_names if n not in known]
+    if unknown or not {"input_ids", "attention_mask"} <= set(input_names):
+        raise ValueError(f"a rank model takes input_ids, attention_mask and optionally token_type_ids; got {list(input_names)}")
+    return tuple(t for t in api.ENCODED if t.name in input_names)
+
+
+def ensemble(name: str, rank_model: str, tokenize_model: str = api.TOKENIZE_MODEL,
+             rank_inputs: Sequence[str] = api.MODEL_INPUT_NAMES) -> mc.ModelConfig:
+    """The public ``ranker`` API wired as ``tokenize_model`` -> ``rank_model`` -> postprocess; only
+    the encoded tensors the rank model takes (``rank_inputs``) flow between the first two."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=0)
     _io(config.input, api.RANKER_INPUTS)
     _io(config.output, api.RANKER_OUTPUTS)
+    encoded = [t.name for t in _encoded(rank_inputs)]
     steps = config.ensemble_scheduling.step
     tokenize = steps.add(model_name=tokenize_model, model_version=-1)
     tokenize.input_map.update({api.QUERY.name: api.QUERY.name, api.TEXTS.name: api.TEXTS.name})
-    tokenize.output_map.update({t.name: t.name for t in api.ENCODED})
+    tokenize.output_map.update({t: t for t in encoded})
     rank = steps.add(model_name=rank_model, model_version=-1)
-    rank.input_map.update({t.name: t.name for t in api.ENCODED})
+    rank.input_map.update({t: t for t in encoded})
     rank.output_map.update({api.LOGITS.name: api.LOGITS.name})
     post = steps.add(model_name=api.POSTPROCESS_MODEL, model_version=-1)
     post.input_map.update({api.LOGITS.name: api.LOGITS.name, api.TOP_K.name: api.TOP_K.name})
@@ -163,16 +186,26 @@ def gpu_tokenize_settings(settings: BuildSettings) -> TokenizeSettings:
     return dataclasses.replace(settings.tokenize, pad_buckets=",".join(map(str, widths)))
 
 
-def gpu_models(settings: BuildSettings, compute_capabilities: Iterable[str] = ()) -> dict[str, mc.ModelConfig]:
+def engine_plan_files(records: Iterable[Mapping]) -> dict[str, str]:
+    """``cc_model_filenames`` of one engine family: compute capability -> plan file of the engines
+    built for one GPU type (a hardware-compatible engine is ``model.plan``, found on any GPU)."""
+    return {r["gpu"]["compute_capability"]: Path(r["plan_file"]).name for r in records
+            if r.get("hardware_compatibility", "none") == "none"}
+
+
+def gpu_models(settings: BuildSettings, engines: Mapping[str, Sequence[Mapping]]) -> dict[str, mc.ModelConfig]:
     """``tokenize_gpu``, and one TensorRT rank model and one ``ranker_trt_<precision>`` ensemble per
-    engine precision (postprocess is the CPU repository's, shared)."""
+    engine family the manifest records (``engines``: precision -> engine records, whose ``inputs``
+    were read from the ONNX file each engine was built from); postprocess is the CPU repository's."""
     from rankserve.builder.engine import engine_ensemble_name, engine_model_name
 
-    ccs = tuple(compute_capabilities)
     models = {GPU_TOKENIZE_MODEL: python_model(GPU_TOKENIZE_MODEL, (api.QUERY, api.TEXTS), api.ENCODED,
                                                to_parameters(gpu_tokenize_settings(settings)))}
-    for precision in settings.engine.precisions:
+    for precision, records in sorted(engines.items()):
+        inputs = records[0]["inputs"]
+        if any(r["inputs"] != inputs for r in records):
+            raise ValueError(f"the {precision} engines disagree on their inputs: {[r['inputs'] for r in records]}")
         rank = engine_model_name(precision)
-        models[rank] = tensorrt_rank_model(rank, settings, ccs)
-        models[engine_ensemble_name(precision)] = ensemble(engine_ensemble_name(precision), rank, GPU_TOKENIZE_MODEL)
+        models[rank] = tensorrt_rank_model(rank, settings, inputs, engine_plan_files(records))
+        models[engine_ensemble_name(precision)] = ensemble(engine_ensemble_name(precision), rank, GPU_TOKENIZE_MODEL, inputs)
     return models

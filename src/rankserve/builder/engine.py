@@ -34,10 +34,14 @@ def engine_ensemble_name(precision: str) -> str:
     return f"{api.RANKER_MODEL}_trt_{precision}"
 
 
-def plan_filename(compute_capability: str) -> str:
+def plan_filename(compute_capability: str, hardware_compatibility: str = "none") -> str:
     """``model.sm86.plan`` for compute capability 8.6: one engine per GPU type in one model folder,
-    picked by Triton through ``cc_model_filenames``."""
+    picked by Triton through ``cc_model_filenames``. A hardware-compatible engine (``ampere_plus``)
+    runs on every Ampere or newer GPU: it is ``model.plan``, the file Triton loads on a GPU whose
+    compute capability ``cc_model_filenames`` does not list."""
     major, minor = _cc(compute_capability)
+    if hardware_compatibility != "none":
+        return "model.plan"
     return f"model.sm{major}{minor}.plan"
 
 
@@ -47,11 +51,13 @@ def profile_shapes(profile: EngineProfile, input_names: Sequence[str]) -> dict[s
 
 
 def profile_for(settings: EngineSettings, pairs: int, tokens: int) -> int:
-    """Index of the first profile that accepts a [pairs, tokens] batch (Triton chooses likewise
-    among the profiles an instance lists); ``BuildError`` when none does."""
-    for i, profile in enumerate(settings.profiles):
-        if profile.covers(pairs, tokens):
-            return i
+    """Index of the profile Triton's TensorRT backend runs a [pairs, tokens] batch with: among the
+    profiles that accept the shape, the one whose opt shape is nearest (Manhattan distance over the
+    dimensions; the first on a tie); ``BuildError`` when none accepts it."""
+    fitting = [(abs(pairs - p.opt[0]) + abs(tokens - p.opt[1]), i) for i, p in enumerate(settings.profiles)
+               if p.covers(pairs, tokens)]
+    if fitting:
+        return min(fitting)[1]
     raise BuildError(f"no optimization profile accepts {pairs} pairs x {tokens} tokens: "
                      f"{[(p.name, p.min, p.max) for p in settings.profiles]}")
 
@@ -85,11 +91,13 @@ def local_gpus() -> list[GpuFacts]:
 
 
 def engine_record(precision: str, tensorrt_version: str, gpu: GpuFacts, settings: EngineSettings,
-                  plan_file: str, sha256: str, check: dict) -> dict:
-    """What the manifest keeps about one engine, for the portability check before serving."""
+                  plan_file: str, sha256: str, check: dict, inputs: Sequence[str] = api.MODEL_INPUT_NAMES) -> dict:
+    """What the manifest keeps about one engine, for the portability check before serving and for
+    its config (``inputs``: the engine's input tensors, as the ONNX file it was built from has them)."""
     return {
         "precision": precision,
         "source_variant": SOURCE_VARIANT[precision],
+        "inputs": list(inputs),
         "tensorrt_version": tensorrt_version,
         "gpu": asdict(gpu),
         "plan_file": plan_file,
@@ -110,10 +118,11 @@ def check_portability(record: dict, tensorrt_version: str, gpu: GpuFacts) -> Non
             raise BuildError(f"engine {record['plan_file']} was built with TensorRT {record['tensorrt_version']} "
                              f"(version-compatible); this server has {tensorrt_version}: it needs TensorRT "
                              f"{built[0]}.x at or above the build's. Rebuild the engines in the matching TensorRT container.")
-    elif built[:2] != here[:2]:
+    elif built != here:  # a plan is only guaranteed to load in the exact TensorRT build that made it
         raise BuildError(f"engine {record['plan_file']} was built with TensorRT {record['tensorrt_version']}; this server "
-                         f"has {tensorrt_version}. Engines only load in the TensorRT release that built them: rebuild "
-                         f"in the TensorRT container that matches the Triton image.")
+                         f"has {tensorrt_version}. Engines only load in the exact TensorRT version that built them (all "
+                         f"four parts): rebuild in the TensorRT container that matches the Triton image, or build "
+                         f"version-compatible engines (--version-compatible true).")
     built_cc, here_cc = _cc(record["gpu"]["compute_capability"]), _cc(gpu.compute_capability)
     if record.get("hardware_compatibility") == "ampere_plus":
         if here_cc < AMPERE:
@@ -138,44 +147,69 @@ def usable_engine(records: Sequence[dict], tensorrt_version: str, gpu: GpuFacts)
     raise BuildError("no engine can run here:\n  " + "\n  ".join(reasons or ["no engine was built"]))
 
 
-def tensorrt_version_from_libraries(paths: Sequence[str]) -> str | None:
-    """The TensorRT runtime version from library file names (``libnvinfer.so.10.5.0``): the Triton
-    image carries TensorRT as libraries, without its Python package."""
-    versions = []
-    for path in paths:
-        name = Path(path).name
-        if name.startswith("libnvinfer.so."):
-            parts = name[len("libnvinfer.so."):].split(".")
-            if len(parts) == 3 and all(p.isdigit() for p in parts):
-                versions.append(tuple(int(p) for p in parts))
-    return ".".join(map(str, max(versions))) if versions else None
+def library_tensorrt_version(library: str | None = None) -> str | None:
+    """The version of the TensorRT runtime library itself (``libnvinfer``, all four parts, e.g.
+    ``10.5.0.18``), as the dynamic loader finds it: the library Triton's TensorRT backend loads,
+    whatever the image's layout or architecture. ``None`` when no libnvinfer loads here."""
+    import ctypes
+
+    for name in [library] if library else ["libnvinfer.so.10", "libnvinfer.so"]:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        lib.getInferLibVersion.restype = ctypes.c_int32
+        return ".".join(map(str, (*_decode_version(lib.getInferLibVersion()), _build_number(lib))))
+    return None
+
+
+def _decode_version(number: int) -> tuple[int, int, int]:
+    """``getInferLibVersion()``: major * 10000 + minor * 100 + patch from TensorRT 10 on
+    (major * 1000 + minor * 100 + patch before)."""
+    if number >= 100000:
+        return number // 10000, number // 100 % 100, number % 100
+    return number // 1000, number // 100 % 10, number % 100
+
+
+def _build_number(lib) -> int:
+    import ctypes
+
+    build = getattr(lib, "getInferLibBuildVersion", None)  # TensorRT 10 and later
+    if build is None:
+        return 0
+    build.restype = ctypes.c_int32
+    return build()
 
 
 def server_tensorrt_version() -> str | None:
-    import glob
-
-    try:
-        return tensorrt_version()
-    except ImportError:
-        return tensorrt_version_from_libraries(
-            glob.glob("/usr/lib/x86_64-linux-gnu/libnvinfer.so.*") + glob.glob("/usr/local/tensorrt/lib/libnvinfer.so.*"))
+    """The TensorRT version of this server, read from the library Triton will load."""
+    return library_tensorrt_version()
 
 
-def check_repository_engines(manifest: dict, tensorrt: str | None, gpus: Sequence[GpuFacts]) -> list[str]:
+VERSION_COMPATIBLE_FLAG = "--backend-config=tensorrt,version-compatible=true"
+
+
+def check_repository_engines(manifest: dict, tensorrt: str | None, gpus: Sequence[GpuFacts],
+                             server_args: Sequence[str] | None = None) -> list[str]:
     """Before serving: every engine family in the manifest must have an engine this server's
-    TensorRT and every one of its GPUs can run. Returns one line per (precision, GPU) that can;
-    raises ``BuildError`` naming what cannot."""
+    TensorRT and every one of its GPUs can run, and version-compatible engines need the server flag
+    that lets Triton's TensorRT backend load them (checked when ``server_args``, tritonserver's
+    arguments, are given). Returns one line per (precision, GPU) that can run; raises
+    ``BuildError`` naming what cannot."""
     engines = manifest.get("engines", {})
     if not engines:
         return []
     if tensorrt is None:
-        raise BuildError("the repository holds TensorRT engines but no TensorRT runtime was found on this server")
+        raise BuildError("the repository holds TensorRT engines but no TensorRT runtime (libnvinfer) loads on this server")
     if not gpus:
         raise BuildError("the repository holds TensorRT engines but no NVIDIA GPU is visible (nvidia-smi)")
     lines = []
     for precision, records in sorted(engines.items()):
         for gpu in gpus:
             record = usable_engine(records, tensorrt, gpu)
+            if record.get("version_compatible") and server_args is not None and VERSION_COMPATIBLE_FLAG not in server_args:
+                raise BuildError(f"{record['plan_file']} is a version-compatible engine: tritonserver needs "
+                                 f"{VERSION_COMPATIBLE_FLAG} to load it (TRT_VERSION_COMPATIBLE=true in docker compose)")
             lines.append(f"{engine_model_name(precision)}: {record['plan_file']} runs on {gpu.name} "
                          f"(compute capability {gpu.compute_capability}) with TensorRT {tensorrt}")
     return lines
@@ -237,24 +271,31 @@ def build_engine(onnx_path: Path, precision: str, settings: EngineSettings, timi
     return bytes(serialized)
 
 
-def run_engine(plan: bytes, batches: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
+def run_engine(plan: bytes, batches: Sequence[dict[str, np.ndarray]], settings: EngineSettings) -> list[np.ndarray]:
     """Run a serialized engine on host arrays, one logits vector per batch (Polygraphy's runner,
-    shipped with TensorRT, manages the device buffers and picks the profile)."""
+    shipped with TensorRT, manages the device buffers). Each batch runs in the profile Triton would
+    pick for its shape (:func:`profile_for`): the runner's default, profile 0, refuses shapes
+    outside it."""
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
+    outputs = []
     with TrtRunner(EngineFromBytes(plan)) as runner:
-        return [np.asarray(runner.infer(feeds)[api.LOGITS.name], dtype=np.float32).reshape(-1) for feeds in batches]
+        for feeds in batches:
+            runner.set_profile(profile_for(settings, *feeds["input_ids"].shape))
+            outputs.append(np.asarray(runner.infer(feeds)[api.LOGITS.name], dtype=np.float32).reshape(-1))
+    return outputs
 
 
 def tensorrt_version() -> str:
+    """The version of the TensorRT the build uses, read from its library like the server's."""
     import tensorrt as trt
 
-    return trt.__version__
+    return library_tensorrt_version() or trt.__version__
 
 
 def _version(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in text.split(".")[:3])
+        return tuple(int(x) for x in text.split("."))
     except ValueError:
         raise BuildError(f"unreadable TensorRT version {text!r}") from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from rankserve import api
 from rankserve.builder import configs
+from rankserve.builder.consistency import ensemble_problems, onnx_signature, require_consistent, tensorrt_problems
 from rankserve.builder.engine import (SOURCE_VARIANT, build_engine, compare_to_reference, engine_model_name,
                                       engine_record, local_gpus, plan_filename, profile_for, run_engine,
                                       tensorrt_version)
@@ -68,28 +70,43 @@ def build_gpu_repository(repo: Path, work: Path, dataset: Dataset, settings: Bui
     reference = {qid: fp32.score(feeds) for qid, feeds in heldout}
     engines = manifest.setdefault("engines", {})
     for precision in settings.engine.precisions:
-        plan = build_engine(_source_onnx(manifest, work, precision), precision, settings.engine, work / "trt" / "timing.cache", log)
-        outputs = run_engine(plan, [feeds for _, feeds in heldout])
+        source = _source_onnx(manifest, work, precision)
+        signature = onnx_signature(source)  # the engine's inputs and outputs are the ONNX file's
+        config = configs.tensorrt_rank_model(engine_model_name(precision), settings, signature.input_names)
+        require_consistent(tensorrt_problems(config, signature))  # before spending minutes on the engine
+        started = time.perf_counter()
+        plan = build_engine(source, precision, settings.engine, work / "trt" / "timing.cache", log)
+        build_seconds = round(time.perf_counter() - started, 1)
+        outputs = run_engine(plan, [{n: feeds[n] for n in signature.input_names} for _, feeds in heldout], settings.engine)
         scores = {qid: out for (qid, _), out in zip(heldout, outputs)}
         check = compare_to_reference(np.concatenate(list(scores.values())), np.concatenate(list(reference.values())),
                                      settings.engine.tolerance(precision), precision)
-        result = require(gate(f"trt_{precision}", dataset, scores, reference, settings.gate.max_ndcg_drop, settings.gate.k))
+        result = require(gate(f"trt_{precision}", dataset, scores, reference, **settings.gate.for_engine(precision)))
         log(f"      max abs diff vs ONNX Runtime FP32 {check['max_abs_diff']:.3g} (limit {check['tolerance']:g}); {result.describe()}")
         folder = repo / engine_model_name(precision) / "1"
         folder.mkdir(parents=True, exist_ok=True)
-        name = plan_filename(gpu.compute_capability)
+        name = plan_filename(gpu.compute_capability, settings.engine.hardware_compatibility)
         (folder / name).write_bytes(plan)
         record = engine_record(precision, version, gpu, settings.engine, f"{engine_model_name(precision)}/1/{name}",
-                               sha256(folder / name), {**check, "gate": result.to_dict()})
-        others = [r for r in engines.get(precision, []) if r["gpu"]["compute_capability"] != gpu.compute_capability]
+                               sha256(folder / name), {**check, "gate": result.to_dict()}, signature.input_names)
+        record.update(build_seconds=build_seconds, plan_bytes=len(plan))
+        others = [r for r in engines.get(precision, []) if r["plan_file"] != record["plan_file"]]
         engines[precision] = others + [record]
-    ccs = sorted({r["gpu"]["compute_capability"] for records in engines.values() for r in records})
     tokenize_dir = install_stage(configs.GPU_TOKENIZE_MODEL, repo, source_stage=api.TOKENIZE_MODEL)
     shutil.copyfile(repo / api.TOKENIZE_MODEL / "1" / "tokenizer.json", tokenize_dir / "tokenizer.json")
-    for name, config in configs.gpu_models(settings, ccs).items():
+    layout_gpu_models(repo, manifest, settings)
+    log(f"engines {sorted(r['plan_file'] for records in engines.values() for r in records)} in {repo}; manifest {repo / MANIFEST}")
+    return manifest
+
+
+def layout_gpu_models(repo: Path, manifest: dict, settings: BuildSettings) -> None:
+    """Write the configs of the TensorRT models and ensembles the manifest's engines call for,
+    check them (ensemble wiring against the CPU models already there), record them, save the manifest."""
+    models = configs.gpu_models(settings, manifest["engines"])
+    existing = {p.parent.name: configs.parse(p) for p in repo.glob("*/config.pbtxt")}
+    require_consistent(ensemble_problems({**existing, **models}))
+    for name, config in models.items():
         (repo / name / "1").mkdir(parents=True, exist_ok=True)
         (repo / name / "config.pbtxt").write_text(configs.to_text(config))
         manifest["models"][name] = model_entry(repo, name)
     (repo / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    log(f"engines for compute capabilities {ccs} in {repo}; manifest {repo / MANIFEST}")
-    return manifest

@@ -21,14 +21,24 @@ from typing import Callable
 
 from rankserve import __version__, api
 from rankserve.builder import configs
+from rankserve.builder.consistency import repository_problems, require_consistent
 from rankserve.builder.export import check_onnx, export_onnx, load_ranker
 from rankserve.errors import BuildError
 from rankserve.data.catalog import Dataset
 from rankserve.settings import BuildSettings, RuntimeSettings
 
 MANIFEST = "manifest.json"
-STAGE_SOURCES = Path(__file__).resolve().parents[3] / "model_repository"
-"""The tracked stage adapters (``<stage>/1/model.py``); the CPU rank adapter serves every CPU variant."""
+def _stage_sources() -> Path:
+    """The tracked stage adapters (``<stage>/1/model.py``): package data of an installed wheel
+    (``rankserve/model_repository``, see setup.py), else the checkout's ``model_repository/``
+    (editable installs)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "model_repository"
+    return installed if installed.is_dir() else package.parents[1] / "model_repository"
+
+
+STAGE_SOURCES = _stage_sources()
+"""Where the stage adapters are read from; the CPU rank adapter serves every CPU variant."""
 
 _VERSIONED = ("torch", "transformers", "tokenizers", "onnx", "onnxruntime", "numpy", "nvidia-pytriton")
 
@@ -55,7 +65,7 @@ def install_stage(name: str, out: Path, source_stage: str | None = None) -> Path
     """Copy the tracked ``model.py`` of a stage into ``out/<name>/1/`` (no-op when building in place)."""
     src = STAGE_SOURCES / (source_stage or name) / "1" / "model.py"
     if not src.exists():
-        raise BuildError(f"stage adapter {src} is missing: run the build from a rankserve checkout")
+        raise BuildError(f"stage adapter {src} is missing: reinstall rankserve (the wheel ships the adapters)")
     version_dir = out / name / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
     dst = version_dir / "model.py"
@@ -144,6 +154,7 @@ def build_repository(
         if config.platform == "ensemble":
             (out / name / "1").mkdir(parents=True, exist_ok=True)  # ensembles need a version dir
         (out / name / "config.pbtxt").write_text(configs.to_text(config))
+    require_consistent(repository_problems(out))  # each config against its ONNX file, ensembles wired
 
     source = Path(ranker_dir).resolve()
     manifest = {
@@ -219,10 +230,8 @@ def expected_configs(manifest: dict, settings: BuildSettings) -> dict[str, str]:
     runtimes = {name: RuntimeSettings(v["runtime"], v["inference_precision"])
                 for name, v in manifest["variants"].items() if v.get("served_on_cpu", True)}
     models = configs.cpu_repository(settings, runtimes, manifest["default_variant"])
-    engines = manifest.get("engines", {})
-    if engines:  # a GPU build added TensorRT models next to these
-        ccs = sorted({r["gpu"]["compute_capability"] for records in engines.values() for r in records})
-        models.update(configs.gpu_models(settings, ccs))
+    if manifest.get("engines"):  # a GPU build added TensorRT models next to these
+        models.update(configs.gpu_models(settings, manifest["engines"]))
     return {name: configs.to_text(config) for name, config in models.items()}
 
 

@@ -51,6 +51,7 @@ class GateResult:
     top_k_overlap: float
     kendall_tau: float
     passed: bool
+    min_top_k_overlap: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,18 +59,23 @@ class GateResult:
     def describe(self) -> str:
         return (f"{self.variant}: NDCG@10 {self.ndcg:.4f} vs FP32 {self.reference_ndcg:.4f} "
                 f"({100 * self.relative_drop:+.2f}% drop, limit {100 * self.max_drop:.1f}%), MRR {self.mrr:.3f}, "
-                f"top-10 overlap {self.top_k_overlap:.3f}, Kendall tau {self.kendall_tau:.3f}")
+                f"top-10 overlap {self.top_k_overlap:.3f}"
+                + (f" (limit {self.min_top_k_overlap:.2f})" if self.min_top_k_overlap else "")
+                + f", Kendall tau {self.kendall_tau:.3f}")
 
 
 def gate(
-    variant: str, dataset: Dataset, scores: dict[int, np.ndarray], reference: dict[int, np.ndarray], max_drop: float, k: int = 10
+    variant: str, dataset: Dataset, scores: dict[int, np.ndarray], reference: dict[int, np.ndarray], max_drop: float, k: int = 10,
+    min_overlap: float = 0.0,
 ) -> GateResult:
-    """Score ``variant`` against the labels and against the FP32 ``reference`` scores."""
+    """Score ``variant`` against the labels and against the FP32 ``reference`` scores; it passes
+    when its NDCG@k drops at most ``max_drop`` and its top-k overlaps FP32's by ``min_overlap``."""
     by_query = dataset.by_query()
     labels = {qid: [j.label for j in by_query[qid]] for qid in scores}
     ndcg = float(np.mean([ndcg_at_k(labels[q], scores[q], k) for q in scores]))
     ref = float(np.mean([ndcg_at_k(labels[q], reference[q], k) for q in scores]))
     drop = (ref - ndcg) / ref if ref > 0 else 0.0
+    overlap = float(np.mean([top_k_overlap(reference[q], scores[q], k) for q in scores]))
     return GateResult(
         variant=variant,
         ndcg=ndcg,
@@ -77,9 +83,10 @@ def gate(
         reference_ndcg=ref,
         relative_drop=drop,
         max_drop=max_drop,
-        top_k_overlap=float(np.mean([top_k_overlap(reference[q], scores[q], k) for q in scores])),
+        top_k_overlap=overlap,
         kendall_tau=float(np.mean([kendall_tau(reference[q], scores[q]) for q in scores])),
-        passed=drop <= max_drop,
+        passed=drop <= max_drop and overlap >= min_overlap,
+        min_top_k_overlap=min_overlap,
     )
 
 
