@@ -74,9 +74,11 @@ soak: venv
 		--slo-max-shm-growth 0.05 --protocol $(PROTOCOL) --model $(MODEL) --out reports/soak
 
 # On a GPU host (NVIDIA driver + Container Toolkit, TRITON_ADMIN_KEY exported, `make build` done):
-# engines built in the TensorRT container, served by Triton, checked against the CPU ranker.
+# engines built, tested and measured in the TensorRT container, served by Triton, checked against
+# the CPU FP32 ranker; report in reports/gpu/ (report.md, report.json). docker compose runs the build
+# as you: HOST_UID/HOST_GID are your ids.
 gpu-check: venv
-	$(BIN)/rankserve gpu-check --data artifacts/data --model-repository model_repository
+	HOST_UID=$$(id -u) HOST_GID=$$(id -g) $(BIN)/rankserve gpu-check --data artifacts/data --model-repository model_repository --out reports/gpu
 
 # Same workload, same concurrency: Triton ensemble vs the model alone in process vs naive FastAPI + PyTorch.
 CONCURRENCY ?= 4

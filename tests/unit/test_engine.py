@@ -167,14 +167,10 @@ def test_version_compatible_engines_need_the_server_flag():
     assert check_repository_engines(plain, "10.5.0.18", [A10G], server)
 
 
-def test_gpu_check_table_and_served_comparison():
-    from rankserve.gpu_check import Step, compare_served, format_table
+def test_gpu_check_table():
+    from rankserve.gpu_check import Step, format_table
 
-    base = [np.array([0.1, 0.2]), np.array([1.0])]
-    scores = {"ranker_fp32": base, "ranker_trt_fp16": [b + 0.01 for b in base], "ranker_trt_int8": [b + 0.9 for b in base]}
-    steps = compare_served(scores, "ranker_fp32", DEFAULT.engine.tolerance)
-    assert [(s.name, s.passed) for s in steps] == [("ranker_trt_fp16 vs ranker_fp32", True), ("ranker_trt_int8 vs ranker_fp32", False)]
-    table = format_table([Step("GPU visible", True, "nvidia-smi -L"), *steps])
+    table = format_table([Step("GPU visible", True, "nvidia-smi -L"), Step("ranker_trt_int8 vs ranker_fp32", False, "max abs diff 0.9")])
     assert "| ranker_trt_int8 vs ranker_fp32 | FAIL | max abs diff 0.9" in table and table.endswith("FAILED: ranker_trt_int8 vs ranker_fp32")
 
 
@@ -202,3 +198,59 @@ def test_gpu_tokenize_pads_requests_to_the_profile_widths(tiny_repo):
         TokenizeSettings(pad_buckets="128,64")
     with pytest.raises(ConfigError, match="pad_buckets"):
         TokenizeSettings(pad_buckets="32")  # must hold max_length
+
+
+def test_gpu_check_reports_every_step_even_when_one_fails(monkeypatch, tmp_path):
+    """With the key set and no GPU here, the check stops at `GPU visible` (nvidia-smi missing: a
+    FAIL row, not a traceback) and still writes report.json and report.md with the table."""
+    import json
+
+    from rankserve.gpu_check import run_gpu_check
+
+    monkeypatch.setenv("TRITON_ADMIN_KEY", "k")
+    steps = run_gpu_check(tmp_path, tmp_path, out=tmp_path / "gpu", log=lambda _m: None)
+    assert [(s.name, s.passed) for s in steps] == [("TRITON_ADMIN_KEY set", True), ("GPU visible", False)]
+    assert "FileNotFoundError" in steps[-1].detail or "nvidia-smi" in steps[-1].detail
+    report = json.loads((tmp_path / "gpu" / "report.json").read_text())
+    assert [s["name"] for s in report["steps"]] == ["TRITON_ADMIN_KEY set", "GPU visible"]
+    assert "| GPU visible | FAIL |" in (tmp_path / "gpu" / "report.md").read_text()
+
+
+def test_gpu_report_tables_and_served_agreement(dataset):
+    from rankserve.gpu_check import Step, agreement, format_report, latency_summary
+
+    heldout = dataset.split("heldout")[:10]
+    by_query = dataset.by_query()
+    rng = np.random.default_rng(0)
+    reference = {q.query_id: rng.normal(size=len(by_query[q.query_id])).astype(np.float32) for q in heldout}
+    close = {q: s + 0.001 for q, s in reference.items()}
+    a = agreement(dataset, close, reference, "int8", DEFAULT.gate)
+    assert a["max_abs_diff"] == pytest.approx(0.001, abs=1e-6) and a["top_k_overlap"] == 1.0 and a["gate_passed"]
+    shuffled = {q: rng.permutation(s) for q, s in reference.items()}
+    assert not agreement(dataset, shuffled, reference, "int8", DEFAULT.gate)["gate_passed"]  # overlap < 0.95
+    summary = latency_summary([10.0, 20.0, 30.0, 40.0], pairs=400, seconds=2.0)
+    assert summary["p50_ms"] == 25.0 and summary["pairs_per_s"] == 200.0 and summary["requests"] == 4
+    report = {"versions": {"tensorrt": "10.5.0.18", "triton": "2.51.0"},
+              "gpus": [{"name": "NVIDIA H200", "compute_capability": "9.0", "driver": "560.35"}],
+              "engines": [{"plan_file": "rank_trt_int8/1/model.sm90.plan", "build_seconds": 61.2, "plan_bytes": 3 * 2**20,
+                           "grid": [{"pairs": 32, "tokens": 64, "profile": "short", "p50_ms": 0.8, "pairs_per_s": 40000.0}]}],
+              "served": {"ranker_fp32": summary, "ranker_trt_int8": {**summary, "agreement": a}},
+              "steps": [vars(Step("GPU visible", True, "")), vars(Step("ranker_trt_int8 vs ranker_fp32", True, a["gate"]))]}
+    md = format_report(report)
+    assert "| rank_trt_int8/1/model.sm90.plan | 61.2 | 3.0 | 32 | 64 | short | 0.8 | 40000.0 |" in md
+    assert "| ranker_trt_int8 | 4 | 25.0 |" in md and "| ranker_fp32 | 4 |" in md and "reference |" in md
+    assert "- tensorrt: 10.5.0.18" in md and "NVIDIA H200 (compute capability 9.0, driver 560.35)" in md
+    assert md.rstrip().endswith("all checks passed")
+
+
+def test_engine_benchmark_grid_and_synthetic_inputs():
+    from rankserve.builder.engine import bench_grid, synthetic_feeds
+
+    grid = bench_grid(DEFAULT.engine)
+    assert (512, 128) in grid and (1, 32) in grid and all(profile_for(DEFAULT.engine, *s) >= 0 for s in grid)
+    assert bench_grid(DEFAULT.engine, pairs=(2000,)) == []  # no profile takes 2000 pairs
+    feeds = synthetic_feeds(["input_ids", "attention_mask"], 5, 16, np.random.default_rng(0))
+    assert set(feeds) == {"input_ids", "attention_mask"} and feeds["input_ids"].shape == (5, 16)
+    mask = feeds["attention_mask"]
+    assert mask[:, :8].all() and (np.diff(mask, axis=1) <= 0).all()  # right padding only
+    assert (feeds["input_ids"][mask == 0] == 0).all()

@@ -81,9 +81,10 @@ def test_triton_pod_matches_compose_and_the_server_settings(rendered, target):
     compose_flags = {f.split("=", 1)[0]: f for f in _compose()["x-triton"]["command"]}
     flags = {f.split("=", 1)[0]: f for f in triton["args"]}
     assert set(flags) == set(compose_flags)  # the same server flags as docker compose
-    for name in ("--model-control-mode", "--strict-readiness", "--exit-timeout-secs", "--http-max-input-size", "--backend-config"):
+    for name in ("--model-control-mode", "--strict-readiness", "--exit-timeout-secs"):
         assert flags[name] == compose_flags[name]
-    assert flags["--backend-config"].endswith(f"shm-default-byte-size={ServeSettings().shm_default_bytes}")
+    python_backend = f"--backend-config=python,shm-default-byte-size={ServeSettings().shm_default_bytes}"
+    assert python_backend in triton["args"] and python_backend in _compose()["x-triton"]["command"]
     assert "$(TRITON_ADMIN_KEY)" in flags["--http-restricted-api"] and "$(TRITON_ADMIN_KEY)" in flags["--grpc-restricted-protocol"]
     assert {p["containerPort"] for p in triton["ports"]} == {8000, 8001, 8002}
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/models/ranker/ready"

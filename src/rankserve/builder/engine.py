@@ -286,6 +286,51 @@ def run_engine(plan: bytes, batches: Sequence[dict[str, np.ndarray]], settings: 
     return outputs
 
 
+def synthetic_feeds(input_names: Sequence[str], pairs: int, tokens: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """[pairs, tokens] int64 inputs shaped like real batches: ids in the vocabulary's body, right
+    padding of random length after the first half, zero token types."""
+    mask = np.ones((pairs, tokens), np.int64)
+    tail = tokens - tokens // 2 - 1
+    if tail > 0:
+        mask[:, tokens - tail:] = rng.integers(0, 2, (pairs, tail)).cumprod(axis=1)
+    feeds = {"input_ids": np.where(mask == 1, rng.integers(1000, 20000, (pairs, tokens)), 0), "attention_mask": mask,
+             "token_type_ids": np.zeros((pairs, tokens), np.int64)}
+    return {n: feeds[n] for n in input_names}
+
+
+def bench_grid(settings: EngineSettings, pairs: Sequence[int] = (1, 32, 128, 512), tokens: Sequence[int] = (32, 64, 128)) -> list[tuple[int, int]]:
+    """The (pairs, tokens) shapes an engine is measured at: those some profile accepts."""
+    return [(p, t) for p in pairs for t in tokens if any(profile.covers(p, t) for profile in settings.profiles)]
+
+
+def bench_engine(plan: bytes, settings: EngineSettings, input_names: Sequence[str], grid: Sequence[tuple[int, int]],
+                 iterations: int = 20) -> list[dict]:
+    """Latency and throughput of an engine at each (pairs, tokens) of ``grid`` through Polygraphy's
+    runner (host copies included), each shape in the profile Triton would pick."""
+    import time
+
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    rng = np.random.default_rng(0)
+    rows = []
+    with TrtRunner(EngineFromBytes(plan)) as runner:
+        for pairs, tokens in grid:
+            profile = profile_for(settings, pairs, tokens)
+            runner.set_profile(profile)
+            feeds = synthetic_feeds(input_names, pairs, tokens, rng)
+            for _ in range(3):
+                runner.infer(feeds)
+            seconds = []
+            for _ in range(iterations):
+                started = time.perf_counter()
+                runner.infer(feeds)
+                seconds.append(time.perf_counter() - started)
+            p50 = float(np.median(seconds))
+            rows.append({"pairs": pairs, "tokens": tokens, "profile": settings.profiles[profile].name,
+                         "p50_ms": round(1000 * p50, 3), "pairs_per_s": round(pairs / p50, 1)})
+    return rows
+
+
 def tensorrt_version() -> str:
     """The version of the TensorRT the build uses, read from its library like the server's."""
     import tensorrt as trt

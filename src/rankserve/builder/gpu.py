@@ -26,7 +26,7 @@ from rankserve.builder.repository import MANIFEST, install_stage, model_entry, s
 from rankserve.data.catalog import Dataset
 from rankserve.errors import BuildError
 from rankserve.optimize.gate import gate, require
-from rankserve.settings import BuildSettings, RuntimeSettings
+from rankserve.settings import BuildSettings, EngineProfile, EngineSettings, RuntimeSettings
 from rankserve.stages.rank import create_ranker
 from rankserve.stages.tokenize import encode_pairs, load_tokenizer
 
@@ -110,3 +110,25 @@ def layout_gpu_models(repo: Path, manifest: dict, settings: BuildSettings) -> No
         (repo / name / "config.pbtxt").write_text(configs.to_text(config))
         manifest["models"][name] = model_entry(repo, name)
     (repo / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def bench_engines(repo: Path, log: Callable[[str], None] = print) -> dict:
+    """``rankserve engine-bench``, in the TensorRT container: every engine family of the repository
+    that runs on this GPU, measured at :func:`bench_grid` shapes through Polygraphy."""
+    from rankserve.builder.engine import bench_engine, bench_grid, usable_engine
+
+    manifest = verify_repository(repo)
+    gpus = local_gpus()
+    if not gpus:
+        raise BuildError("no NVIDIA GPU is visible (nvidia-smi): measure the engines on the GPU host")
+    version = tensorrt_version()
+    engines = []
+    for precision, records in sorted(manifest.get("engines", {}).items()):
+        record = usable_engine(records, version, gpus[0])
+        settings = EngineSettings(profiles=tuple(EngineProfile(p["name"], tuple(p["min"]), tuple(p["opt"]), tuple(p["max"]))
+                                                 for p in record["profiles"]))
+        log(f"measuring {record['plan_file']} at {len(bench_grid(settings))} shapes")
+        rows = bench_engine((repo / record["plan_file"]).read_bytes(), settings, record["inputs"], bench_grid(settings))
+        engines.append({**{k: record.get(k) for k in ("precision", "plan_file", "build_seconds", "plan_bytes", "tensorrt_version")}, "grid": rows})
+    return {"tensorrt": version, "gpu": {"name": gpus[0].name, "compute_capability": gpus[0].compute_capability}, "engines": engines}
+

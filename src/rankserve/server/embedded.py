@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from rankserve.errors import ServeError
 from rankserve.server.processes import StubProcess, dead_stubs, remove_shm_regions, stub_processes
@@ -129,8 +130,12 @@ def repository_models(repo: Path) -> list[str]:
 class EmbeddedServer:
     """``with EmbeddedServer(repo, settings) as server: ...`` starts, waits for readiness, stops."""
 
-    def __init__(self, model_repository: str | Path, settings: ServeSettings = ServeSettings(), log_path: str | Path | None = None) -> None:
+    def __init__(self, model_repository: str | Path, settings: ServeSettings = ServeSettings(), log_path: str | Path | None = None,
+                 argv: Callable[[TritonInstall, Path], list[str]] | None = None) -> None:
+        """``argv(install, backend_directory)``: another command line to start (e.g. a container's
+        own, to prove this tritonserver accepts it); by default :func:`server_command`."""
         self.repo = Path(model_repository).resolve()
+        self.argv = argv
         self.settings = settings
         self.log_path = Path(log_path) if log_path else None
         self.process: subprocess.Popen | None = None
@@ -170,7 +175,7 @@ class EmbeddedServer:
         # The stub embeds its own Python: point it at this interpreter's packages (the venv).
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         self.process = subprocess.Popen(
-            server_command(install, self.repo, backends, self.settings),
+            self.argv(install, backends) if self.argv else server_command(install, self.repo, backends, self.settings),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
