@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS := build,serve,client,loadtest,bench,dev
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast build serve report ts checkov loadtest loadtest-half soak gpu-check bench clean
+.PHONY: venv demo test test-fast build serve report ts checkov modelopt loadtest loadtest-half soak gpu-check bench clean
 
 # (Re)create the venv and install the package with its extras whenever pyproject.toml changes.
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -25,25 +25,35 @@ ts:
 	@if command -v npm >/dev/null; then cd clients/typescript && npm ci --no-audit --no-fund --silent && npm run --silent build; \
 	else echo "npm not found: the TypeScript SDK tests will be skipped"; fi
 
-test: venv ts checkov
+test: venv ts checkov modelopt
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# checkov (static security checks of the Kubernetes manifests and Dockerfiles) in its own venv:
-# its many pinned dependencies would otherwise fight the serving stack's.
-CHECKOV_VENV := .venv-checkov
-$(CHECKOV_VENV)/.installed: deploy/checkov-requirements.txt
-	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
-	$(CHECKOV_VENV)/bin/python -m pip install -q --upgrade pip
-	$(CHECKOV_VENV)/bin/python -m pip install -q -r deploy/checkov-requirements.txt
-	@touch $@
+# Tools in venvs of their own, from a requirements file: their pins would fight the serving stack's.
+# $(call side-venv,DIR,REQUIREMENTS) makes DIR/.installed.
+define side-venv
+$(1)/.installed: $(2)
+	@test -x $(1)/bin/python || $$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q -r $(2)
+	@touch $$@
+endef
 
+# checkov: static security checks of the Kubernetes manifests and Dockerfiles.
+CHECKOV_VENV := .venv-checkov
+$(eval $(call side-venv,$(CHECKOV_VENV),deploy/checkov-requirements.txt))
 checkov: $(CHECKOV_VENV)/.installed
+
+# NVIDIA ModelOpt (TensorRT's quantizer; pins onnx~=1.21 and onnxruntime-gpu): the build runs it as
+# a subprocess to make the INT8 engine's QDQ model (int8_trt).
+MODELOPT_VENV := .venv-modelopt
+$(eval $(call side-venv,$(MODELOPT_VENV),deploy/modelopt-requirements.txt))
+modelopt: $(MODELOPT_VENV)/.installed
 
 # Unit tests only: no server, no export.
 test-fast: venv
 	$(BIN)/python -m pytest -m "not triton and not slow" $(PYTEST_ARGS)
 
-build: venv
+build: venv modelopt
 	$(BIN)/rankserve build --ranker artifacts/ranker --target cpu --out model_repository \
 		--variants all --data artifacts/data --work-dir artifacts/variants
 

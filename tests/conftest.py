@@ -97,11 +97,17 @@ def server(tiny_repo, tmp_path_factory):
         yield srv
 
 
-TINY_VARIANTS = ("fp32", "fused", "int8", "int8_dynamic", "bf16", "pruned", "pruned_int8", "fp16")
+TINY_VARIANTS = ("fp32", "fused", "int8", "int8_dynamic", "bf16", "pruned", "pruned_int8", "fp16", "int8_trt")
 
 
 @pytest.fixture(scope="session")
-def tiny_variants_repo(tiny_ranker, dataset, tmp_path_factory):
+def tiny_variants_work(tmp_path_factory) -> Path:
+    """The work directory of the all-variants build: every variant's ONNX file, GPU-only ones included."""
+    return tmp_path_factory.mktemp("variants_work")
+
+
+@pytest.fixture(scope="session")
+def tiny_variants_repo(tiny_ranker, dataset, tmp_path_factory, tiny_variants_work):
     """The tiny ranker built with every variant by the real variant pipeline (lenient tiny gate)."""
     import dataclasses
 
@@ -109,8 +115,7 @@ def tiny_variants_repo(tiny_ranker, dataset, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("variants_repository")
     settings = dataclasses.replace(TINY, variants=TINY_VARIANTS)
-    build_repository(tiny_ranker, out, settings, log=lambda _m: None, dataset=dataset,
-                     work_dir=tmp_path_factory.mktemp("variants_work"))
+    build_repository(tiny_ranker, out, settings, log=lambda _m: None, dataset=dataset, work_dir=tiny_variants_work)
     return out
 
 

@@ -21,23 +21,32 @@ def manifest(tiny_variants_repo):
 
 
 def test_manifest_records_every_variant_with_its_gate_and_runtime(manifest):
-    expected = {"fp32", "fused", "int8", "int8_dynamic", "pruned", "pruned_int8", "fp16"} | ({"bf16"} if cpu_has_bf16_units() else set())
+    expected = {"fp32", "fused", "int8", "int8_dynamic", "pruned", "pruned_int8", "fp16", "int8_trt"} | ({"bf16"} if cpu_has_bf16_units() else set())
     assert set(manifest["variants"]) == expected
     for name, v in manifest["variants"].items():
         assert v["gate"]["passed"] and 0 <= v["gate"]["ndcg"] <= 1 and -1 <= v["gate"]["kendall_tau"] <= 1
         assert v["runtime"] in ("onnxruntime", "openvino")
     assert manifest["variants"]["int8_dynamic"]["runtime"] == "onnxruntime"
     assert manifest["variants"]["int8"]["format"].startswith("QDQ")
-    assert manifest["variants"]["fp16"]["served_on_cpu"] is False and manifest["variants"]["fp16"]["rank_model"] is None
+    for gpu_only in ("fp16", "int8_trt"):  # TensorRT engines are built from them on the GPU host
+        assert manifest["variants"][gpu_only]["served_on_cpu"] is False and manifest["variants"][gpu_only]["rank_model"] is None
+    trt = manifest["variants"]["int8_trt"]  # ModelOpt quantized every Linear; the strict engine gate was applied
+    assert trt["quantizer"].startswith("nvidia-modelopt") and trt["quantized_matmuls"] == trt["weight_matmuls"] > 0
+    assert trt["gate"]["min_top_k_overlap"] == TINY.gate.min_top_k_overlap_int8_engine
+    ladder = manifest["variants"]["int8"]
+    assert 0 < ladder["quantized_matmuls"] <= ladder["weight_matmuls"] == trt["weight_matmuls"]
     speeds = {n: max(v["build_speed_pairs_per_s"].values()) for n, v in manifest["variants"].items() if v["served_on_cpu"]}
     assert manifest["default_variant"] == max(speeds, key=speeds.get)
 
 
-def test_the_qdq_model_is_symmetric_int8_with_per_channel_weights(tiny_variants_repo, manifest):
+@pytest.mark.parametrize("variant", ["int8", "int8_trt"])
+def test_the_qdq_model_is_symmetric_int8_with_per_channel_weights(tiny_variants_repo, tiny_variants_work, manifest, variant):
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(tiny_variants_repo / manifest["variants"]["int8"]["rank_model"] / "1" / "model.onnx"))
+    v = manifest["variants"][variant]
+    path = tiny_variants_repo / v["rank_model"] / "1" / "model.onnx" if v["rank_model"] else tiny_variants_work / f"{variant}.onnx"
+    model = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert dq

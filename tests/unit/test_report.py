@@ -22,6 +22,15 @@ def test_gemm_ceilings_are_measured():
     assert ceilings["fp32"] > 1 and set(ceilings) <= {"fp32", "bf16", "int8"}
 
 
+def test_only_native_matrix_units_are_timed_in_pytorch():
+    from rankserve.optimize.report import native_matrix_units
+
+    assert native_matrix_units(["avx2", "fma"]) == {"fp32"}  # an AVX2-only CPU: BF16/INT8 would be emulated
+    assert native_matrix_units(["avx512f", "avx512_vnni", "avx512_bf16"]) == {"fp32", "bf16", "int8"}
+    assert native_matrix_units(["amx_bf16", "amx_int8", "amx_tile"]) == {"fp32", "bf16", "int8"}
+    assert native_matrix_units(["avx_vnni"]) == {"fp32", "int8"}
+
+
 def test_report_measures_every_served_variant_and_the_pytorch_baseline(tiny_variants_repo, dataset, tmp_path):
     dataset.save(tmp_path / "data")
     report = run_report(tiny_variants_repo, tmp_path / "data", tmp_path / "report", log=lambda _m: None)
@@ -34,4 +43,8 @@ def test_report_measures_every_served_variant_and_the_pytorch_baseline(tiny_vari
     assert report["variants"][0]["speedup_vs_pytorch_b32_len64"] == pytest.approx(1.0)
     for name in ("report.md", "report.json", "speed_vs_ndcg.png", "throughput_vs_batch.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
-    assert "| int8 |" in (tmp_path / "report" / "report.md").read_text()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| int8 |" in md
+    # the INT8 QDQ models side by side: the ONNX Runtime ladder (CPU) and ModelOpt's (TensorRT)
+    assert [r["variant"] for r in report["int8"]] == [n for n in manifest["variants"] if n in ("int8", "pruned_int8", "int8_trt")]
+    assert "| int8_trt | nvidia-modelopt ONNX PTQ |" in md and "| int8 | onnxruntime quantize_static |" in md

@@ -21,8 +21,9 @@ from rankserve.errors import BuildError
 from rankserve.settings import EngineProfile, EngineSettings
 
 # The ONNX variant each engine precision is parsed from: FP16 kernels from the FP16 ONNX (LayerNorm
-# and Softmax kept FP32 inside it), INT8 from the QDQ ONNX (explicit quantization).
-SOURCE_VARIANT = {"fp16": "fp16", "int8": "int8"}
+# and Softmax kept FP32 inside it), INT8 from the QDQ ONNX NVIDIA ModelOpt made for TensorRT
+# (explicit quantization; `int8_trt`, gated strictly), not the ONNX Runtime ladder's CPU model.
+SOURCE_VARIANT = {"fp16": "fp16", "int8": "int8_trt"}
 AMPERE = (8, 0)
 
 

@@ -37,7 +37,8 @@ def _source_onnx(manifest: dict, work: Path, precision: str) -> Path:
     path = work / f"{variant}.onnx"
     if record is None or not path.exists():
         raise BuildError(f"the {precision} engine is built from the '{variant}' ONNX variant: build it first "
-                         f"(`rankserve build --target cpu --variants ...,{variant} --work-dir {work}`)")
+                         f"(`make build`, or `rankserve build --target cpu --variants ...,{variant} --work-dir {work}`"
+                         + ("; int8_trt needs the ModelOpt venv: `make modelopt`" if variant == "int8_trt" else "") + ")")
     if sha256(path) != record["onnx_sha256"]:
         raise BuildError(f"{path} does not match the checksum the manifest records for '{variant}'; rebuild the CPU variants")
     return path

@@ -24,19 +24,23 @@ TARGET_BATCH = 32
 
 def gemm_ceilings(n: int = 2048, threads: int = 0) -> dict[str, float]:
     """Measured dense matrix-multiply ceilings in GFLOP/s: the better of PyTorch and OpenVINO (oneDNN),
-    best of 7 runs each, for FP32, BF16 and INT8 where present."""
+    best of 7 runs each, for FP32, BF16 and INT8 where present. PyTorch's BF16 and INT8 products are
+    timed only where the CPU has the units for them (AVX512-BF16/AMX, VNNI/AMX): elsewhere PyTorch
+    emulates them (measured on an AVX2-only EPYC: 2.5 s for one 1024^3 BF16 product, 1.1 s INT8),
+    which is no ceiling and took the report past ten minutes; OpenVINO falls back on its own."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     out = {}
     a = torch.randn(n, n)
+    units = native_matrix_units()
     for name, x, mm in (
         ("fp32", a, torch.mm),
         ("bf16", a.bfloat16(), torch.mm),
         ("int8", torch.randint(-64, 64, (n, n), dtype=torch.int8), getattr(torch, "_int_mm", None)),
     ):
-        if mm is None:
+        if mm is None or name not in units:
             continue
         try:
             mm(x, x)
@@ -101,6 +105,18 @@ def flops_per_pair(config: dict, layers: int, length: float) -> float:
     per_token = 2 * (4 * h * h + 2 * h * ffn)
     attention = 2 * 2 * length * length * h
     return layers * (per_token * length + attention)
+
+
+def native_matrix_units(flags: list[str] | None = None) -> set[str]:
+    """The precisions this CPU multiplies natively: FP32 always, BF16 with AVX512-BF16 or AMX-BF16,
+    INT8 with VNNI (AVX512 or AVX) or AMX-INT8."""
+    flags = set(_cpu_flags() if flags is None else flags)
+    units = {"fp32"}
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        units.add("bf16")
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        units.add("int8")
+    return units
 
 
 def _cpu_flags() -> list[str]:
@@ -181,6 +197,7 @@ def run_report(repo: Path, data: Path, out: Path, log=print) -> dict:
         "fixed_length": FIXED_LENGTH,
         "variants": rows,
         "gpu_only": {n: v["gate"] for n, v in manifest["variants"].items() if not v["served_on_cpu"]},
+        "int8": int8_comparison(manifest),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -188,6 +205,16 @@ def run_report(repo: Path, data: Path, out: Path, log=print) -> dict:
     plot(report, out)
     log(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'speed_vs_ndcg.png'}, {out / 'throughput_vs_batch.png'}")
     return report
+
+
+def int8_comparison(manifest: dict) -> list[dict]:
+    """The INT8 QDQ variants of a build side by side: which quantizer, how much of the model is INT8,
+    and what it keeps of the FP32 ranking (the ONNX Runtime ladder for CPUs, ModelOpt for TensorRT)."""
+    return [{"variant": name, "quantizer": v.get("quantizer", "?"), "quantized_matmuls": v.get("quantized_matmuls", "?"),
+             "weight_matmuls": v.get("weight_matmuls", "?"), **{k: v["gate"][k] for k in
+             ("ndcg", "relative_drop", "max_drop", "top_k_overlap", "kendall_tau", "passed")},
+             "min_top_k_overlap": v["gate"].get("min_top_k_overlap", 0.0)}
+            for name, v in manifest["variants"].items() if v["precision"] == "int8" and v.get("gate")]
 
 
 def render_markdown(report: dict) -> str:
@@ -227,6 +254,15 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## GPU-only variants (checked on CPU with ONNX Runtime)", ""]
         lines += [f"- {n}: NDCG@10 {g['ndcg']:.4f}, Kendall tau {g['kendall_tau']:.3f}, gate {'passed' if g['passed'] else 'FAILED'}"
                   for n, g in report["gpu_only"].items()]
+    if report.get("int8"):
+        lines += ["", "## INT8 QDQ models side by side (held-out queries, scored with ONNX Runtime CPU)", "",
+                  "| variant | quantizer | weight MatMuls INT8 | NDCG@10 | drop vs FP32 | top-10 overlap | Kendall tau | gate |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in report["int8"]:
+            lines.append(f"| {r['variant']} | {r['quantizer']} | {r['quantized_matmuls']}/{r['weight_matmuls']} | {r['ndcg']:.4f} | "
+                         f"{100 * r['relative_drop']:.2f}% (limit {100 * r['max_drop']:.1f}%) | {r['top_k_overlap']:.3f}"
+                         f"{' (limit %.2f)' % r['min_top_k_overlap'] if r['min_top_k_overlap'] else ''} | {r['kendall_tau']:.3f} | "
+                         f"{'passed' if r['passed'] else 'FAILED'} |")
     lines += ["", "![speed vs NDCG](speed_vs_ndcg.png)", "", "![throughput vs batch](throughput_vs_batch.png)", ""]
     return "\n".join(lines)
 
