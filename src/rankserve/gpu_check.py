@@ -20,6 +20,10 @@ from typing import Callable, Mapping
 import numpy as np
 
 REFERENCE = "ranker_fp32"
+BUILD = ["docker", "compose", "run", "--rm", "build"]
+SERVE = ["docker", "compose", "up", "-d", "--no-deps", "triton"]
+"""``--no-deps``: ``triton`` depends on ``build`` (for a plain ``docker compose up``); the engines
+were just built by :data:`BUILD`, and without it compose would build them a second time."""
 ENGINE_BENCH = "gpu-engines.json"  # written by `rankserve engine-bench` into the build service's /work (./artifacts)
 
 
@@ -179,7 +183,7 @@ def run_gpu_check(data: Path, repo: Path, url: str = "http://127.0.0.1:8000", ou
             report["gpus"].append({"name": name, "compute_capability": cc, "driver": driver})
         log("building the engines in the TensorRT container (docker compose run --rm build) ...")
         started = time.perf_counter()
-        if not check.run("engines built (compose service build)", ["docker", "compose", "run", "--rm", "build"], env):
+        if not check.run("engines built (compose service build)", BUILD, env):
             return check.steps
         report["build_seconds"] = round(time.perf_counter() - started, 1)
         log("testing and measuring the engines in the TensorRT container ...")
@@ -190,8 +194,8 @@ def run_gpu_check(data: Path, repo: Path, url: str = "http://127.0.0.1:8000", ou
             with check.step("engine benchmark report"):
                 bench = json.loads((Path("artifacts") / ENGINE_BENCH).read_text())
                 report["engines"], report["versions"]["tensorrt"] = bench["engines"], bench["tensorrt"]
-        log("serving (docker compose up -d --no-deps triton) ...")
-        if not check.run("triton started", ["docker", "compose", "up", "-d", "--no-deps", "triton"], env):
+        log(f"serving ({' '.join(SERVE)}) ...")
+        if not check.run("triton started", SERVE, env):
             return check.steps
         if not check.add("ranker ready", _wait_ready(url, "ranker", 600), f"{url}/v2/models/ranker/ready"):
             return check.steps

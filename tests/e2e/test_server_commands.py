@@ -12,7 +12,6 @@ addresses and free ports for the three endpoints (the containers bind 0.0.0.0:80
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess

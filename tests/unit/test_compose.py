@@ -5,7 +5,6 @@ resolved model."""
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +68,10 @@ def test_engines_are_built_on_the_gpu_then_checked_then_served(resolved):
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert triton["depends_on"]["build"]["condition"] == "service_completed_successfully"
+    from rankserve.gpu_check import BUILD, SERVE
+
+    # gpu-check builds once (`run --rm build`), then starts triton without its dependency on build
+    assert BUILD[-1] == "build" and SERVE[:3] == ["docker", "compose", "up"] and "--no-deps" in SERVE and SERVE[-1] == "triton"
     assert "deploy" not in services["triton-cpu"] and "depends_on" not in services["triton-cpu"]
     # compose config writes $ escaped as $$ (what the container runs is "$@")
     assert triton["entrypoint"][-2].startswith('rankserve check-engines --model-repository /models -- "$$@" && exec tritonserver')

@@ -4,7 +4,6 @@ ModelOpt venv exists) a real quantization of the tiny 2-layer BERT export."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import numpy as np
@@ -190,7 +189,6 @@ def test_quantize_reports_modelopt_failure_with_its_output(tmp_path):
 
 # -- counting what the graph quantized -----------------------------------------------------------
 def test_quantized_matmuls_counts_dequantized_weights_only():
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w_float")
