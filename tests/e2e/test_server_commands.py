@@ -55,7 +55,8 @@ def _serve(repo: Path, tmp_path: Path, argv) -> EmbeddedServer:
 
 
 def _health(command: list[str], url: str, container_repo: str, repo: Path) -> subprocess.CompletedProcess:
-    """A container's health command as shipped, pointed at this server (its URL and repository)."""
+    """A container's rankserve command (health check, probe, check-engines) as shipped, pointed at
+    this server (its URL) and repository."""
     assert command[0] == "rankserve"
     args = [_on_host(a, container_repo, repo) for a in command[1:]]
     args = [re.sub(r"^http://(localhost|127\.0\.0\.1):8000$", url, a) for a in args]
@@ -112,9 +113,13 @@ def test_the_triton_image_health_check_passes_on_the_real_server(repo, tmp_path)
 def test_kubernetes_triton_container_starts_the_real_server_and_its_probes_pass(overlay, repo, tmp_path):
     docs = kustomize(ROOT / "deploy/kubernetes/overlays" / overlay)
     deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "rankserve-triton")
-    (triton,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "triton"]
+    pod = deployment["spec"]["template"]["spec"]
+    (triton,) = [c for c in pod["containers"] if c["name"] == "triton"]
     assert triton["command"] == ["tritonserver"]
     container_repo = next(a for a in triton["args"] if a.startswith("--model-repository=")).split("=", 1)[1]
+    for init in pod.get("initContainers", []):  # the gpu overlay's check-engines, on this repository
+        out = _health(init["command"], "", container_repo, repo)
+        assert out.returncode == 0 and "no TensorRT engines in the repository" in out.stdout, out.stdout + out.stderr
     # Kubernetes expands $(VAR) from the container's env before starting it
     args = [_on_host(a.replace("$(TRITON_ADMIN_KEY)", KEY), container_repo, repo) for a in triton["args"]]
 
