@@ -58,11 +58,11 @@ def _build(args) -> None:
 
 
 def _check_engines(args) -> None:
-    from rankserve.builder.engine import check_repository_engines, local_gpus, server_tensorrt_version
+    from rankserve.builder.engine import check_repository_engines, library_tensorrt_version, local_gpus
     from rankserve.builder.repository import verify_repository
 
     server_args = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
-    lines = check_repository_engines(verify_repository(args.model_repository), server_tensorrt_version(), local_gpus(),
+    lines = check_repository_engines(verify_repository(args.model_repository), library_tensorrt_version(), local_gpus(),
                                      server_args if args.server_args else None)
     print("\n".join(lines) if lines else "no TensorRT engines in the repository: nothing to check")
 

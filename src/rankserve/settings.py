@@ -240,8 +240,8 @@ class ModelOptSettings:
     """Pairs per calibration step."""
     fp32_residual: bool = True
     """After ModelOpt: residual Adds read the unquantized tensor instead of the Q/DQ pair ModelOpt
-    shares between a LayerNorm output and the next Linears (its Q/DQ stays on the Linears' input),
-    the placement of NVIDIA's own BERT INT8 recipes; measured to halve the NDCG@10 drop."""
+    shares between a LayerNorm output and the next Linears (its Q/DQ stays on the Linears' input);
+    measured on the demo ranker: NDCG@10 drop 0.58% -> 0.32%, top-10 overlap 0.947 -> 0.957."""
 
     def __post_init__(self) -> None:
         _require(self.calibration_method in MODELOPT_CALIBRATION_METHODS,

@@ -33,7 +33,8 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_missing() is not None, reason=str(_missing()))]
+MISSING = _missing()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
 
 # (pairs, tokens): both profiles of the default settings, their edges, and one beyond profile 0's tokens
 SHAPES = [(1, 8), (7, 20), (300, 64), (33, 100), (1000, 128), (1, 128)]

@@ -15,6 +15,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from rankserve import api
 from rankserve.api import TensorSpec
+from rankserve.builder import engine as engine_files
 from rankserve.settings import BuildSettings, RuntimeSettings, TokenizeSettings, to_parameters
 
 
@@ -97,13 +98,10 @@ def tensorrt_rank_model(name: str, settings: BuildSettings, input_names: Sequenc
     group = config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
     group.profile.extend(str(i) for i in range(len(engine.profiles)))
     _batching(config, settings)
-    config.default_model_filename = DEFAULT_PLAN
+    config.default_model_filename = engine_files.DEFAULT_PLAN
     for cc, filename in sorted((plan_files or {}).items()):
         config.cc_model_filenames[cc] = filename
     return config
-
-
-DEFAULT_PLAN = "model.plan"
 
 
 def _encoded(input_names: Sequence[str]) -> tuple[TensorSpec, ...]:
@@ -197,15 +195,13 @@ def gpu_models(settings: BuildSettings, engines: Mapping[str, Sequence[Mapping]]
     """``tokenize_gpu``, and one TensorRT rank model and one ``ranker_trt_<precision>`` ensemble per
     engine family the manifest records (``engines``: precision -> engine records, whose ``inputs``
     were read from the ONNX file each engine was built from); postprocess is the CPU repository's."""
-    from rankserve.builder.engine import engine_ensemble_name, engine_model_name
-
     models = {GPU_TOKENIZE_MODEL: python_model(GPU_TOKENIZE_MODEL, (api.QUERY, api.TEXTS), api.ENCODED,
                                                to_parameters(gpu_tokenize_settings(settings)))}
     for precision, records in sorted(engines.items()):
         inputs = records[0]["inputs"]
         if any(r["inputs"] != inputs for r in records):
             raise ValueError(f"the {precision} engines disagree on their inputs: {[r['inputs'] for r in records]}")
-        rank = engine_model_name(precision)
+        rank, public = engine_files.engine_model_name(precision), engine_files.engine_ensemble_name(precision)
         models[rank] = tensorrt_rank_model(rank, settings, inputs, engine_plan_files(records))
-        models[engine_ensemble_name(precision)] = ensemble(engine_ensemble_name(precision), rank, GPU_TOKENIZE_MODEL, inputs)
+        models[public] = ensemble(public, rank, GPU_TOKENIZE_MODEL, inputs)
     return models

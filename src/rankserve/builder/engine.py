@@ -24,6 +24,8 @@ from rankserve.settings import EngineProfile, EngineSettings
 # and Softmax kept FP32 inside it), INT8 from the QDQ ONNX NVIDIA ModelOpt made for TensorRT
 # (explicit quantization; `int8_trt`, gated strictly), not the ONNX Runtime ladder's CPU model.
 SOURCE_VARIANT = {"fp16": "fp16", "int8": "int8_trt"}
+DEFAULT_PLAN = "model.plan"
+"""The plan Triton loads on a GPU whose compute capability ``cc_model_filenames`` does not list."""
 AMPERE = (8, 0)
 
 
@@ -42,7 +44,7 @@ def plan_filename(compute_capability: str, hardware_compatibility: str = "none")
     compute capability ``cc_model_filenames`` does not list."""
     major, minor = _cc(compute_capability)
     if hardware_compatibility != "none":
-        return "model.plan"
+        return DEFAULT_PLAN
     return f"model.sm{major}{minor}.plan"
 
 
@@ -180,11 +182,6 @@ def _build_number(lib) -> int:
         return 0
     build.restype = ctypes.c_int32
     return build()
-
-
-def server_tensorrt_version() -> str | None:
-    """The TensorRT version of this server, read from the library Triton will load."""
-    return library_tensorrt_version()
 
 
 VERSION_COMPATIBLE_FLAG = "--backend-config=tensorrt,version-compatible=true"
