@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from rankserve.errors import BuildError, ConfigError
@@ -179,8 +180,12 @@ def test_quantize_reports_modelopt_failure_with_its_output(tmp_path):
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho 'progress line'\necho 'Traceback: the real reason' >&2\nexit 3\n")
     fake.chmod(0o755)
+    from onnx import TensorProto, helper
+
     model = tmp_path / "in.onnx"
-    model.write_bytes(b"not read before ModelOpt runs")
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(model))
     lines = []
     with pytest.raises(BuildError, match=r"exit status 3(.|\n)*the real reason"):
         modelopt_ptq.quantize(model, tmp_path / "out.onnx", _batches(1), log=lines.append, python=fake)

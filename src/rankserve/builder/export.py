@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,14 +134,19 @@ def torch_scores(ranker: LoadedRanker, feeds: dict[str, np.ndarray]) -> np.ndarr
 
 def export_onnx(ranker: LoadedRanker, path: str | Path, opset: int) -> Path:
     """Export with dynamic batch and sequence axes; the output is ``logits`` FP32 [batch]."""
-    import onnx
     import torch
+
+    from rankserve.builder import onnx_files
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = random_inputs(ranker, 2, 16, np.random.default_rng(0))
     dynamic = {name: {0: "batch", 1: "sequence"} for name in ranker.input_names}
     dynamic[LOGITS.name] = {0: "batch"}
+    # Over 2 GB the exporter writes one file per weight next to the graph: it writes into a folder
+    # of its own, and the result is rewritten as path (+ path.data) and moved into place.
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    staged = staging / path.name
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # The tracer warns about Python-side branches in transformers' masking code; the numeric
@@ -148,7 +156,7 @@ def export_onnx(ranker: LoadedRanker, path: str | Path, opset: int) -> Path:
             torch.onnx.export(
                 _wrapped(ranker),
                 tuple(torch.from_numpy(example[n]) for n in ranker.input_names),
-                str(path),
+                str(staged),
                 input_names=list(ranker.input_names),
                 output_names=[LOGITS.name],
                 dynamic_axes=dynamic,
@@ -156,9 +164,15 @@ def export_onnx(ranker: LoadedRanker, path: str | Path, opset: int) -> Path:
                 do_constant_folding=True,
                 dynamo=False,  # the TorchScript exporter gives the graph ORT's transformer fusions expect
             )
-        onnx.checker.check_model(str(path))
+        onnx_files.normalize(staged)
+        onnx_files.check(staged)
+        onnx_files.data_path(path).unlink(missing_ok=True)
+        for file in onnx_files.model_files(staged)[::-1]:  # weights first, the graph last
+            os.replace(file, path.parent / file.name)
     except Exception as exc:  # noqa: BLE001 - any exporter failure is a build failure
-        raise BuildError(f"ONNX export of {ranker.source} failed: {exc}") from exc
+        raise BuildError(f"ONNX export of {ranker.source} failed: {_first_line(exc)}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

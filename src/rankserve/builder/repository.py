@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from rankserve import __version__, api
-from rankserve.builder import configs
+from rankserve.builder import configs, onnx_files
 from rankserve.builder.consistency import repository_problems, require_consistent
 from rankserve.builder.export import check_onnx, export_onnx, load_ranker
 from rankserve.errors import BuildError
@@ -146,7 +146,7 @@ def build_repository(
         _clear_stale_models(out, set(model_configs))
         for name, b in served.items():
             rank_name = configs.rank_model_name(name, default.name)
-            shutil.copyfile(b.onnx, install_stage(rank_name, out, source_stage=api.RANK_MODEL) / "model.onnx")
+            onnx_files.copy(b.onnx, install_stage(rank_name, out, source_stage=api.RANK_MODEL) / "model.onnx")
         tokenize_dir = install_stage(api.TOKENIZE_MODEL, out)
         shutil.copyfile(tokenizer_json, tokenize_dir / "tokenizer.json")
     install_stage(api.POSTPROCESS_MODEL, out)
@@ -177,7 +177,8 @@ def build_repository(
                 "rank_model": configs.rank_model_name(b.name, default.name) if b.served_on_cpu else None,
                 "ensemble": configs.ranker_model_name(b.name) if b.served_on_cpu else None,
                 "onnx_sha256": sha256(b.onnx) if b.onnx.exists() else None,
-                "onnx_bytes": b.onnx.stat().st_size if b.onnx.exists() else None,
+                "onnx_bytes": onnx_files.model_bytes(b.onnx) if b.onnx.exists() else None,
+                "external_data": bool(onnx_files.external_locations(b.onnx)) if b.onnx.exists() else None,
                 **b.to_dict(),
             }
             for b in builds
@@ -221,6 +222,12 @@ def verify_repository(repo: str | Path) -> dict:
                 raise BuildError(f"{file} is missing; rebuild the repository")
             if sha256(file) != digest:
                 raise BuildError(f"{file} does not match its checksum in {path}; rebuild the repository")
+        onnx = repo / name / "1" / "model.onnx"
+        if onnx.exists():  # weights beside the graph must be covered by the checksums too
+            for needed in onnx_files.model_files(onnx)[1:]:
+                if str(needed.relative_to(repo)) not in entry["files"]:
+                    raise BuildError(f"{onnx} needs its weights file {needed.name}, which {path} does not list; "
+                                     "rebuild the repository")
     return manifest
 
 

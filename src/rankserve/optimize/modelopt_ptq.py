@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import os
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+
+from rankserve.builder import onnx_files
 
 from rankserve.errors import BuildError
 from rankserve.settings import ModelOptSettings
@@ -83,8 +84,9 @@ def calibration_shapes(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str,
 
 def ptq_command(python: str | Path, onnx_in: str | Path, onnx_out: str | Path, npz: str | Path,
                 settings: ModelOptSettings = ModelOptSettings(),
-                shapes: Mapping[str, Sequence[int]] | None = None) -> list[str]:
-    """The argv of ModelOpt's ONNX INT8 PTQ of ``onnx_in`` into ``onnx_out``, calibrated on ``npz``."""
+                shapes: Mapping[str, Sequence[int]] | None = None, external_data: bool = False) -> list[str]:
+    """The argv of ModelOpt's ONNX INT8 PTQ of ``onnx_in`` into ``onnx_out``, calibrated on ``npz``
+    (``external_data``: the input is over 2 GB, which ModelOpt refuses without its flag)."""
     argv = [str(python), "-m", "modelopt.onnx.quantization",
             "--onnx_path", str(onnx_in),
             "--quantize_mode", "int8",
@@ -99,6 +101,8 @@ def ptq_command(python: str | Path, onnx_in: str | Path, onnx_out: str | Path, n
         argv += ["--op_types_to_exclude", *settings.op_types_to_exclude]
     if settings.disable_mha_qdq:
         argv.append("--disable_mha_qdq")
+    if external_data:
+        argv.append("--use_external_data_format")
     return argv
 
 
@@ -214,10 +218,10 @@ def quantize(onnx_in: str | Path, onnx_out: str | Path, batches: Sequence[Mappin
     with tempfile.TemporaryDirectory(prefix="rankserve-modelopt-") as tmp:
         # ModelOpt gets a copy: on small models it was seen rewriting its input file in place (a
         # served model.onnx no longer matched its checksum), and the caller's file must not change
-        source = Path(tmp) / "input.onnx"
-        shutil.copyfile(onnx_in, source)
+        source = onnx_files.copy(onnx_in, Path(tmp) / "input.onnx")
         npz = calibration_npz(Path(tmp) / "calibration.npz", batches)
-        argv = ptq_command(python, source, onnx_out, npz, settings, calibration_shapes(batches))
+        argv = ptq_command(python, source, onnx_out, npz, settings, calibration_shapes(batches),
+                           external_data=onnx_files.needs_external_data(source))
         tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         started = time.perf_counter()
         try:  # stderr merged into stdout: ModelOpt logs its progress on stderr, in order with any print
@@ -235,12 +239,14 @@ def quantize(onnx_in: str | Path, onnx_out: str | Path, batches: Sequence[Mappin
     if code != 0 or not onnx_out.is_file():
         why = f"exit status {code}" if code != 0 else f"exit status 0 but no {onnx_out}"
         raise BuildError(f"ModelOpt INT8 PTQ failed ({why}); last output lines:\n" + "\n".join(tail))
+    written = [onnx_out.parent / loc for loc in onnx_files.external_locations(onnx_out)]  # ModelOpt's "X_data"
     model = onnx.load(str(onnx_out))
-    rewired = 0
-    if settings.fp32_residual:
-        rewired = fp32_residuals(model)
-        if rewired:
-            onnx.save(model, str(onnx_out))
-            log(f"rankserve: {rewired} residual Add inputs read the unquantized tensor (fp32_residual)")
+    rewired = fp32_residuals(model) if settings.fp32_residual else 0
+    onnx_files.save(model, onnx_out)  # the one layout: a single file, or X.data
+    for stale in written:
+        if stale != onnx_files.data_path(onnx_out):
+            stale.unlink(missing_ok=True)
+    if rewired:
+        log(f"rankserve: {rewired} residual Add inputs read the unquantized tensor (fp32_residual)")
     quantized, total = quantized_matmuls(model)
     return PtqStats(quantized, total, onnx_opset(model), seconds, tuple(argv), rewired)

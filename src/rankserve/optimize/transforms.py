@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from rankserve.builder import onnx_files
 from rankserve.optimize.calibration import BatchReader
 from rankserve.settings import QuantSettings
 
@@ -44,23 +45,26 @@ def qdq_int8(
     if settings.method == "percentile":
         extra["CalibPercentile"] = settings.percentile
     nodes = [n for n in weight_matmuls(src) if n not in set(exclude)]
-    with tempfile.TemporaryDirectory() as tmp:
+    large = onnx_files.needs_external_data(src)
+    with tempfile.TemporaryDirectory(dir=Path(dst).parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=large,
+                          all_tensors_to_one_file=True, external_data_location=onnx_files.data_path(pre).name)
         quantize_static(
             str(pre), str(dst), BatchReader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
-            op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, extra_options=extra,
+            op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, extra_options=extra, use_external_data_format=large,
         )
-    return Path(dst)
+    return onnx_files.normalize(dst)
 
 
 def dynamic_int8(src: str | Path, dst: str | Path) -> Path:
     """ONNX Runtime dynamic INT8: per-channel weights, activations quantized per batch at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8)
-    return Path(dst)
+    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+                     use_external_data_format=onnx_files.needs_external_data(src))
+    return onnx_files.normalize(dst)
 
 
 FP16_KEEP_FP32 = ("LayerNormalization", "Softmax", "Pow", "ReduceMean", "Sqrt", "Div", "Erf")
@@ -73,8 +77,7 @@ def fp16(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.transformers import float16
 
     model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=list(FP16_KEEP_FP32))
-    onnx.save(model, str(dst))
-    return Path(dst)
+    return onnx_files.save(model, dst)
 
 
 def fuse(src: str | Path, dst: str | Path, num_heads: int, hidden_size: int) -> tuple[Path, dict]:
@@ -82,6 +85,7 @@ def fuse(src: str | Path, dst: str | Path, num_heads: int, hidden_size: int) -> 
     from onnxruntime.transformers.optimizer import optimize_model
 
     optimized = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size)
-    optimized.save_model_to_file(str(dst))
+    optimized.save_model_to_file(str(dst), use_external_data_format=onnx_files.needs_external_data(src), all_tensors_to_one_file=True)
+    onnx_files.normalize(dst)
     stats = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
     return Path(dst), stats
