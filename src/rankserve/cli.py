@@ -43,7 +43,8 @@ def _build(args) -> None:
     engine = dataclasses.replace(settings.engine, **{k: v for k, v in (
         ("version_compatible", None if args.version_compatible is None else args.version_compatible == "true"),
         ("hardware_compatibility", args.hardware_compatibility)) if v is not None})
-    settings = dataclasses.replace(settings, target=args.target, variants=variants, quant=quant, gate=gate, engine=engine)
+    settings = dataclasses.replace(settings, target=args.target, variants=variants, quant=quant, gate=gate, engine=engine,
+                                   load=args.load, memory_budget_bytes=_budget(args.memory_budget))
     dataset = Dataset.load(args.data) if args.data else None
     if args.target == "gpu":  # engines next to an existing CPU build of the same repository
         from rankserve.builder.gpu import build_gpu_repository
@@ -55,6 +56,15 @@ def _build(args) -> None:
     if not args.ranker:
         raise RankserveError("--ranker is required for the cpu target")
     build_repository(args.ranker, args.out, settings, dataset=dataset, work_dir=args.work_dir)
+
+
+def _budget(text: str | None) -> int:
+    from rankserve.builder.memory import parse_bytes
+
+    try:
+        return parse_bytes(text) if text else 0
+    except ValueError as exc:
+        raise RankserveError(f"--memory-budget: {exc}") from None
 
 
 def _check_engines(args) -> None:
@@ -99,7 +109,8 @@ def _serve(args) -> None:
     from rankserve.server.embedded import EmbeddedServer
     from rankserve.server.supervisor import supervise
 
-    verify_repository(args.model_repository)
+    manifest = verify_repository(args.model_repository)
+    _require_budget(args.model_repository, _budget(args.memory_budget) or manifest.get("serving", {}).get("memory_budget_bytes", 0))
     settings = _serve_settings(args)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -126,6 +137,16 @@ def _serve(args) -> None:
 
     code = supervise(make_server, settings, stop, log=lambda msg: print(msg, flush=True), on_ready=ready)
     print(f"stopped (exit code {code})", flush=True)
+
+
+def _require_budget(repo: str, budget: int) -> None:
+    """Refuse, before starting anything, a repository whose models do not fit ``budget`` (0: none)."""
+    from rankserve.builder.memory import estimate_repository, format_bytes, require_budget
+    from rankserve.errors import ServeError
+
+    estimate = estimate_repository(repo)
+    require_budget(estimate, budget, f"the repository {repo}", ServeError)
+    print(f"estimated memory: {format_bytes(estimate.total)}" + (f" (budget {format_bytes(budget)})" if budget else ""), flush=True)
 
 
 def _health(args) -> None:
@@ -236,6 +257,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration-method", choices=CALIBRATION_METHODS, help="INT8 calibration (default percentile)")
     s.add_argument("--calibration-pairs", type=int, help="real pairs used to calibrate INT8 (default 512)")
     s.add_argument("--max-ndcg-drop", type=float, help="accuracy gate: largest relative NDCG@10 drop (default 0.01)")
+    s.add_argument("--load", default="auto",
+                   help="CPU variants the repository loads: auto (all when they fit the budget, else the fastest), "
+                        "all, or a comma-separated list; the others are built and gated, not laid out")
+    s.add_argument("--memory-budget", help="host memory the served repository may take, e.g. 8GiB; the build refuses "
+                                           "loaded variants whose estimate exceeds it (serve checks it again)")
     s.add_argument("--version-compatible", choices=["true", "false"],
                    help="gpu: engines later TensorRT 10 releases can load (the server then needs "
                         "--backend-config=tensorrt,version-compatible=true)")
@@ -252,6 +278,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--log-file", help="tritonserver log (default: in a new temporary folder); restarts write NAME.1.log, ...")
     s.add_argument("--health-interval", type=float, default=ServeSettings.health_interval_s,
                    help="seconds between checks of the server and its stubs")
+    s.add_argument("--memory-budget", help="refuse to start when the repository's estimated memory exceeds this, e.g. "
+                                           "8GiB (default: the budget the build recorded, if any)")
     s.add_argument("--max-restarts", type=int, default=ServeSettings.max_restarts,
                    help=f"give up after this many restarts within {ServeSettings.restart_window_s:.0f} s")
     s.set_defaults(func=_serve)

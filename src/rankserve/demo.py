@@ -83,6 +83,8 @@ def show_variants(manifest: dict) -> None:
     for name, v in manifest["variants"].items():
         g = v["gate"]
         runtime = f"{v['runtime']}, {v['precision']}" if v["served_on_cpu"] else "GPU only (TensorRT)"
+        if v["served_on_cpu"] and not v.get("loaded", True):
+            runtime += ", not loaded"
         speeds = v["build_speed_pairs_per_s"]
         speed = f"{max(speeds.values()):.0f}" if speeds else "n/a"
         print(f"| {name}{' (default)' if name == manifest['default_variant'] else ''} | {runtime} | {g['ndcg']:.4f} | "

@@ -100,6 +100,21 @@ class BatchingSettings:
 
 
 @dataclass(frozen=True)
+class WarmupSettings:
+    """Triton ``model_warmup`` of each CPU rank model: before the model reports ready, its instance
+    scores ``pairs`` one-pair requests of ``tokens`` tokens, so the runtime's first-call work (memory
+    arena, shape-specific kernels) is not paid by the first real request."""
+
+    pairs: int = 32
+    tokens: int = 32
+    """0 pairs: no warmup."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.pairs <= 1000, "warmup pairs must be in [0, 1000]")
+        _require(1 <= self.tokens <= 512, "warmup tokens must be in [1, 512]")
+
+
+@dataclass(frozen=True)
 class RuntimeSettings:
     """Which CPU runtime the rank stage runs a variant's ONNX model with."""
 
@@ -357,9 +372,19 @@ class BuildSettings:
     runtimes: tuple[str, ...] = RUNTIMES
     """CPU runtimes tried for each variant; the fastest that passes the checks serves it."""
     batching: BatchingSettings = field(default_factory=BatchingSettings)
+    warmup: WarmupSettings = field(default_factory=WarmupSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     modelopt: ModelOptSettings = field(default_factory=ModelOptSettings)
     """NVIDIA ModelOpt INT8 PTQ of the QDQ model the TensorRT INT8 engine is built from (``int8_trt``)."""
+    load: str = "auto"
+    """Which CPU variants the repository loads: ``all``, a comma-separated list, or ``auto``: all
+    of them when together they fit the memory budget (``auto_load_limit_bytes`` without one), else
+    only the fastest. The others are built, gated and recorded in the manifest, not laid out."""
+    memory_budget_bytes: int = 0
+    """Host memory the served repository may take, estimated from its files (0: no budget); the
+    build refuses a set of loaded variants that does not fit."""
+    auto_load_limit_bytes: int = 4 * 2**30
+    """``load=auto`` without a budget: above this, only the fastest variant is loaded."""
 
     def __post_init__(self) -> None:
         _require(self.target in ("cpu", "gpu"), f"target must be cpu or gpu, got {self.target!r}")
@@ -374,6 +399,12 @@ class BuildSettings:
         _require(all(r in RUNTIMES for r in self.runtimes) and self.runtimes, f"runtimes must be a subset of {RUNTIMES}")
         _require(14 <= self.opset <= 20, f"opset must be in [14, 20], got {self.opset}")
         _require(self.rank_instances >= 1, "rank_instances must be >= 1")
+        _require(self.warmup.tokens <= self.tokenize.max_length, "warmup tokens must be <= tokenize.max_length")
+        loads = [v.strip() for v in self.load.split(",") if v.strip()]
+        _require(self.load in ("auto", "all") or (loads and all(v in CPU_VARIANTS for v in loads)),
+                 f"load must be auto, all or comma-separated CPU variants {list(CPU_VARIANTS)}, got {self.load!r}")
+        _require(self.memory_budget_bytes >= 0 and self.auto_load_limit_bytes > 0,
+                 "memory_budget_bytes must be >= 0 and auto_load_limit_bytes > 0")
         _require(
             max(n for _, n in self.check.shapes) <= self.tokenize.max_length,
             "every check length must be <= tokenize.max_length",

@@ -70,10 +70,48 @@ def batched_rank_model(name: str, settings: BuildSettings, parameters: Mapping[s
     _io(config.output, [TensorSpec(api.LOGITS.name, api.LOGITS.dtype, (1,))])  # [pairs, 1]
     _batching(config, settings)
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=settings.rank_instances)
+    if settings.warmup.pairs:
+        warmup = config.model_warmup.add(name=f"{settings.warmup.pairs}_pairs_of_{settings.warmup.tokens}_tokens",
+                                         batch_size=settings.warmup.pairs)
+        for t in api.ENCODED:
+            entry = warmup.inputs[t.name]
+            entry.data_type = mc.DataType.Value(f"TYPE_{t.dtype}")
+            entry.dims.append(settings.warmup.tokens)
+            entry.input_data_file = t.name
     for key, value in {**parameters, **to_parameters(settings.batching),
                        "max_pairs": str(settings.tokenize.max_candidates)}.items():
         config.parameters[key].string_value = value
     return config
+
+
+WARMUP_DIR = "warmup"
+"""Triton reads ``model_warmup`` input files from this folder of the model."""
+
+
+def warmup_data(settings: BuildSettings) -> dict[str, bytes]:
+    """The warmup input files of a CPU rank model: one pair of ``tokens`` tokens, row-major INT64
+    (Triton sends it ``pairs`` times): token id 1 everywhere (in every vocabulary), attention on
+    every token, the second half as the product text."""
+    import numpy as np
+
+    n = settings.warmup.tokens
+    types = np.zeros(n, np.int64)
+    types[n // 2:] = 1
+    return {"input_ids": np.ones(n, np.int64).tobytes(), "attention_mask": np.ones(n, np.int64).tobytes(),
+            "token_type_ids": types.tobytes()}
+
+
+def write_warmup(model_dir: Path, config: mc.ModelConfig, settings: BuildSettings) -> list[Path]:
+    """Write the files ``config``'s warmup reads (none when it has no warmup)."""
+    if not config.model_warmup:
+        return []
+    folder = Path(model_dir) / WARMUP_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in warmup_data(settings).items():
+        (folder / name).write_bytes(data)
+        written.append(folder / name)
+    return written
 
 
 def tensorrt_rank_model(name: str, settings: BuildSettings, input_names: Sequence[str],

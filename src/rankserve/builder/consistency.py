@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from rankserve.errors import BuildError
@@ -210,4 +211,36 @@ def repository_problems(repo: str | Path, engine_models: Mapping[str, Signature]
                 problems += tensorrt_problems(config, engine_models[name])
         else:
             problems += reshape_problems(config)
+        problems += warmup_problems(config, repo / name)
     return problems + ensemble_problems(models)
+
+
+_DTYPE_BYTES = {"TYPE_INT64": 8, "TYPE_INT32": 4, "TYPE_FP32": 4, "TYPE_FP16": 2, "TYPE_BOOL": 1}
+
+
+def warmup_problems(config, model_dir: Path) -> list[str]:
+    """Triton's warmup rules (core ``GenerateWarmupData``): every sample names inputs the model has,
+    with fixed dims, and each ``input_data_file`` in ``<model>/warmup/`` holds at least one sample's
+    bytes (the model would otherwise fail to load)."""
+    inputs = {i.name: i for i in config.input}
+    problems = []
+    for sample in config.model_warmup:
+        where = f"{config.name}: warmup '{sample.name}'"
+        for name, entry in sample.inputs.items():
+            if name not in inputs:
+                problems.append(f"{where} feeds '{name}', which the model does not take")
+                continue
+            if any(d < 1 for d in entry.dims):
+                problems.append(f"{where}: input '{name}' needs fixed dims, got {list(entry.dims)}")
+                continue
+            if entry.data_type != inputs[name].data_type:
+                problems.append(f"{where}: input '{name}' is {mc.DataType.Name(entry.data_type)}, the model takes "
+                                f"{mc.DataType.Name(inputs[name].data_type)}")
+            if entry.WhichOneof("input_data_type") == "input_data_file":
+                file = model_dir / "warmup" / entry.input_data_file
+                need = int(np.prod(entry.dims)) * _DTYPE_BYTES.get(mc.DataType.Name(entry.data_type), 1)
+                if not file.is_file():
+                    problems.append(f"{where}: {file} is missing")
+                elif file.stat().st_size < need:
+                    problems.append(f"{where}: {file} has {file.stat().st_size} bytes, one sample needs {need}")
+    return problems

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from rankserve import __version__, api
-from rankserve.builder import configs, onnx_files
+from rankserve.builder import configs, memory, onnx_files
 from rankserve.builder.consistency import repository_problems, require_consistent
 from rankserve.builder.export import check_onnx, export_onnx, load_ranker
 from rankserve.errors import BuildError
@@ -138,10 +138,12 @@ def build_repository(
                 f"{len(dataset.split('heldout'))} held-out queries, runtime by measurement")
             builder = VariantBuilder(ranker, fp32_onnx, dataset, settings, load_tokenizer(tokenizer_json, settings.tokenize), work, log)
             builds = [b for b in (builder.build(v) for v in settings.variants) if b is not None]
-        default = best_cpu_variant(builds)
-        served = {b.name: b for b in builds if b.served_on_cpu}
+        best_cpu_variant(builds)  # raises when no CPU variant passed
+        hidden = hidden_size(ranker.model.config)
+        served, estimates = _loaded_variants(builds, settings, hidden, log)
+        default = next(iter(served.values()))  # the fastest loaded variant
         model_configs = configs.cpu_repository(settings, {n: b.runtime for n, b in served.items()}, default.name)
-        log(f"[5/5] laying out {out}: default ranker = {default.name} ({default.pairs_per_s:.0f} pairs/s at build)")
+        log(f"[5/5] laying out {out}: loaded {list(served)}, default ranker = {default.name} ({default.pairs_per_s:.0f} pairs/s at build)")
         out.mkdir(parents=True, exist_ok=True)
         _clear_stale_models(out, set(model_configs))
         for name, b in served.items():
@@ -154,7 +156,13 @@ def build_repository(
         if config.platform == "ensemble":
             (out / name / "1").mkdir(parents=True, exist_ok=True)  # ensembles need a version dir
         (out / name / "config.pbtxt").write_text(configs.to_text(config))
+        shutil.rmtree(out / name / configs.WARMUP_DIR, ignore_errors=True)
+        configs.write_warmup(out / name, config, settings)
     require_consistent(repository_problems(out))  # each config against its ONNX file, ensembles wired
+    estimate = memory.estimate_repository(out, hidden)
+    memory.require_budget(estimate, settings.memory_budget_bytes, f"the repository {out}")
+    log(f"      estimated memory when served: {memory.format_bytes(estimate.total)}"
+        + (f" (budget {memory.format_bytes(settings.memory_budget_bytes)})" if settings.memory_budget_bytes else ""))
 
     source = Path(ranker_dir).resolve()
     manifest = {
@@ -167,6 +175,7 @@ def build_repository(
             "architecture": type(ranker.model).__name__,
             "model_type": ranker.model.config.model_type,
             "parameters": int(sum(p.numel() for p in ranker.model.parameters())),
+            "hidden_size": hidden,
             "inputs": list(ranker.input_names),
             "files": {p.name: sha256(p) for p in sorted(source.iterdir()) if p.is_file()},
         },
@@ -174,8 +183,10 @@ def build_repository(
         "default_variant": default.name,
         "variants": {
             b.name: {
-                "rank_model": configs.rank_model_name(b.name, default.name) if b.served_on_cpu else None,
-                "ensemble": configs.ranker_model_name(b.name) if b.served_on_cpu else None,
+                "rank_model": configs.rank_model_name(b.name, default.name) if b.name in served else None,
+                "ensemble": configs.ranker_model_name(b.name) if b.name in served else None,
+                "loaded": b.name in served,
+                "estimated_memory_bytes": estimates.get(b.name),
                 "onnx_sha256": sha256(b.onnx) if b.onnx.exists() else None,
                 "onnx_bytes": onnx_files.model_bytes(b.onnx) if b.onnx.exists() else None,
                 "external_data": bool(onnx_files.external_locations(b.onnx)) if b.onnx.exists() else None,
@@ -184,6 +195,7 @@ def build_repository(
             for b in builds
         },
         "skipped_variants": [v for v in settings.variants if v not in {b.name for b in builds}],
+        "serving": {"loaded": list(served), "memory_budget_bytes": settings.memory_budget_bytes, "estimate": estimate.to_dict()},
         "opset": settings.opset,
         "numeric_check": {"atol": settings.check.atol, "shapes": [asdict(c) for c in checks]},
         "versions": _versions(),
@@ -194,12 +206,40 @@ def build_repository(
     return manifest
 
 
+def hidden_size(config) -> int:
+    """The ranker's hidden width (``dim`` in DistilBERT), for the working-memory estimate."""
+    return int(getattr(config, "hidden_size", None) or getattr(config, "dim", None) or 1024)
+
+
+def _loaded_variants(builds: list, settings: BuildSettings, hidden: int, log: Callable[[str], None]) -> tuple[dict, dict[str, int]]:
+    """The CPU variants the repository loads, fastest first (see ``BuildSettings.load``), and the
+    estimated memory of every CPU variant; refuses a set that does not fit the budget."""
+    cpu = sorted((b for b in builds if b.served_on_cpu), key=lambda b: -b.pairs_per_s)
+    estimates = memory.variant_bytes({b.name: onnx_files.model_bytes(b.onnx) for b in cpu},
+                                     {b.name: (b.runtime.runtime, b.runtime.inference_precision) for b in cpu},
+                                     settings.rank_instances, settings.batching.max_batch_tokens, hidden)
+    names = memory.choose_loaded(settings.load, estimates, [b.name for b in cpu], settings.memory_budget_bytes,
+                                 settings.auto_load_limit_bytes)
+    for b in cpu:
+        log(f"      {b.name:<13} {memory.format_bytes(estimates[b.name]):>10} estimated when served  "
+            f"{'loaded' if b.name in names else 'not loaded (built and gated; --load ' + b.name + ' serves it)'}")
+    total = memory.shared_bytes() + sum(estimates[n] for n in names)
+    if settings.memory_budget_bytes and total > settings.memory_budget_bytes:
+        raise BuildError(f"the loaded variants {names} need an estimated {memory.format_bytes(total)}, more than the budget "
+                         f"of {memory.format_bytes(settings.memory_budget_bytes)} (per variant: "
+                         + ", ".join(f"{n} {memory.format_bytes(estimates[n])}" for n in estimates)
+                         + f"; server, tokenize and postprocess {memory.format_bytes(memory.shared_bytes())}); "
+                         "load fewer or smaller variants (--load int8_dynamic), or raise --memory-budget")
+    by_name = {b.name: b for b in cpu}
+    return {n: by_name[n] for n in names}, estimates
+
+
 def model_entry(repo: Path, name: str) -> dict:
     """A model's manifest entry: its config and the checksums of its version files (the tracked
     ``model.py`` adapters excluded: they follow the code, and ``refresh_configs`` renews them)."""
-    return {"config": f"{name}/config.pbtxt",
-            "files": {str(p.relative_to(repo)): sha256(p) for p in sorted((repo / name / "1").iterdir())
-                      if p.is_file() and p.suffix != ".py"}}
+    files = [p for p in sorted((repo / name / "1").iterdir()) if p.is_file() and p.suffix != ".py"]
+    files += sorted(p for p in (repo / name / configs.WARMUP_DIR).glob("*") if p.is_file())
+    return {"config": f"{name}/config.pbtxt", "files": {str(p.relative_to(repo)): sha256(p) for p in files}}
 
 
 def verify_repository(repo: str | Path) -> dict:
@@ -235,7 +275,7 @@ def expected_configs(manifest: dict, settings: BuildSettings) -> dict[str, str]:
     """The ``config.pbtxt`` text of every model, as this version of rankserve generates it for the
     variants, runtimes and default the manifest records."""
     runtimes = {name: RuntimeSettings(v["runtime"], v["inference_precision"])
-                for name, v in manifest["variants"].items() if v.get("served_on_cpu", True)}
+                for name, v in manifest["variants"].items() if v.get("rank_model")}
     models = configs.cpu_repository(settings, runtimes, manifest["default_variant"])
     if manifest.get("engines"):  # a GPU build added TensorRT models next to these
         models.update(configs.gpu_models(settings, manifest["engines"]))
@@ -259,6 +299,7 @@ def refresh_configs(repo: str | Path, settings: BuildSettings) -> list[str]:
         stale_adapter = adapter.exists() and source.exists() and adapter.read_bytes() != source.read_bytes()
         if (repo / name / "config.pbtxt").read_text() != text or stale_adapter:
             (repo / name / "config.pbtxt").write_text(text)
+            configs.write_warmup(repo / name, configs.parse(text), settings)
             if stale_adapter:
                 install_stage(name, repo, source_stage=stage)
             changed.append(name)

@@ -166,7 +166,7 @@ def run_report(repo: Path, data: Path, out: Path, log=print) -> dict:
                  "ndcg@10": quality["ndcg@10"], "mrr": quality["mrr"], "top10_overlap": 1.0, "kendall_tau": 1.0,
                  "gate_passed": None, **base})
     for name, v in manifest["variants"].items():
-        if not v["served_on_cpu"]:
+        if not v.get("rank_model"):  # GPU-only, or not loaded by this repository (build --load all)
             continue
         log(f"measuring {name} ({v['runtime']} {v['inference_precision']})")
         path = repo / v["rank_model"] / "1" / "model.onnx"

@@ -76,7 +76,18 @@ def fp16(src: str | Path, dst: str | Path) -> Path:
     import onnx
     from onnxruntime.transformers import float16
 
-    model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=list(FP16_KEEP_FP32))
+    src = Path(src)
+    if not onnx_files.needs_external_data(src):
+        model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=list(FP16_KEEP_FP32))
+        return onnx_files.save(model, dst)
+    # Over 2 GB the converter's own shape inference fails (it serializes the whole model): shapes
+    # are inferred by path first (next to src, so the graph finds its weights file), then converted.
+    with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
+        inferred = Path(tmp) / src.name
+        onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
+        model = onnx.load(str(inferred), load_external_data=False)
+    onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
+    model = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_KEEP_FP32), disable_shape_infer=True)
     return onnx_files.save(model, dst)
 
 

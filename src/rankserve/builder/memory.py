@@ -1,0 +1,151 @@
+"""Host memory a served repository needs, estimated from its files, and the budget it must fit.
+
+Every Python-backend model instance is a process of its own (a Triton stub): the estimate adds,
+per instance, the stub's base (Python, numpy, the runtime's libraries), the weights as the runtime
+holds them, and its working memory at the largest batch (``max_batch_tokens``), then the server's
+own. Weights count in full: ONNX Runtime maps an external weights file and leaves the embedding
+table there, so only the rows that tokens touch become resident, but over a long run most of a
+shop's vocabulary is touched; a budget has to hold that. ``tests/e2e/test_memory_budget.py`` checks
+the estimate against the measured resident memory of served repositories.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from rankserve.builder import onnx_files
+from rankserve.errors import BuildError
+
+MiB = 2**20
+
+SERVER_BYTES = 64 * MiB
+"""tritonserver itself with the Python backend loaded (measured 42 MiB RSS, 2.51, CPU)."""
+LIGHT_STUB_BYTES = 64 * MiB
+"""A tokenize or postprocess stub (measured 39-53 MiB RSS)."""
+RANK_STUB_BYTES = {"onnxruntime": 96 * MiB, "openvino": 160 * MiB}
+"""A rank stub before its model: Python, numpy, rankserve and the runtime (measured with a 4 MB
+model: ONNX Runtime 67 MiB, OpenVINO 110 MiB)."""
+WEIGHT_FACTOR = {("onnxruntime", "f32"): 1.0, ("openvino", "f32"): 1.0, ("openvino", "bf16"): 1.0}
+"""Resident bytes per byte of the ONNX weights, by runtime and compute precision."""
+ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 64
+"""Working memory of one model call, per token of the batch and per unit of hidden size (FP32):
+ONNX Runtime's arena grew by 133 MiB for 2,048 tokens of a 1,024-wide, 24-layer encoder."""
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``8GiB``, ``512MiB``, ``1.5GB``, ``2000000000`` -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a memory size: {text!r} (use e.g. 8GiB, 512MiB, 2GB)")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"a memory size must be positive, got {text!r}")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / MiB:.0f} MiB"
+
+
+def rank_instance_bytes(weights_bytes: int, runtime: str, precision: str, max_batch_tokens: int, hidden_size: int) -> int:
+    """One rank stub serving a model whose ONNX weights take ``weights_bytes`` on disk."""
+    factor = WEIGHT_FACTOR.get((runtime, precision), 1.0)
+    working = ACTIVATION_BYTES_PER_TOKEN_HIDDEN * max_batch_tokens * hidden_size
+    return int(RANK_STUB_BYTES.get(runtime, max(RANK_STUB_BYTES.values())) + factor * weights_bytes + working)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    models: dict[str, int]
+    """Model name -> bytes, all its instances."""
+    server: int = SERVER_BYTES
+
+    @property
+    def total(self) -> int:
+        return self.server + sum(self.models.values())
+
+    def table(self) -> str:
+        rows = [f"  {name:<24} {format_bytes(b):>10}" for name, b in sorted(self.models.items(), key=lambda x: -x[1]) if b]
+        return "\n".join([*rows, f"  {'tritonserver':<24} {format_bytes(self.server):>10}", f"  {'total':<24} {format_bytes(self.total):>10}"])
+
+    def to_dict(self) -> dict:
+        return {"models": dict(sorted(self.models.items())), "server": self.server, "total": self.total}
+
+
+def estimate_repository(repo: str | Path, hidden_size: int | None = None) -> Estimate:
+    """Estimate a laid-out repository from its configs (runtime, precision, instances, batching)
+    and its model files; ``hidden_size`` defaults to the manifest's record of the ranker."""
+    import json
+
+    from rankserve.builder import configs
+
+    repo = Path(repo)
+    if hidden_size is None:
+        try:
+            hidden_size = int(json.loads((repo / "manifest.json").read_text())["ranker"]["hidden_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            hidden_size = 1024  # an older manifest: a large encoder's width, to err on the safe side
+    models: dict[str, int] = {}
+    for path in sorted(repo.glob("*/config.pbtxt")):
+        config = configs.parse(path)
+        name = config.name or path.parent.name
+        if config.platform == "ensemble" or config.backend != "python":
+            models[name] = 0  # ensembles hold nothing; TensorRT engines live in GPU memory
+            continue
+        instances = sum(g.count or 1 for g in config.instance_group) or 1
+        onnx = path.parent / "1" / "model.onnx"
+        if not onnx.exists():
+            models[name] = instances * LIGHT_STUB_BYTES
+            continue
+        p = {k: v.string_value for k, v in config.parameters.items()}
+        per = rank_instance_bytes(onnx_files.model_bytes(onnx), p.get("runtime", "onnxruntime"), p.get("inference_precision", "f32"),
+                                  int(p.get("max_batch_tokens", "1024")), hidden_size)
+        models[name] = instances * per
+    return Estimate(models)
+
+
+def require_budget(estimate: Estimate, budget: int, what: str, error: type[Exception] = BuildError) -> None:
+    """Raise ``error`` with the per-model table when ``estimate`` exceeds ``budget`` (0: none)."""
+    if budget and estimate.total > budget:
+        raise error(f"{what} needs an estimated {format_bytes(estimate.total)} of memory, more than the budget of "
+                         f"{format_bytes(budget)}:\n{estimate.table()}\nload fewer variants (rankserve build --load, e.g. "
+                         "--load int8), fewer rank instances, or raise the budget")
+
+
+def variant_bytes(weights: Mapping[str, int], runtimes: Mapping[str, tuple[str, str]], instances: int,
+                  max_batch_tokens: int, hidden_size: int) -> dict[str, int]:
+    """Per variant, what loading it adds: its rank model's instances (its ensemble holds nothing)."""
+    return {name: instances * rank_instance_bytes(weights[name], *runtimes[name], max_batch_tokens, hidden_size)
+            for name in weights}
+
+
+def shared_bytes() -> int:
+    """What every repository holds whatever variants it loads: the server, tokenize, postprocess."""
+    return SERVER_BYTES + 2 * LIGHT_STUB_BYTES
+
+
+def choose_loaded(requested: str, estimates: Mapping[str, int], fastest_first: list[str], budget: int,
+                  auto_limit: int) -> list[str]:
+    """The variants a repository loads. ``requested``: ``all``, ``auto`` or a comma-separated list.
+    ``auto`` loads every variant when together they fit ``budget`` (or ``auto_limit`` without one),
+    else only the fastest: seven variants of a 560M-parameter ranker would hold well over 10 GB."""
+    if requested == "all":
+        return list(fastest_first)
+    if requested == "auto":
+        limit = budget or auto_limit
+        if shared_bytes() + sum(estimates.values()) <= limit:
+            return list(fastest_first)
+        return fastest_first[:1]
+    names = [v.strip() for v in requested.split(",") if v.strip()]
+    unknown = [n for n in names if n not in estimates]
+    if unknown or not names:
+        raise BuildError(f"--load {requested!r}: {unknown or 'nothing'} not among the variants built and served on CPU "
+                         f"({', '.join(fastest_first)})")
+    return [n for n in fastest_first if n in names]
+
