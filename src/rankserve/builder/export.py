@@ -17,12 +17,29 @@ from rankserve.errors import BuildError
 from rankserve.settings import BuildSettings, CheckSettings
 
 
+ENCODER_ARCHITECTURES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "modernbert", "deberta-v2"})
+"""Cross-encoders (``model_type``) built, checked and served in the test suite."""
+DECODER_ARCHITECTURES = frozenset({"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"})
+"""Decoder-only rerankers served as sequence classifiers (last-token pooling), tested the same way."""
+
+
+def architecture_family(model_type: str) -> str:
+    """``encoder``, ``decoder``, or ``untested`` (still built: the numeric and served-path checks decide)."""
+    if model_type in ENCODER_ARCHITECTURES:
+        return "encoder"
+    return "decoder" if model_type in DECODER_ARCHITECTURES else "untested"
+
+
 @dataclass
 class LoadedRanker:
     model: object  # transformers PreTrainedModel in eval mode
     tokenizer: object  # transformers fast tokenizer
     input_names: tuple[str, ...]  # the subset of MODEL_INPUT_NAMES the model takes
     source: Path
+
+    @property
+    def family(self) -> str:
+        return architecture_family(self.model.config.model_type)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -75,6 +92,10 @@ def load_ranker(ranker_dir: str | Path, settings: BuildSettings) -> LoadedRanker
     if not getattr(tokenizer, "is_fast", False) or tokenizer.pad_token_id is None:
         raise BuildError(f"{source} needs a fast tokenizer with a pad token (tokenizer.json)")
     model = _load_weights(AutoModelForSequenceClassification, source)
+    if getattr(model.config, "pad_token_id", None) is None:
+        # decoder rerankers pool the last token that is not padding, found by the pad id: without
+        # one, Hugging Face refuses batches (and so would the export); the tokenizer's is the one
+        model.config.pad_token_id = tokenizer.pad_token_id
     # Inputs both the tokenizer produces and the model's forward takes (DistilBERT, RoBERTa-style
     # rankers have no token_type_ids; the rank stage then ignores that tensor).
     produced = set(tokenizer.model_input_names)
@@ -90,6 +111,7 @@ def _wrapped(ranker: LoadedRanker):
     import torch
 
     names = ranker.input_names
+    pad = getattr(ranker.model.config, "pad_token_id", None)
 
     class Scorer(torch.nn.Module):
         def __init__(self) -> None:
@@ -97,7 +119,13 @@ def _wrapped(ranker: LoadedRanker):
             self.model = ranker.model
 
         def forward(self, *inputs):
-            return self.model(**dict(zip(names, inputs))).logits[:, 0]
+            feeds = dict(zip(names, inputs))
+            if pad is not None:
+                # Padded positions carry the pad id whatever the caller filled them with (the rank
+                # stage re-pads batches with 0): decoder rerankers pool the last non-pad token by id.
+                feeds["input_ids"] = torch.where(feeds["attention_mask"].bool(), feeds["input_ids"],
+                                                 torch.full_like(feeds["input_ids"], int(pad)))
+            return self.model(**feeds).logits[:, 0]
 
     return Scorer().eval()
 
@@ -134,6 +162,7 @@ def torch_scores(ranker: LoadedRanker, feeds: dict[str, np.ndarray]) -> np.ndarr
 
 def export_onnx(ranker: LoadedRanker, path: str | Path, opset: int) -> Path:
     """Export with dynamic batch and sequence axes; the output is ``logits`` FP32 [batch]."""
+    import onnx
     import torch
 
     from rankserve.builder import onnx_files
@@ -166,6 +195,10 @@ def export_onnx(ranker: LoadedRanker, path: str | Path, opset: int) -> Path:
             )
         onnx_files.normalize(staged)
         onnx_files.check(staged)
+        # the exporter drops inputs the graph never reads (DeBERTa-v3 without token types): the
+        # ranker's inputs are the graph's
+        graph_inputs = [i.name for i in onnx.load(str(staged), load_external_data=False).graph.input]
+        ranker.input_names = tuple(n for n in ranker.input_names if n in graph_inputs)
         onnx_files.data_path(path).unlink(missing_ok=True)
         for file in onnx_files.model_files(staged)[::-1]:  # weights first, the graph last
             os.replace(file, path.parent / file.name)
@@ -217,3 +250,46 @@ def check_onnx(ranker: LoadedRanker, onnx_path: str | Path, settings: CheckSetti
                 "the ONNX model does not reproduce the PyTorch ranker"
             )
     return results
+
+
+SERVING_CHECK_REQUESTS = (
+    ("velvet sofa", ("Mercury Row blue velvet sofa with rolled arms and tufted back cushions", "oak coffee table",
+                     "sofa", "Three-seat sectional sofa in grey velvet, reversible chaise, solid wood legs, 96 inches wide")),
+    ("outdoor string lights waterproof", ("48 ft LED string lights, shatterproof Edison bulbs, IP65 waterproof, dimmable",
+                                          "lamp", "garden solar lights", "queen bed frame")),
+)
+"""Two requests of product-search pairs of very different lengths: the rank stage batches them
+together and re-pads each pair to the longest of its call."""
+
+
+def check_serving(ranker: LoadedRanker, onnx_path: str | Path, tokenizer, batching, atol: float,
+                  requests=SERVING_CHECK_REQUESTS) -> float:
+    """The served path against the ground truth: pairs encoded by the serving tokenizer and scored
+    by the rank stage (requests batched together, pairs re-padded, see :func:`rank_batch`) against
+    PyTorch on each pair alone, unpadded, tokenized by Hugging Face. Catches what the numeric check
+    cannot: padding that a model reads (a decoder pools the last non-pad token). Returns the
+    largest difference; raises :class:`BuildError` over ``atol``."""
+    import torch
+
+    from rankserve.settings import OrtSettings, RuntimeSettings
+    from rankserve.stages.rank import create_ranker, rank_batch
+    from rankserve.stages.tokenize import encode_pairs
+
+    scorer = create_ranker(onnx_path, RuntimeSettings(), OrtSettings())
+    encoded = [encode_pairs(tokenizer, q, texts) for q, texts in requests]
+    outcomes = rank_batch(scorer, encoded, batching.max_batch_tokens, 1000)
+    worst = 0.0
+    for (query, texts), outcome in zip(requests, outcomes):
+        if isinstance(outcome, Exception):
+            raise BuildError(f"serving check: the rank stage refused the pairs of {query!r}: {outcome}")
+        served = outcome["logits"].reshape(-1)
+        for text, got in zip(texts, served):
+            alone = ranker.tokenizer(query, text, truncation=True, max_length=tokenizer.truncation["max_length"],
+                                     return_tensors="pt")
+            with torch.inference_mode():
+                expected = float(ranker.model(**{n: alone[n] for n in ranker.input_names if n in alone}).logits[0, 0])
+            worst = max(worst, abs(expected - float(got)))
+    if worst > atol:
+        raise BuildError(f"serving check failed: pairs scored by the rank stage (batched, re-padded) differ from PyTorch "
+                         f"on each pair alone by up to {worst:.3g} (limit {atol:g}); the model reads its padding")
+    return worst

@@ -22,7 +22,7 @@ from typing import Callable
 from rankserve import __version__, api
 from rankserve.builder import configs, memory, onnx_files
 from rankserve.builder.consistency import repository_problems, require_consistent
-from rankserve.builder.export import check_onnx, export_onnx, load_ranker
+from rankserve.builder.export import check_onnx, check_serving, export_onnx, load_ranker
 from rankserve.errors import BuildError
 from rankserve.data.catalog import Dataset
 from rankserve.settings import BuildSettings, RuntimeSettings
@@ -120,6 +120,9 @@ def build_repository(
         raise BuildError(f"variants {list(settings.variants)} need --data: calibration pairs and held-out queries for the accuracy gate")
     log(f"[1/5] loading ranker from {ranker_dir}")
     ranker = load_ranker(ranker_dir, settings)
+    log(f"      {type(ranker.model).__name__} ({ranker.model.config.model_type}: {ranker.family}"
+        f"{', not among the tested architectures: the checks below decide' if ranker.family == 'untested' else ''}), "
+        f"{sum(p.numel() for p in ranker.model.parameters()) / 1e6:.1f}M parameters, inputs {list(ranker.input_names)}")
     with tempfile.TemporaryDirectory(prefix="rankserve-build-") as tmp:
         work = Path(work_dir) if work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -131,6 +134,10 @@ def build_repository(
         worst = max(c.max_abs_diff for c in checks)
         log(f"      max abs difference {worst:.2e} <= {settings.check.atol:g}, rankings identical")
         tokenizer_json = write_serving_tokenizer(ranker.tokenizer, Path(tmp) / "tokenizer.json")
+        serving_diff = check_serving(ranker, fp32_onnx, load_tokenizer(tokenizer_json, settings.tokenize), settings.batching,
+                                     settings.check.atol)
+        log(f"      served path (serving tokenizer, rank stage batching and re-padding) vs PyTorch on each pair alone: "
+            f"max abs difference {serving_diff:.2e}")
         if dataset is None:
             builds = [VariantBuild("fp32", fp32_onnx, RuntimeSettings(), "fp32", None, {})]
         else:
@@ -174,6 +181,7 @@ def build_repository(
             "source": str(source),
             "architecture": type(ranker.model).__name__,
             "model_type": ranker.model.config.model_type,
+            "family": ranker.family,
             "parameters": int(sum(p.numel() for p in ranker.model.parameters())),
             "hidden_size": hidden,
             "inputs": list(ranker.input_names),
@@ -197,7 +205,8 @@ def build_repository(
         "skipped_variants": [v for v in settings.variants if v not in {b.name for b in builds}],
         "serving": {"loaded": list(served), "memory_budget_bytes": settings.memory_budget_bytes, "estimate": estimate.to_dict()},
         "opset": settings.opset,
-        "numeric_check": {"atol": settings.check.atol, "shapes": [asdict(c) for c in checks]},
+        "numeric_check": {"atol": settings.check.atol, "shapes": [asdict(c) for c in checks],
+                          "served_path_max_abs_diff": serving_diff},
         "versions": _versions(),
         "settings": settings.to_dict(),
     }

@@ -137,14 +137,17 @@ def _weight_source(name: str, producers: dict, initializers: set, depth: int = 0
 
 def quantized_matmuls(model) -> tuple[int, int]:
     """(weight MatMuls whose weight comes from a DequantizeLinear of an initializer, all weight MatMuls)
-    of an ``onnx.ModelProto``; a weight MatMul is one with an initializer input, plain or dequantized."""
+    of an ``onnx.ModelProto``; a weight MatMul is one with an initializer input, plain or dequantized,
+    the classification head excepted (one logit per pair: it stays FP32, see ``transforms.HEAD``)."""
+    from rankserve.optimize.transforms import HEAD
+
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
     initializers |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     producers = {o: n for n in graph.node for o in n.output}
     quantized = total = 0
     for node in graph.node:
-        if node.op_type != "MatMul":
+        if node.op_type != "MatMul" or HEAD.search(node.name):
             continue
         kinds = {_weight_source(i, producers, initializers) for i in node.input} - {None}
         if kinds:

@@ -13,7 +13,7 @@ from rankserve.train.finetune import fit, query_groups, ranking_loss
 
 def _layer_list(model):
     base = model.base_model
-    for path in ("encoder.layer", "transformer.layer", "encoder.layers"):
+    for path in ("encoder.layer", "transformer.layer", "encoder.layers", "layers"):  # BERT, DistilBERT, ..., decoders and ModernBERT
         obj = base
         try:
             for attr in path.split("."):
@@ -41,11 +41,16 @@ def prune_layers(model, keep: Sequence[int]):
     for key in ("num_hidden_layers", "n_layers"):
         if hasattr(student.config, key):
             setattr(student.config, key, len(keep))
-    for i, layer in enumerate(kept):  # attention modules index their cache by layer
-        attention = getattr(layer, "attention", None)
-        inner = getattr(attention, "self", attention)
-        if inner is not None and hasattr(inner, "layer_idx"):
-            inner.layer_idx = i
+    if isinstance(getattr(student.config, "layer_types", None), (list, tuple)):  # per-layer attention kinds (Gemma, Qwen)
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    for i, layer in enumerate(kept):  # attention modules index their cache (and decoders their kind) by layer
+        for name in ("attention", "self_attn", "attn"):
+            attention = getattr(layer, name, None)
+            inner = getattr(attention, "self", attention)
+            if inner is not None and hasattr(inner, "layer_idx"):
+                inner.layer_idx = i
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = i
     return student
 
 

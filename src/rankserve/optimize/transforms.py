@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -11,23 +12,35 @@ from rankserve.optimize.calibration import BatchReader
 from rankserve.settings import QuantSettings
 
 
+HEAD = re.compile(r"/(score|classifier|head)/")
+"""The classification head (a MatMul in decoders and ModernBERT; a Gemm in BERT): one logit per
+pair, left in FP32."""
+FFN_OUT = re.compile(r"(/layer\.\d+/output/dense/|/ffn/lin2/|/mlp/down_proj/|/mlp/Wo/)")
+"""FFN output projections: BERT/RoBERTa/XLM-R/DeBERTa, DistilBERT, Llama-style decoders (Qwen, Gemma,
+Mistral, Phi-3), ModernBERT."""
+ATTN_OUT = re.compile(r"(/attention/output/dense/|/attention/out_lin/|/self_attn/o_proj/|/attn/Wo/)")
+"""Attention output projections of the same families."""
+
+
 def weight_matmuls(model_path: str | Path) -> list[str]:
-    """MatMul nodes with a weight (initializer) input: the layers INT8 quantization targets."""
+    """MatMul nodes with a weight (initializer) input, the head excepted: the layers INT8
+    quantization targets."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
     initializers = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i in initializers for i in n.input)]
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and any(i in initializers for i in n.input) and not HEAD.search(n.name)]
 
 
 def mixed_precision_ladder(matmuls: Sequence[str]) -> list[tuple[str, list[str]]]:
     """Steps from full INT8 towards keeping the most sensitive layers in FP32.
 
-    The FFN output projections (after GELU, with the widest activation range) go first, then the
-    attention output projections.
+    The FFN output projections (after GELU/SiLU, with the widest activation range) go first, then
+    the attention output projections.
     """
-    ffn_out = [n for n in matmuls if "/output/dense/" in n and "/attention/" not in n]
-    attn_out = [n for n in matmuls if "/attention/output/dense/" in n]
+    ffn_out = [n for n in matmuls if FFN_OUT.search(n)]
+    attn_out = [n for n in matmuls if ATTN_OUT.search(n)]
     return [("all weight MatMuls", []), ("FFN output in FP32", ffn_out), ("FFN and attention output in FP32", ffn_out + attn_out)]
 
 
