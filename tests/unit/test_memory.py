@@ -52,3 +52,21 @@ def test_over_budget_is_refused_with_the_table_and_what_to_do():
     memory.require_budget(estimate, 6 * GiB, "repo")
     with pytest.raises(ServeError, match=r"(?s)needs an estimated 5\.\d\d GiB .* budget of 4\.00 GiB.*rank_fp32 +2\.00 GiB.*--load"):
         memory.require_budget(estimate, 4 * GiB, "the repository repo", ServeError)
+
+
+def test_embedding_rows_past_the_tokenizers_vocabulary_do_not_count(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.zeros((1000, 64), np.float32), "E")  # 256,000 bytes
+    dense = numpy_helper.from_array(np.zeros((64, 64), np.float32), "W")  # 16,384 bytes
+    graph = helper.make_graph([helper.make_node("Gather", ["E", "ids"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 64])], [table, dense])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    full = path.stat().st_size
+    assert memory.resident_weight_bytes(path) == full
+    assert memory.resident_weight_bytes(path, 2000) == full  # a tokenizer that reaches every row
+    assert memory.resident_weight_bytes(path, 100) == full - 256_000 * 900 // 1000

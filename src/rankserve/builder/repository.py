@@ -147,7 +147,7 @@ def build_repository(
             builds = [b for b in (builder.build(v) for v in settings.variants) if b is not None]
         best_cpu_variant(builds)  # raises when no CPU variant passed
         hidden = hidden_size(ranker.model.config)
-        served, estimates = _loaded_variants(builds, settings, hidden, log)
+        served, estimates = _loaded_variants(builds, settings, hidden, log, ranker.tokenizer)
         default = next(iter(served.values()))  # the fastest loaded variant
         model_configs = configs.cpu_repository(settings, {n: b.runtime for n, b in served.items()}, default.name)
         log(f"[5/5] laying out {out}: loaded {list(served)}, default ranker = {default.name} ({default.pairs_per_s:.0f} pairs/s at build)")
@@ -220,11 +220,13 @@ def hidden_size(config) -> int:
     return int(getattr(config, "hidden_size", None) or getattr(config, "dim", None) or 1024)
 
 
-def _loaded_variants(builds: list, settings: BuildSettings, hidden: int, log: Callable[[str], None]) -> tuple[dict, dict[str, int]]:
+def _loaded_variants(builds: list, settings: BuildSettings, hidden: int, log: Callable[[str], None],
+                     ranker_tokenizer=None) -> tuple[dict, dict[str, int]]:
     """The CPU variants the repository loads, fastest first (see ``BuildSettings.load``), and the
     estimated memory of every CPU variant; refuses a set that does not fit the budget."""
     cpu = sorted((b for b in builds if b.served_on_cpu), key=lambda b: -b.pairs_per_s)
-    estimates = memory.variant_bytes({b.name: onnx_files.model_bytes(b.onnx) for b in cpu},
+    vocab = len(ranker_tokenizer) if ranker_tokenizer is not None else None
+    estimates = memory.variant_bytes({b.name: memory.resident_weight_bytes(b.onnx, vocab) for b in cpu},
                                      {b.name: (b.runtime.runtime, b.runtime.inference_precision) for b in cpu},
                                      settings.rank_instances, settings.batching.max_batch_tokens, hidden)
     names = memory.choose_loaded(settings.load, estimates, [b.name for b in cpu], settings.memory_budget_bytes,
