@@ -95,8 +95,10 @@ CONCURRENCY ?= 4
 bench: venv
 	$(BIN)/rankserve bench --concurrency $(CONCURRENCY) --duration $(DURATION)
 
+# RANKER=dir: build that ranker's variants into reports/<dir name>/ and report on them (e.g. a large one)
 report: venv
-	$(BIN)/rankserve report --model-repository model_repository --data artifacts/data --out reports/optimization
+	$(BIN)/rankserve report --data artifacts/data $(if $(RANKER),--ranker $(RANKER) --out reports/$(notdir $(RANKER)) \
+		$(if $(MAX_NDCG_DROP),--max-ndcg-drop $(MAX_NDCG_DROP)),--model-repository model_repository --out reports/optimization)
 
 serve: venv
 	$(BIN)/rankserve serve --model-repository model_repository

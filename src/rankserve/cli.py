@@ -213,10 +213,26 @@ def _bench(args) -> None:
     print(f"wrote {args.out}/bench.json, {args.out}/ratios.json, {args.out}/bench.png")
 
 
+REPORT_VARIANTS = "fp32,fused,int8,int8_dynamic,bf16"
+"""What ``report --ranker`` builds: every CPU variant but the pruned ones (their distillation trains
+the ranker again: add them with --variants)."""
+
+
 def _report(args) -> None:
     from rankserve.optimize.report import run_report
 
-    run_report(Path(args.model_repository), Path(args.data), Path(args.out))
+    repo = Path(args.model_repository)
+    if args.ranker:  # build the ranker's variants, all loaded, into a repository of the report's own
+        from rankserve.builder.repository import build_repository
+        from rankserve.data.catalog import Dataset
+
+        settings = preset(args.preset)
+        gate = settings.gate if args.max_ndcg_drop is None else dataclasses.replace(settings.gate, max_ndcg_drop=args.max_ndcg_drop)
+        settings = dataclasses.replace(settings, variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+                                       load="all", gate=gate)
+        repo = Path(args.out) / "model_repository"
+        build_repository(args.ranker, repo, settings, dataset=Dataset.load(args.data), work_dir=Path(args.out) / "variants")
+    run_report(repo, Path(args.data), Path(args.out))
 
 
 def _demo(args) -> None:
@@ -367,6 +383,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model-repository", default="model_repository")
     s.add_argument("--data", default="artifacts/data")
     s.add_argument("--out", default="reports/optimization")
+    s.add_argument("--ranker", help="build this ranker's variants first (all loaded, into OUT/model_repository) and report on "
+                                    "them, instead of --model-repository")
+    s.add_argument("--variants", default=REPORT_VARIANTS, help=f"with --ranker (default {REPORT_VARIANTS})")
+    s.add_argument("--preset", default="default", help="with --ranker: build preset")
+    s.add_argument("--max-ndcg-drop", type=float, help="with --ranker: accuracy gate (a random-weight ranker has no quality to keep)")
     s.set_defaults(func=_report)
 
     s = sub.add_parser("demo", help="data, training (cached), build, serve, rank real queries over HTTP and gRPC")

@@ -20,12 +20,18 @@ def test_parse_bytes_refuses_what_is_not_a_size(text):
         memory.parse_bytes(text)
 
 
-def test_a_rank_instance_counts_its_runtime_its_weights_and_its_largest_batch():
-    small = memory.rank_instance_bytes(10 * 2**20, "onnxruntime", "f32", 1024, 384)
-    large = memory.rank_instance_bytes(2238 * 2**20, "onnxruntime", "f32", 1024, 1024)
-    assert large - small > 2228 * 2**20  # the weights count in full
-    assert memory.rank_instance_bytes(0, "onnxruntime", "f32", 4096, 1024) > memory.rank_instance_bytes(0, "onnxruntime", "f32", 1024, 1024)
-    assert memory.rank_instance_bytes(0, "openvino", "f32", 1024, 384) > memory.rank_instance_bytes(0, "onnxruntime", "f32", 1024, 384)
+def test_a_rank_model_counts_its_runtime_its_weights_its_largest_batch_and_its_instances():
+    small, large = memory.Weights(10 * 2**20, 0), memory.Weights(2238 * 2**20, 0)
+    ort = lambda w, instances=1, tokens=1024: memory.rank_model_bytes(w, "onnxruntime", "f32", instances, tokens, 1024)
+    assert ort(large) - ort(small) == 2228 * 2**20  # the weights count in full
+    assert ort(small, tokens=4096) > ort(small)
+    assert memory.rank_model_bytes(small, "openvino", "f32", 1, 1024, 1024) > ort(small)
+    # ONNX Runtime: each instance its own prepacked matrices; the mapped embedding table once
+    mapped = memory.Weights(2238 * 2**20, 1000 * 2**20)
+    assert ort(mapped, instances=2) - ort(mapped) == ort(memory.Weights(1238 * 2**20, 0))
+    # OpenVINO: the whole file mapped once, its private copy per instance
+    ov = lambda instances: memory.rank_model_bytes(large, "openvino", "f32", instances, 1024, 1024)
+    assert ov(2) - ov(1) < ov(1) - memory.rank_model_bytes(memory.Weights(0, 0), "openvino", "f32", 1, 1024, 1024)
 
 
 FASTEST_FIRST = ["int8_dynamic", "int8", "fp32"]
@@ -54,19 +60,24 @@ def test_over_budget_is_refused_with_the_table_and_what_to_do():
         memory.require_budget(estimate, 4 * GiB, "the repository repo", ServeError)
 
 
-def test_embedding_rows_past_the_tokenizers_vocabulary_do_not_count(tmp_path):
+def test_embedding_rows_past_the_tokenizers_vocabulary_stay_on_disk(tmp_path, monkeypatch):
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+
+    from rankserve.builder import onnx_files
 
     table = numpy_helper.from_array(np.zeros((1000, 64), np.float32), "E")  # 256,000 bytes
     dense = numpy_helper.from_array(np.zeros((64, 64), np.float32), "W")  # 16,384 bytes
     graph = helper.make_graph([helper.make_node("Gather", ["E", "ids"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["y"])], "g",
                               [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 64])], [table, dense])
-    path = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(graph), str(path))
-    full = path.stat().st_size
-    assert memory.resident_weight_bytes(path) == full
-    assert memory.resident_weight_bytes(path, 2000) == full  # a tokenizer that reaches every row
-    assert memory.resident_weight_bytes(path, 100) == full - 256_000 * 900 // 1000
+    single = onnx_files.save(helper.make_model(graph), tmp_path / "single" / "m.onnx")
+    assert memory.model_weights(single, 100) == memory.Weights(single.stat().st_size, 0)  # read into memory: all of it
+    monkeypatch.setattr(onnx_files, "PROTOBUF_LIMIT", 100_000)
+    monkeypatch.setattr(onnx_files, "INLINE_MARGIN", 0)
+    mapped = onnx_files.save(helper.make_model(graph), tmp_path / "mapped" / "m.onnx")
+    full = onnx_files.model_bytes(mapped)
+    assert memory.model_weights(mapped) == memory.Weights(full, 256_000)
+    assert memory.model_weights(mapped, 2000) == memory.Weights(full, 256_000)  # a tokenizer that reaches every row
+    assert memory.model_weights(mapped, 100) == memory.Weights(full, 25_600)

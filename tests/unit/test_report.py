@@ -41,10 +41,16 @@ def test_report_measures_every_served_variant_and_the_pytorch_baseline(tiny_vari
         assert r["load_s"] > 0 and r["model_peak_mb"] > 0 and r["peak_rss_mb"] > r["model_peak_mb"] and r["latency_b1_ms"] > 0
         assert all(r["throughput_fixed"][b] > 0 and r["throughput_workload"][b] > 0 for b in (8, 32, 64))
     assert report["variants"][0]["speedup_vs_pytorch_b32_len64"] == pytest.approx(1.0)
+    # each variant as Triton serves it: ready cold and warm, the rank stub's memory within its estimate
+    assert report["server_ready_s"] > 0 and report["page_cache_evicted"]
+    for r in report["variants"][1:]:
+        assert r["cold_s"] > 0 and r["warm_s"] > 0 and r["first_request_ms"] > 0 and r["second_request_ms"] > 0
+        assert 0 < r["stub_rss_mb"] <= r["estimate_mb"], r["variant"]
+    assert set(report["ratios_vs_fp32"]) == set(served) - {"fp32"}
     for name in ("report.md", "report.json", "speed_vs_ndcg.png", "throughput_vs_batch.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "| int8 |" in md
+    assert "| int8 |" in md and "## Ready time and memory as Triton serves each variant" in md
     # the INT8 QDQ models side by side: the ONNX Runtime ladder (CPU) and ModelOpt's (TensorRT)
     assert [r["variant"] for r in report["int8"]] == [n for n in manifest["variants"] if n in ("int8", "pruned_int8", "int8_trt")]
     assert "| int8_trt | nvidia-modelopt ONNX PTQ |" in md and "| int8 | onnxruntime quantize_static |" in md

@@ -226,7 +226,7 @@ def _loaded_variants(builds: list, settings: BuildSettings, hidden: int, log: Ca
     estimated memory of every CPU variant; refuses a set that does not fit the budget."""
     cpu = sorted((b for b in builds if b.served_on_cpu), key=lambda b: -b.pairs_per_s)
     vocab = len(ranker_tokenizer) if ranker_tokenizer is not None else None
-    estimates = memory.variant_bytes({b.name: memory.resident_weight_bytes(b.onnx, vocab) for b in cpu},
+    estimates = memory.variant_bytes({b.name: memory.model_weights(b.onnx, vocab) for b in cpu},
                                      {b.name: (b.runtime.runtime, b.runtime.inference_precision) for b in cpu},
                                      settings.rank_instances, settings.batching.max_batch_tokens, hidden)
     names = memory.choose_loaded(settings.load, estimates, [b.name for b in cpu], settings.memory_budget_bytes,

@@ -140,6 +140,7 @@ def _measure(spec: dict) -> dict:
 
 
 def run_report(repo: Path, data: Path, out: Path, log=print) -> dict:
+    from rankserve.builder.onnx_files import model_bytes
     from rankserve.builder.repository import verify_repository
     from rankserve.data.catalog import Dataset
     from rankserve.train.finetune import scorer as torch_scorer
@@ -176,8 +177,20 @@ def run_report(repo: Path, data: Path, out: Path, log=print) -> dict:
         runtime = v["runtime"] + (" (BF16 compute)" if v["inference_precision"] == "bf16" else "")
         rows.append({"variant": name, "runtime": runtime, "precision": v["precision"],
                      "layers": len(v["kept_layers"]) if "kept_layers" in v else layers,
-                     "file_mb": path.stat().st_size / 2**20, "ndcg@10": g["ndcg"], "mrr": g["mrr"],
+                     "file_mb": model_bytes(path) / 2**20, "ndcg@10": g["ndcg"], "mrr": g["mrr"],
                      "top10_overlap": g["top_k_overlap"], "kendall_tau": g["kendall_tau"], "gate_passed": g["passed"], **m})
+    log("measuring each variant as Triton serves it: ready time (cold: its files evicted from the page cache; warm) and memory")
+    from rankserve.builder.memory import estimate_repository
+    from rankserve.optimize.readiness import measure_ready
+
+    q = dataset.split("heldout")[0]
+    texts = [dataset.products[j.product_id].text for j in dataset.by_query()[q.query_id]][:TARGET_BATCH]
+    served = {name: v for name, v in manifest["variants"].items() if v.get("rank_model")}
+    ready = measure_ready(repo, served, (q.text, texts), log=log)
+    estimate = estimate_repository(repo)
+    for r in rows[1:]:
+        r.update(ready["variants"][r["variant"]])
+        r["estimate_mb"] = estimate.models[served[r["variant"]]["rank_model"]] / 2**20
     log("measuring GEMM ceilings")
     ceilings = gemm_ceilings(threads=settings["ort"]["intra_op_threads"])
     baseline = rows[0]
@@ -198,6 +211,10 @@ def run_report(repo: Path, data: Path, out: Path, log=print) -> dict:
         "variants": rows,
         "gpu_only": {n: v["gate"] for n, v in manifest["variants"].items() if not v["served_on_cpu"]},
         "int8": int8_comparison(manifest),
+        "ranker": {k: manifest["ranker"].get(k) for k in ("architecture", "model_type", "family", "parameters", "hidden_size")},
+        "server_ready_s": ready["server_ready_s"],
+        "page_cache_evicted": ready["page_cache_evicted"],
+        "ratios_vs_fp32": ratios_vs_fp32(rows),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -205,6 +222,16 @@ def run_report(repo: Path, data: Path, out: Path, log=print) -> dict:
     plot(report, out)
     log(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'speed_vs_ndcg.png'}, {out / 'throughput_vs_batch.png'}")
     return report
+
+
+def ratios_vs_fp32(rows: list[dict]) -> dict:
+    """Each served variant's ready time (cold, warm) and rank-stub memory as a fraction of FP32's,
+    measured in the same run."""
+    fp32 = next((r for r in rows if r["variant"] == "fp32"), None)
+    if fp32 is None:
+        return {}
+    return {r["variant"]: {k: r[k] / fp32[k] for k in ("cold_s", "warm_s", "stub_rss_mb") if fp32.get(k)}
+            for r in rows if r["variant"] not in ("fp32", "pytorch_fp32_eager") and "cold_s" in r}
 
 
 def int8_comparison(manifest: dict) -> list[dict]:
@@ -235,6 +262,24 @@ def render_markdown(report: dict) -> str:
             f"| {r['variant']} | {r['runtime']} | {r['precision']} | {r['layers']} | {r['file_mb']:.1f} | {r['load_s']:.2f} | {r['model_peak_mb']:.0f} | "
             f"{r['latency_b1_ms']:.1f} | {r['throughput_fixed'][TARGET_BATCH]:.0f} | {r['speedup_vs_pytorch_b32_len64']:.2f}x | "
             f"{r['ndcg@10']:.4f} | {r['mrr']:.3f} | {r['top10_overlap']:.3f} | {r['kendall_tau']:.3f} |")
+    ranker = report.get("ranker") or {}
+    if "server_ready_s" in report:
+        lines += ["", "## Ready time and memory as Triton serves each variant", "",
+                  f"Ranker: {ranker.get('architecture')} ({ranker.get('family')}), {(ranker.get('parameters') or 0) / 1e6:.0f}M parameters. "
+                  f"tritonserver with tokenize and postprocess ready in {report['server_ready_s']:.1f} s; each variant then loaded "
+                  "through the repository API (stub start, weights read, Triton warmup), timed until Triton answers: cold = its "
+                  f"files {'evicted from the page cache' if report.get('page_cache_evicted') else 'NOT evicted (no posix_fadvise)'}, "
+                  "warm = loaded again. Memory: the rank stub's resident set after a request of 32 pairs; estimate: what the build "
+                  "and `serve --memory-budget` count for it.", "",
+                  "| variant | file MB | ready cold s | ready warm s | rank stub MB | estimate MB | first request ms | next request ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in report["variants"][1:]:
+            lines.append(f"| {r['variant']} | {r['file_mb']:.0f} | {r['cold_s']:.1f} | {r['warm_s']:.1f} | {r['stub_rss_mb']:.0f} | "
+                         f"{r['estimate_mb']:.0f} | {r['first_request_ms']:.0f} | {r['second_request_ms']:.0f} |")
+        if report.get("ratios_vs_fp32"):
+            lines += ["", "Fractions of FP32 (same run): " + "; ".join(
+                f"{n}: ready cold {x.get('cold_s', float('nan')):.2f}, warm {x.get('warm_s', float('nan')):.2f}, memory "
+                f"{x.get('stub_rss_mb', float('nan')):.2f}" for n, x in report["ratios_vs_fp32"].items()) + "."]
     lines += ["", "## Throughput (pairs/s) by batch size", "",
               "| variant | " + " | ".join(f"b={b} workload ({report['variants'][0]['mean_tokens'][b]:.0f} tok)" for b in BATCHES)
               + " | " + " | ".join(f"b={b} len {report['fixed_length']}" for b in BATCHES) + " |",
