@@ -44,7 +44,9 @@ def _build(args) -> None:
         ("version_compatible", None if args.version_compatible is None else args.version_compatible == "true"),
         ("hardware_compatibility", args.hardware_compatibility)) if v is not None})
     settings = dataclasses.replace(settings, target=args.target, variants=variants, quant=quant, gate=gate, engine=engine,
-                                   load=args.load, memory_budget_bytes=_budget(args.memory_budget))
+                                   load=args.load, memory_budget_bytes=_budget(args.memory_budget),
+                                   rank_instances=args.rank_instances or settings.rank_instances,
+                                   ort=dataclasses.replace(settings.ort, prepack_weights=not args.share_weights))
     dataset = Dataset.load(args.data) if args.data else None
     if args.target == "gpu":  # engines next to an existing CPU build of the same repository
         from rankserve.builder.gpu import build_gpu_repository
@@ -231,8 +233,11 @@ def _report(args) -> None:
         settings = dataclasses.replace(settings, variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
                                        load="all", gate=gate)
         repo = Path(args.out) / "model_repository"
-        build_repository(args.ranker, repo, settings, dataset=Dataset.load(args.data), work_dir=Path(args.out) / "variants")
-    run_report(repo, Path(args.data), Path(args.out))
+        dataset = Dataset.load(args.data)
+        if args.heldout_queries:
+            dataset = dataset.subset(args.heldout_queries)
+        build_repository(args.ranker, repo, settings, dataset=dataset, work_dir=Path(args.out) / "variants")
+    run_report(repo, Path(args.data), Path(args.out), heldout_queries=args.heldout_queries)
 
 
 def _demo(args) -> None:
@@ -278,6 +283,10 @@ def parser() -> argparse.ArgumentParser:
                         "all, or a comma-separated list; the others are built and gated, not laid out")
     s.add_argument("--memory-budget", help="host memory the served repository may take, e.g. 8GiB; the build refuses "
                                            "loaded variants whose estimate exceeds it (serve checks it again)")
+    s.add_argument("--rank-instances", type=int, help="instances (processes) of each rank model (default 1)")
+    s.add_argument("--share-weights", action="store_true",
+                   help="ONNX Runtime reads the matrices of a model over 2 GB in place from the mapped weights file: "
+                        "rank instances share one copy (no prepacking)")
     s.add_argument("--version-compatible", choices=["true", "false"],
                    help="gpu: engines later TensorRT 10 releases can load (the server then needs "
                         "--backend-config=tensorrt,version-compatible=true)")
@@ -388,6 +397,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--variants", default=REPORT_VARIANTS, help=f"with --ranker (default {REPORT_VARIANTS})")
     s.add_argument("--preset", default="default", help="with --ranker: build preset")
     s.add_argument("--max-ndcg-drop", type=float, help="with --ranker: accuracy gate (a random-weight ranker has no quality to keep)")
+    s.add_argument("--heldout-queries", type=int, help="gate and quality on only this many held-out queries (a large ranker "
+                                                       "scores a few pairs a second on a small CPU)")
     s.set_defaults(func=_report)
 
     s = sub.add_parser("demo", help="data, training (cached), build, serve, rank real queries over HTTP and gRPC")

@@ -12,15 +12,16 @@ import pytest
 from rankserve.builder.configs import parse, to_text
 from rankserve_client import RankerClient
 
-from conftest import free_serve_settings
+from conftest import TINY, free_serve_settings
 
 pytestmark = pytest.mark.triton
 
 
-def _rank_counters(metrics_url: str) -> dict[str, float]:
+def _rank_counters(metrics_url: str, since: dict[str, float] | None = None) -> dict[str, float]:
+    """The rank model's counters, less ``since`` (Triton counts the model's warmup requests too)."""
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
     pattern = r'^nv_inference_(request_success|exec_count|count)\{model="rank",version="1"\} ([0-9.e+]+)$'
-    return {name: float(value) for name, value in re.findall(pattern, text, re.M)}
+    return {name: float(value) - (since or {}).get(name, 0.0) for name, value in re.findall(pattern, text, re.M)}
 
 
 def test_requests_of_different_lengths_are_scored_in_one_dynamic_batch(tiny_repo, tmp_path, dataset, offline_scorer):
@@ -37,11 +38,13 @@ def test_requests_of_different_lengths_are_scored_in_one_dynamic_batch(tiny_repo
     # different list sizes and text lengths: each request is padded to a different token width
     requests = [(queries[i], [t[: 20 + 15 * i] for t in texts[10 * i: 10 * i + 3 + 2 * i]]) for i in range(4)]
     with EmbeddedServer(repo, free_serve_settings(), tmp_path / "tritonserver.log") as server:
+        warmup = _rank_counters(server.metrics_url)
+        assert warmup["request_success"] == TINY.warmup.pairs  # the warmup ran before the model was ready
         with RankerClient(f"http://{server.http_url}") as client:
             with ThreadPoolExecutor(len(requests)) as pool:
                 results = list(pool.map(lambda r: client.rank(*r), requests))
         deadline = time.monotonic() + 10  # statistics land once execute() returns: after the responses went out
-        while (counters := _rank_counters(server.metrics_url)).get("request_success", 0) < len(requests) and time.monotonic() < deadline:
+        while (counters := _rank_counters(server.metrics_url, warmup)).get("request_success", 0) < len(requests) and time.monotonic() < deadline:
             time.sleep(0.1)
 
     assert counters["request_success"] == len(requests)
@@ -118,10 +121,11 @@ def test_one_bad_request_in_a_dynamic_batch_fails_alone(tiny_repo, tiny_ranker, 
                 return exc
 
     with EmbeddedServer(repo, free_serve_settings(), tmp_path / "tritonserver.log") as server:
+        warmup = _rank_counters(server.metrics_url)
         with ThreadPoolExecutor(len(encoded)) as pool:
             outcomes = list(pool.map(infer, encoded))
         deadline = time.monotonic() + 10
-        while (counters := _rank_counters(server.metrics_url)).get("exec_count", 0) < 1 and time.monotonic() < deadline:
+        while (counters := _rank_counters(server.metrics_url, warmup)).get("exec_count", 0) < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         with RankerClient(f"http://{server.http_url}") as client:  # still serving
             assert len(client.rank(*requests[0])) == len(requests[0][1])

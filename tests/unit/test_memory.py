@@ -29,6 +29,10 @@ def test_a_rank_model_counts_its_runtime_its_weights_its_largest_batch_and_its_i
     # ONNX Runtime: each instance its own prepacked matrices; the mapped embedding table once
     mapped = memory.Weights(2238 * 2**20, 1000 * 2**20)
     assert ort(mapped, instances=2) - ort(mapped) == ort(memory.Weights(1238 * 2**20, 0))
+    # ONNX Runtime without prepacking: every weight of a mapped model read in place, one copy for all instances
+    shared = memory.Weights(2238 * 2**20, 1000 * 2**20, mapped=True)
+    one, two = (memory.rank_model_bytes(shared, "onnxruntime", "f32", n, 1024, 1024, prepack=False) for n in (1, 2))
+    assert two - one == ort(memory.Weights(0, 0)) and one == ort(shared)
     # OpenVINO: the whole file mapped once, its private copy per instance
     ov = lambda instances: memory.rank_model_bytes(large, "openvino", "f32", instances, 1024, 1024)
     assert ov(2) - ov(1) < ov(1) - memory.rank_model_bytes(memory.Weights(0, 0), "openvino", "f32", 1, 1024, 1024)
@@ -78,6 +82,6 @@ def test_embedding_rows_past_the_tokenizers_vocabulary_stay_on_disk(tmp_path, mo
     monkeypatch.setattr(onnx_files, "INLINE_MARGIN", 0)
     mapped = onnx_files.save(helper.make_model(graph), tmp_path / "mapped" / "m.onnx")
     full = onnx_files.model_bytes(mapped)
-    assert memory.model_weights(mapped) == memory.Weights(full, 256_000)
-    assert memory.model_weights(mapped, 2000) == memory.Weights(full, 256_000)  # a tokenizer that reaches every row
-    assert memory.model_weights(mapped, 100) == memory.Weights(full, 25_600)
+    assert memory.model_weights(mapped) == memory.Weights(full, 256_000, mapped=True)
+    assert memory.model_weights(mapped, 2000) == memory.Weights(full, 256_000, mapped=True)  # a tokenizer that reaches every row
+    assert memory.model_weights(mapped, 100) == memory.Weights(full, 25_600, mapped=True)

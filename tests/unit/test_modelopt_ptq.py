@@ -80,6 +80,16 @@ def test_ptq_command_defaults():
     assert argv[argv.index("--op_types_to_exclude") + 1:argv.index("--op_types_to_exclude") + 2] == ["Add"]
     assert "--disable_mha_qdq" in argv and "--calibration_shapes" not in argv
     assert all(isinstance(a, str) for a in argv)
+    assert "--use_external_data_format" not in argv
+
+
+def test_ptq_command_lets_modelopt_take_a_model_over_2gb():
+    """ModelOpt 0.47 refuses a model over 2 GB ("Please set --use_external_data_format") unless told."""
+    argv = ptq_command("py", "a.onnx", "b.onnx", "c.npz", external_data=True)
+    assert argv.count("--use_external_data_format") == 1
+    installed = Path(".venv-modelopt/lib/python3.11/site-packages/modelopt/onnx/quantization/__main__.py")
+    if installed.exists():  # the flag is the installed ModelOpt's own
+        assert '"--use_external_data_format"' in installed.read_text()
 
 
 def test_ptq_command_follows_settings_and_shapes():

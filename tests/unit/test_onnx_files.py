@@ -68,6 +68,19 @@ def test_normalize_inlines_weights_a_tool_wrote_outside_a_small_model(tmp_path):
     assert onnx_files.external_locations(path) == []
 
 
+def test_the_weights_file_is_as_readable_as_the_graph(tmp_path, small_limit):
+    """onnx.save_model and the quantizers create it 0600: a server running as another user could
+    read the graph but not its weights."""
+    path = onnx_files.save(_model(), tmp_path / "m.onnx")
+    assert oct(onnx_files.data_path(path).stat().st_mode & 0o777) == oct(path.stat().st_mode & 0o777)
+    assert onnx_files.data_path(path).stat().st_mode & 0o044  # group and others may read it
+    onnx_files.data_path(path).chmod(0o600)  # as ONNX Runtime's quantizer leaves it
+    onnx_files.normalize(path)
+    assert onnx_files.data_path(path).stat().st_mode & 0o044
+    copied = onnx_files.copy(path, tmp_path / "repo" / "model.onnx")
+    assert oct(onnx_files.data_path(copied).stat().st_mode & 0o777) == oct(copied.stat().st_mode & 0o777)
+
+
 def test_copy_renames_the_data_file_and_leaves_the_source_alone(tmp_path, small_limit):
     src = onnx_files.save(_model(), tmp_path / "work" / "int8.onnx")
     before = {p.name: p.read_bytes() for p in src.parent.iterdir()}

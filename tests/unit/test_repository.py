@@ -27,7 +27,8 @@ def test_manifest_records_source_checksums_versions_and_settings(tiny_repo, tiny
     manifest = json.loads((tiny_repo / MANIFEST).read_text())
     assert manifest["ranker"]["source"] == str(tiny_ranker.resolve())
     assert set(manifest["ranker"]["files"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
-    assert set(manifest["models"]["rank"]["files"]) == {"rank/1/model.onnx"}
+    assert set(manifest["models"]["rank"]["files"]) == {"rank/1/model.onnx", "rank/warmup/input_ids", "rank/warmup/attention_mask",
+                                                        "rank/warmup/token_type_ids"}
     assert {"torch", "onnx", "onnxruntime", "transformers", "tokenizers", "python"} <= set(manifest["versions"])
     assert manifest["settings"]["tokenize"]["max_length"] == TINY.tokenize.max_length
     assert manifest["default_variant"] == "fp32" and manifest["opset"] == TINY.opset

@@ -44,6 +44,11 @@ def test_triton_parameters_round_trip():
     params = {k: {"string_value": v} for k, v in to_parameters(settings).items()}
     assert from_parameters(TokenizeSettings, params) == settings
     assert from_parameters(OrtSettings, {"intra_op_threads": {"string_value": "2"}}) == OrtSettings(intra_op_threads=2)
+    # booleans round-trip (bool("False") would be True)
+    shared = OrtSettings(prepack_weights=False)
+    assert from_parameters(OrtSettings, {k: {"string_value": v} for k, v in to_parameters(shared).items()}) == shared
+    with pytest.raises(ConfigError, match="prepack_weights='maybe' is not a valid bool"):
+        from_parameters(OrtSettings, {"prepack_weights": {"string_value": "maybe"}})
 
 
 def test_bad_triton_parameter_is_a_config_error():

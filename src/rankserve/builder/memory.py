@@ -68,6 +68,9 @@ class Weights:
     """Embedding tables (the data of a Gather) read in place from a mapped weights file: the bytes of
     the rows a token id can reach. 0 for a single-file model: its weights are read into memory."""
 
+    mapped: bool = False
+    """The weights live in a mapped weights file (a model over 2 GB), not in the graph."""
+
     @property
     def dense(self) -> int:
         return self.total - self.tables
@@ -81,10 +84,13 @@ def model_weights(onnx_path: str | Path, vocab_size: int | None = None) -> Weigh
     import onnx
 
     path = Path(onnx_path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a readable graph (the server will say which model fails): its size
+        return Weights(path.stat().st_size, 0)
     total = onnx_files.model_bytes(path)
     if not onnx_files.external_locations(path):
         return Weights(total, 0)
-    model = onnx.load(str(path), load_external_data=False)
     gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
     tables = 0
     for tensor in model.graph.initializer:
@@ -93,17 +99,19 @@ def model_weights(onnx_path: str | Path, vocab_size: int | None = None) -> Weigh
             continue
         rows = tensor.dims[0]
         tables += length * min(rows, vocab_size or rows) // rows
-    return Weights(total, tables)
+    return Weights(total, tables, mapped=True)
 
 
 def rank_model_bytes(weights: Weights, runtime: str, precision: str, instances: int, max_batch_tokens: int,
-                     hidden_size: int) -> int:
+                     hidden_size: int, prepack: bool = True) -> int:
     """A rank model with ``instances`` stubs: what each holds (stub base, private weights, working
     memory at the largest batch) plus, once, the mapped weight pages they share."""
     working = ACTIVATION_BYTES_PER_TOKEN_HIDDEN * max_batch_tokens * hidden_size
     stub = RANK_STUB_BYTES.get(runtime, max(RANK_STUB_BYTES.values()))
     if runtime == "openvino":
         shared, private = weights.total, OPENVINO_PRIVATE_FACTOR * weights.total
+    elif not prepack and weights.mapped:  # ONNX Runtime reading every weight in place from the mapped file
+        shared, private = weights.tables + weights.dense, 0
     else:  # ONNX Runtime: prepacked copies of the matrices per instance, tables read in place
         shared, private = weights.tables, weights.dense
     return int(shared + instances * (stub + private + working))
@@ -156,7 +164,7 @@ def estimate_repository(repo: str | Path, hidden_size: int | None = None) -> Est
         p = {k: v.string_value for k, v in config.parameters.items()}
         models[name] = rank_model_bytes(model_weights(onnx, vocab), p.get("runtime", "onnxruntime"),
                                         p.get("inference_precision", "f32"), instances, int(p.get("max_batch_tokens", "1024")),
-                                        hidden_size)
+                                        hidden_size, prepack=p.get("prepack_weights", "True") in ("True", "true", "1"))
     return Estimate(models)
 
 
@@ -179,9 +187,10 @@ def require_budget(estimate: Estimate, budget: int, what: str, error: type[Excep
 
 
 def variant_bytes(weights: Mapping[str, Weights], runtimes: Mapping[str, tuple[str, str]], instances: int,
-                  max_batch_tokens: int, hidden_size: int) -> dict[str, int]:
+                  max_batch_tokens: int, hidden_size: int, prepack: bool = True) -> dict[str, int]:
     """Per variant, what loading it adds: its rank model (its ensemble holds nothing)."""
-    return {name: rank_model_bytes(weights[name], *runtimes[name], instances, max_batch_tokens, hidden_size) for name in weights}
+    return {name: rank_model_bytes(weights[name], *runtimes[name], instances, max_batch_tokens, hidden_size, prepack)
+            for name in weights}
 
 
 def shared_bytes() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -66,6 +67,16 @@ def needs_external_data(path: str | Path) -> bool:
     return _too_big(model_bytes(path))
 
 
+def _same_mode(path: Path) -> Path:
+    """Give the weights file the graph's permissions: onnx.save_model, ONNX Runtime's quantizers and
+    temporary files create it 0600, which a server running as another user (a container, a pod)
+    cannot read, while the graph beside it follows the umask."""
+    data = data_path(path)
+    if data.exists():
+        os.chmod(data, stat.S_IMODE(path.stat().st_mode))
+    return path
+
+
 def save(model, path: str | Path) -> Path:
     """Write ``model`` (weights in memory) to ``path``: a single file when it fits under the
     protobuf limit with room to spare, else the graph in ``path`` and every weight over 1 KiB in ``path.data``.
@@ -81,7 +92,7 @@ def save(model, path: str | Path) -> Path:
     else:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
-    return path
+    return _same_mode(path)
 
 
 def normalize(path: str | Path) -> Path:
@@ -94,7 +105,7 @@ def normalize(path: str | Path) -> Path:
     locations = external_locations(path)
     small = not needs_external_data(path)
     if (not locations and small) or (locations == [data_path(path).name] and not small):
-        return path
+        return _same_mode(path)
     model = onnx.load(str(path), load_external_data=True)
     stale = [path.parent / loc for loc in locations if loc != data_path(path).name]
     save(model, path)
@@ -135,7 +146,7 @@ def copy(src: str | Path, dst: str | Path) -> Path:
     finally:
         Path(tmp.name).unlink(missing_ok=True)
     onnx.save_model(model, str(dst))
-    return dst
+    return _same_mode(dst)
 
 
 def check(path: str | Path) -> None:

@@ -101,6 +101,13 @@ class Dataset:
     def split(self, name: str) -> list[LabeledQuery]:
         return [q for q in self.queries if q.split == name]
 
+    def subset(self, heldout: int) -> "Dataset":
+        """Only the first ``heldout`` held-out queries (every training query kept: calibration
+        samples from them): the accuracy gate of a ranker too large to score them all in time."""
+        keep = {q.query_id for q in self.split("heldout")[:heldout]} | {q.query_id for q in self.split("train")}
+        return Dataset([q for q in self.queries if q.query_id in keep], self.products,
+                       [j for j in self.judgments if j.query_id in keep])
+
     def candidates(self, query_id: int) -> list[Judgment]:
         return [j for j in self.judgments if j.query_id == query_id]
 

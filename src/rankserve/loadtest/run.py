@@ -58,13 +58,17 @@ def summarize(stats_csv: Path, settings: LoadTestSettings, steps: dict) -> dict:
         row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
     requests = int(row["Request Count"])
     failures = int(row["Failure Count"])
-    rps = float(row["Requests/s"])
+
+    def num(key: str) -> float:  # Locust writes "N/A" for percentiles of a run in which nothing completed
+        return float("nan") if row[key] in ("N/A", "") else float(row[key])
+
+    rps = num("Requests/s")
     summary = {
-        "p50_ms": float(row["50%"]), "p95_ms": float(row["95%"]), "p99_ms": float(row["99%"]),
-        "requests_per_s": rps, "pairs_per_s": rps * float(row["Average Content Size"]),
+        "p50_ms": num("50%"), "p95_ms": num("95%"), "p99_ms": num("99%"),
+        "requests_per_s": rps, "pairs_per_s": rps * num("Average Content Size"),
         "failures": failures, "requests": requests,
-        "mean_candidates": float(row["Average Content Size"]),
-        "p99_over_p50": float(row["99%"]) / float(row["50%"]) if float(row["50%"]) > 0 else float("nan"),
+        "mean_candidates": num("Average Content Size"),
+        "p99_over_p50": num("99%") / num("50%") if num("50%") > 0 else float("nan"),
         "settings": {"users": settings.users, "spawn_rate": settings.spawn_rate, "duration_s": settings.duration_s,
                      "protocol": settings.protocol, "model": settings.model, "candidates_mean": settings.candidates_mean,
                      "candidates_sigma": settings.candidates_sigma, "rate_per_s": settings.rate_per_s,

@@ -70,7 +70,8 @@ def measure(spec: dict) -> dict:
     rss_before = _status_mb("VmRSS")
     score, load_s = _scorer(spec)
     out: dict = {"load_s": load_s}
-    single = [encode_pairs(tokenizer, q, t) for q, t in workload_batches(dataset, 1, 20, seed=1)]
+    quick = spec.get("quick", False)  # a large ranker: fewer requests and repeats
+    single = [encode_pairs(tokenizer, q, t) for q, t in workload_batches(dataset, 1, 5 if quick else 20, seed=1)]
     score(single[0])
     latencies = []
     for feeds in single:
@@ -80,13 +81,13 @@ def measure(spec: dict) -> dict:
     out["latency_b1_ms"] = 1000 * float(np.median(latencies))
     out["throughput_workload"], out["mean_tokens"] = {}, {}
     for b in BATCHES:
-        requests = [encode_pairs(tokenizer, q, t) for q, t in workload_batches(dataset, b, 6, seed=2)]
+        requests = [encode_pairs(tokenizer, q, t) for q, t in workload_batches(dataset, b, 2 if quick else 6, seed=2)]
         out["mean_tokens"][b] = float(np.mean([r["input_ids"].shape[1] for r in requests]))
-        out["throughput_workload"][b] = pairs_per_second(lambda: [score(r) for r in requests], b * len(requests), repeats=3)
+        out["throughput_workload"][b] = pairs_per_second(lambda: [score(r) for r in requests], b * len(requests), repeats=1 if quick else 3)
     out["throughput_fixed"] = {}
     for b in BATCHES:
         feeds = fixed_batch(b, FIXED_LENGTH)
-        out["throughput_fixed"][b] = pairs_per_second(lambda: score(feeds), b, repeats=5, min_seconds=1.0)
+        out["throughput_fixed"][b] = pairs_per_second(lambda: score(feeds), b, repeats=2 if quick else 5, min_seconds=0.0 if quick else 1.0)
     out["peak_rss_mb"] = _status_mb("VmHWM")
     out["model_peak_mb"] = out["peak_rss_mb"] - rss_before  # weights, session and working memory while serving
     return out

@@ -20,6 +20,8 @@ from rankserve.optimize.measure import BATCHES, FIXED_LENGTH
 from rankserve.train.metrics import evaluate
 
 TARGET_BATCH = 32
+LARGE_PARAMETERS = 100e6
+"""Above this, each variant is timed with fewer repeats (a 560M ranker scores a few pairs a second here)."""
 
 
 def gemm_ceilings(n: int = 2048, threads: int = 0) -> dict[str, float]:
@@ -139,7 +141,7 @@ def _measure(spec: dict) -> dict:
     return result
 
 
-def run_report(repo: Path, data: Path, out: Path, log=print) -> dict:
+def run_report(repo: Path, data: Path, out: Path, log=print, heldout_queries: int | None = None) -> dict:
     from rankserve.builder.onnx_files import model_bytes
     from rankserve.builder.repository import verify_repository
     from rankserve.data.catalog import Dataset
@@ -151,8 +153,11 @@ def run_report(repo: Path, data: Path, out: Path, log=print) -> dict:
     config = json.loads((ranker_dir / "config.json").read_text())
     layers = config.get("num_hidden_layers") or config.get("n_layers")
     tokenizer = repo / "tokenize" / "1" / "tokenizer.json"
+    large = manifest["ranker"]["parameters"] > LARGE_PARAMETERS
     common = {"tokenizer": str(tokenizer), "data": str(data), "max_length": settings["tokenize"]["max_length"],
-              "threads": settings["ort"]["intra_op_threads"]}
+              "threads": settings["ort"]["intra_op_threads"], "quick": large}
+    if large:
+        log(f"a large ranker ({manifest['ranker']['parameters'] / 1e6:.0f}M parameters): fewer timing repeats")
     rows = []
 
     log("measuring PyTorch FP32 eager (baseline)")
@@ -160,6 +165,8 @@ def run_report(repo: Path, data: Path, out: Path, log=print) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     dataset = Dataset.load(data)
+    if heldout_queries:
+        dataset = dataset.subset(heldout_queries)
     model = AutoModelForSequenceClassification.from_pretrained(ranker_dir).eval()
     quality = evaluate(dataset, torch_scorer(model, AutoTokenizer.from_pretrained(ranker_dir), settings["tokenize"]["max_length"]))
     rows.append({"variant": "pytorch_fp32_eager", "runtime": "pytorch eager", "precision": "fp32", "layers": layers,

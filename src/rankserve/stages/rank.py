@@ -58,6 +58,8 @@ def create_session(model_path: str | Path, settings: OrtSettings):
     options.intra_op_num_threads = default_threads(settings.intra_op_threads)
     options.inter_op_num_threads = settings.inter_op_threads
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_LEVELS[settings.graph_optimization])
+    if not settings.prepack_weights:  # matrices read in place from the mapped weights file, shared by instances
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
