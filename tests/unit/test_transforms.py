@@ -47,3 +47,39 @@ def test_calibration_pairs_come_from_training_queries_only(dataset):
     pairs = calibration_pairs(dataset, 200, seed=3)
     assert len(pairs) == 200 and all(q in train_queries for q, _ in pairs)
     assert pairs == calibration_pairs(dataset, 200, seed=3)
+
+
+def test_calibration_is_sliced_when_all_batches_would_not_fit_in_memory():
+    from rankserve.optimize.calibration import calibration_stride
+
+    batches = [{"input_ids": np.zeros((32, 64), np.int64)}] * 16  # 512 pairs of 64 tokens
+    # the 560M ranker: 172,032 activation values a token -> 22.5 GB at once; slices of 2 batches (1.4 GB)
+    assert calibration_stride(batches, 172_032) == 2
+    assert calibration_stride(batches, 16_128) is None  # MiniLM-L6: 2.1 GB, all at once
+    assert calibration_stride(batches, 172_032, limit=1) == 1
+    assert 12 % calibration_stride(batches[:12], 172_032, limit=5 * 2**30) == 0  # a divisor, as ONNX Runtime requires
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_sliced_calibration_gives_the_scales_of_calibrating_at_once(exported, dataset, tmp_path, monkeypatch, method):
+    from onnx import numpy_helper
+
+    from rankserve.optimize import calibration
+
+    ranker, fp32 = exported
+    settings = QuantSettings(calibration_pairs=64, method=method, calibration_length=32)
+    batches = fixed_length_batches(ranker.tokenizer, calibration_pairs(dataset, 64), 32, 16, ranker.input_names)
+    once = transforms.qdq_int8(fp32, tmp_path / "once.onnx", batches, settings)
+    floats = transforms.activation_floats_per_token(fp32, transforms.weight_matmuls(fp32))
+    monkeypatch.setattr(calibration, "CALIBRATION_MEMORY_BYTES", 16 * 32 * floats * 4)  # one batch a slice
+    assert calibration.calibration_stride(batches, floats) == 1
+    sliced = transforms.qdq_int8(fp32, tmp_path / "sliced.onnx", batches, settings)
+
+    def scales(path):
+        graph = onnx.load(str(path)).graph
+        return {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith("_scale")}
+
+    a, b = scales(once), scales(sliced)
+    assert a.keys() == b.keys() and a
+    worst = max(float(np.max(np.abs(a[k] - b[k]) / np.maximum(np.abs(a[k]), 1e-12))) for k in a)
+    assert worst <= (1e-6 if method == "minmax" else 0.01), worst  # min/max merge exactly; histograms re-bin (0.04% here)

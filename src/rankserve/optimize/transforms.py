@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rankserve.builder import onnx_files
-from rankserve.optimize.calibration import BatchReader
+from rankserve.optimize.calibration import BatchReader, calibration_stride
 from rankserve.settings import QuantSettings
 
 
@@ -58,6 +58,9 @@ def qdq_int8(
     if settings.method == "percentile":
         extra["CalibPercentile"] = settings.percentile
     nodes = [n for n in weight_matmuls(src) if n not in set(exclude)]
+    stride = calibration_stride(batches, activation_floats_per_token(src, nodes))
+    if stride:
+        extra["CalibStridedMinMax"] = stride  # despite its name: slices the reader for every calibrator
     large = onnx_files.needs_external_data(src)
     with tempfile.TemporaryDirectory(dir=Path(dst).parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
@@ -69,6 +72,23 @@ def qdq_int8(
             op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, extra_options=extra, use_external_data_format=large,
         )
     return onnx_files.normalize(dst)
+
+
+def activation_floats_per_token(model_path: str | Path, matmuls: Sequence[str]) -> int:
+    """Values per token that calibrating ``matmuls`` keeps: the width of each one's activation input
+    (its weight's first dimension), each distinct input counted once."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    wanted, seen = set(matmuls), {}
+    for node in model.graph.node:
+        if node.name in wanted:
+            weight = next((i for i in node.input if i in dims), None)
+            activation = next((i for i in node.input if i not in dims), None)
+            if weight and activation and dims[weight]:
+                seen[activation] = dims[weight][0]
+    return sum(seen.values())
 
 
 def dynamic_int8(src: str | Path, dst: str | Path) -> Path:
