@@ -120,9 +120,10 @@ def build_repository(
         raise BuildError(f"variants {list(settings.variants)} need --data: calibration pairs and held-out queries for the accuracy gate")
     log(f"[1/5] loading ranker from {ranker_dir}")
     ranker = load_ranker(ranker_dir, settings)
+    parameters = int(sum(p.numel() for p in ranker.model.parameters()))
     log(f"      {type(ranker.model).__name__} ({ranker.model.config.model_type}: {ranker.family}"
         f"{', not among the tested architectures: the checks below decide' if ranker.family == 'untested' else ''}), "
-        f"{sum(p.numel() for p in ranker.model.parameters()) / 1e6:.1f}M parameters, inputs {list(ranker.input_names)}")
+        f"{parameters / 1e6:.1f}M parameters, inputs {list(ranker.input_names)}")
     with tempfile.TemporaryDirectory(prefix="rankserve-build-") as tmp:
         work = Path(work_dir) if work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -182,7 +183,7 @@ def build_repository(
             "architecture": type(ranker.model).__name__,
             "model_type": ranker.model.config.model_type,
             "family": ranker.family,
-            "parameters": int(sum(p.numel() for p in ranker.model.parameters())),
+            "parameters": parameters,
             "hidden_size": hidden,
             "inputs": list(ranker.input_names),
             "files": {p.name: sha256(p) for p in sorted(source.iterdir()) if p.is_file()},
@@ -246,8 +247,9 @@ def _loaded_variants(builds: list, settings: BuildSettings, hidden: int, log: Ca
 
 
 def model_entry(repo: Path, name: str) -> dict:
-    """A model's manifest entry: its config and the checksums of its version files (the tracked
-    ``model.py`` adapters excluded: they follow the code, and ``refresh_configs`` renews them)."""
+    """A model's manifest entry: its config and the checksums of its version files (a model over
+    2 GB: its weights file too) and warmup inputs (the tracked ``model.py`` adapters excluded: they
+    follow the code, and ``refresh_configs`` renews them)."""
     files = [p for p in sorted((repo / name / "1").iterdir()) if p.is_file() and p.suffix != ".py"]
     files += sorted(p for p in (repo / name / configs.WARMUP_DIR).glob("*") if p.is_file())
     return {"config": f"{name}/config.pbtxt", "files": {str(p.relative_to(repo)): sha256(p) for p in files}}
