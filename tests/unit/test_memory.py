@@ -23,12 +23,12 @@ def test_parse_bytes_refuses_what_is_not_a_size(text):
 def test_a_rank_model_counts_its_runtime_its_weights_its_largest_batch_and_its_instances():
     small, large = memory.Weights(10 * 2**20, 0), memory.Weights(2238 * 2**20, 0)
     ort = lambda w, instances=1, tokens=1024: memory.rank_model_bytes(w, "onnxruntime", "f32", instances, tokens, 1024)
-    assert ort(large) - ort(small) == 2228 * 2**20  # the weights count in full
+    assert ort(large) - ort(small) == int(memory.SINGLE_FILE_FACTOR * 2228 * 2**20)  # one file: read in, and prepacked beside
     assert ort(small, tokens=4096) > ort(small)
     assert memory.rank_model_bytes(small, "openvino", "f32", 1, 1024, 1024) > ort(small)
     # ONNX Runtime: each instance its own prepacked matrices; the mapped embedding table once
-    mapped = memory.Weights(2238 * 2**20, 1000 * 2**20)
-    assert ort(mapped, instances=2) - ort(mapped) == ort(memory.Weights(1238 * 2**20, 0))
+    mapped = memory.Weights(2238 * 2**20, 1000 * 2**20, mapped=True)
+    assert ort(mapped, instances=2) - ort(mapped) == ort(memory.Weights(1238 * 2**20, 0, mapped=True))
     # ONNX Runtime without prepacking: every weight of a mapped model read in place, one copy for all instances
     shared = memory.Weights(2238 * 2**20, 1000 * 2**20, mapped=True)
     one, two = (memory.rank_model_bytes(shared, "onnxruntime", "f32", n, 1024, 1024, prepack=False) for n in (1, 2))
