@@ -89,13 +89,13 @@ def model_weights(onnx_path: str | Path, vocab_size: int | None = None) -> Weigh
     import onnx
 
     path = Path(onnx_path)
+    if not onnx_files.data_path(path).exists():  # one file (the layout names any weights file X.data): no need
+        return Weights(path.stat().st_size, 0)   # to parse it (a 536 MB INT8 graph at every serve start)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - not a readable graph (the server will say which model fails): its size
         return Weights(path.stat().st_size, 0)
     total = onnx_files.model_bytes(path)
-    if not onnx_files.external_locations(path):
-        return Weights(total, 0)
     gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
     tables = 0
     for tensor in model.graph.initializer:
