@@ -100,7 +100,8 @@ def _gpu_check(args) -> None:
 
 def _serve_settings(args) -> ServeSettings:
     return ServeSettings(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                         health_interval_s=args.health_interval, max_restarts=args.max_restarts)
+                         health_interval_s=args.health_interval, max_restarts=args.max_restarts,
+                         cache_dir=args.cache_dir)
 
 
 def _serve(args) -> None:
@@ -285,8 +286,9 @@ def parser() -> argparse.ArgumentParser:
                                            "loaded variants whose estimate exceeds it (serve checks it again)")
     s.add_argument("--rank-instances", type=int, help="instances (processes) of each rank model (default 1)")
     s.add_argument("--share-weights", action="store_true",
-                   help="ONNX Runtime reads the matrices of a model over 2 GB in place from the mapped weights file: "
-                        "rank instances share one copy (no prepacking)")
+                   help="ONNX Runtime reads the matrices of a model with a weights file (256 MiB or more) in place from the "
+                        "mapped file: rank instances share one copy (no prepacking; `serve --cache-dir` shares "
+                        "prepacked matrices instead)")
     s.add_argument("--version-compatible", choices=["true", "false"],
                    help="gpu: engines later TensorRT 10 releases can load (the server then needs "
                         "--backend-config=tensorrt,version-compatible=true)")
@@ -307,6 +309,9 @@ def parser() -> argparse.ArgumentParser:
                                            "8GiB (default: the budget the build recorded, if any)")
     s.add_argument("--max-restarts", type=int, default=ServeSettings.max_restarts,
                    help=f"give up after this many restarts within {ServeSettings.restart_window_s:.0f} s")
+    s.add_argument("--cache-dir", help="writable folder of this host where ONNX Runtime and OpenVINO keep each model "
+                                       "as optimized for this CPU, so later loads skip that work (default: "
+                                       "$RANKSERVE_CACHE_DIR, else none); safe to delete")
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("health", help="probe for containers: the server is live and every Python-backend stub runs")

@@ -70,11 +70,12 @@ class OrtSettings:
     inter_op_threads: int = 1
     graph_optimization: str = "all"
     prepack_weights: bool = True
-    """False: matrices are used in place from the mapped weights file of a model over 2 GB instead
-    of copied into prepacked buffers, so the rank stage's instances (processes) share one copy and
-    a session is created in 0.4 s instead of 4 s (measured, 560M FP32); the cost is each call's
-    packing (measured within this machine's noise). A model in a single file is read into each
-    process either way."""
+    """False: matrices are used in place from the mapped weights file of a model in that layout
+    (256 MiB or more) instead of copied into prepacked buffers, so the rank stage's instances
+    (processes) share one copy and a session is created in 0.4 s instead of 4 s (measured, 560M
+    FP32); the cost is each call's packing (measured within this machine's noise). A model in a
+    single file is read into each process either way. With the host's runtime cache, prepacked
+    matrices are mapped from the cache entry and shared as well."""
 
     def __post_init__(self) -> None:
         _require(self.intra_op_threads >= 0, "intra_op_threads must be >= 0")
@@ -483,6 +484,10 @@ class ServeSettings:
     max_restarts: int = 5
     restart_window_s: float = 600.0
     """At most ``max_restarts`` restarts within any ``restart_window_s``; past that, serve gives up."""
+    cache_dir: str | None = None
+    """A writable folder of this host where the CPU runtimes keep what they make from a model before
+    its first request, reused at the next load (``RANKSERVE_CACHE_DIR`` of the stubs; see
+    :mod:`rankserve.stages.runtime_cache`). None: whatever the environment already says."""
 
     def __post_init__(self) -> None:
         ports = (self.http_port, self.grpc_port, self.metrics_port)

@@ -1,11 +1,14 @@
-"""Ready time and memory of each variant as Triton serves it, cold and warm.
+"""Ready time and memory of each variant as Triton serves it: on a new host, cold and warm.
 
 The real tritonserver starts in explicit model-control mode with only ``tokenize`` and
-``postprocess``; each variant's ensemble is then loaded through the repository API (its rank
-model's stub starts, the runtime reads the weights, Triton runs the model's warmup), timed until
-Triton answers, first with the variant's files evicted from the page cache (cold: as after a
-reboot or on a fresh node), then again with them cached (warm). The rank stub's resident memory
-is read after a real request, and the variant is unloaded before the next.
+``postprocess``, and with a new, empty runtime cache (``RANKSERVE_CACHE_DIR``, see
+:mod:`rankserve.stages.runtime_cache`). Each variant's ensemble is then loaded through the
+repository API (its rank model's stub starts, the runtime reads the weights, Triton runs the
+model's warmup), timed until Triton answers, three times: ``first``, its files evicted from the
+page cache and nothing in the runtime cache (a new host: the runtime optimizes and fills the
+cache); ``cold``, its files and its cache entry evicted (a restart after a reboot, or a node
+whose cache volume persists); ``warm``, everything in the page cache (a restart). The rank stub's
+resident memory is read after a real request, and the variant is unloaded before the next.
 """
 
 from __future__ import annotations
@@ -46,16 +49,28 @@ def _post(url: str, body: dict | None = None, timeout: float = 900) -> None:
         r.read()
 
 
-def _rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of ``pid`` in MB (``RssAnon``: only its private pages)."""
     with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+
+
+PHASES = ("first", "cold", "warm")
+
+
+def _cache_files(cache: Path) -> list[Path]:
+    return [p for p in cache.rglob("*") if p.is_file()]
 
 
 def measure_ready(repo: Path, variants: dict[str, dict], request: tuple[str, list[str]], log: Callable[[str], None] = print,
                   timeout_s: float = 900) -> dict:
     """``variants``: name -> manifest entry (``rank_model``, ``ensemble``). Returns the server's own
-    ready time and, per variant, ``cold_s``, ``warm_s``, ``stub_rss_mb`` and the latency of the
-    first request after loading (``first_request_ms``: warmup already paid) and of the next."""
+    ready time and, per variant, ``first_s``, ``cold_s``, ``warm_s``, the runtime cache's size
+    (``cache_mb``), the rank stub's resident memory after a request when loaded through the cache
+    (``stub_rss_mb``; ``stub_private_mb`` its pages no other process can share) and on the first
+    load (``stub_rss_first_mb``), and the latency of the first request after the first load
+    (``first_request_ms``: warmup already paid) and of the next."""
+    import tempfile
     from rankserve.server.embedded import EmbeddedServer, free_serve_settings, server_command
     from rankserve.server.processes import stub_processes
     from rankserve_client import RankerClient
@@ -65,7 +80,9 @@ def measure_ready(repo: Path, variants: dict[str, dict], request: tuple[str, lis
         return command + ["--model-control-mode=explicit", f"--load-model={api.TOKENIZE_MODEL}",
                           f"--load-model={api.POSTPROCESS_MODEL}"]
 
-    settings = free_serve_settings(ready_timeout_s=timeout_s)
+    cache_tmp = tempfile.TemporaryDirectory(prefix="rankserve-cache-")
+    cache = Path(cache_tmp.name)
+    settings = free_serve_settings(ready_timeout_s=timeout_s, cache_dir=str(cache))
     server = EmbeddedServer(repo, settings, argv=argv)
     started = time.perf_counter()
     server.start()
@@ -78,9 +95,11 @@ def measure_ready(repo: Path, variants: dict[str, dict], request: tuple[str, lis
         base = f"http://{server.http_url}/v2/repository/models"
         for name, v in variants.items():
             row = {}
-            for phase in ("cold", "warm"):
-                if phase == "cold":
-                    out["page_cache_evicted"] &= evict(variant_files(repo, v["rank_model"]))
+            cached_before = set(_cache_files(cache))
+            for phase in PHASES:
+                if phase != "warm":
+                    files = variant_files(repo, v["rank_model"]) + [p for p in _cache_files(cache) if p not in cached_before]
+                    out["page_cache_evicted"] &= evict(files)
                 t0 = time.perf_counter()
                 _post(f"{base}/{v['ensemble']}/load", timeout=timeout_s)
                 row[f"{phase}_s"] = time.perf_counter() - t0
@@ -91,18 +110,23 @@ def measure_ready(repo: Path, variants: dict[str, dict], request: tuple[str, lis
                     t0 = time.perf_counter()
                     client.rank(*request, model=v["ensemble"])
                     second = time.perf_counter() - t0
-                if phase == "cold":
+                stub = next(s for s in stub_processes(server.process.pid) if s.model == v["rank_model"])
+                if phase == "first":
+                    row["cache_mb"] = sum(p.stat().st_size for p in _cache_files(cache) if p not in cached_before) / 2**20
                     row["first_request_ms"], row["second_request_ms"] = 1000 * first, 1000 * second
-                    stub = next(s for s in stub_processes(server.process.pid) if s.model == v["rank_model"])
-                    row["stub_rss_mb"] = _rss_mb(stub.pid)
+                    row["stub_rss_first_mb"] = _rss_mb(stub.pid)
+                if phase == "cold":  # as served from now on: through the runtime cache
+                    row["stub_rss_mb"], row["stub_private_mb"] = _rss_mb(stub.pid), _rss_mb(stub.pid, "RssAnon")
                 _post(f"{base}/{v['ensemble']}/unload", {"parameters": {"unload_dependents": True}})
                 _wait_unloaded(server, v["rank_model"], timeout_s)
-            log(f"  {name}: Triton load cold {row['cold_s']:.1f} s, warm {row['warm_s']:.1f} s, rank stub "
+            log(f"  {name}: Triton load first {row['first_s']:.1f} s, cold {row['cold_s']:.1f} s, warm {row['warm_s']:.1f} s "
+                f"(runtime cache {row['cache_mb']:.0f} MB), rank stub "
                 f"{row['stub_rss_mb']:.0f} MB, first request {row['first_request_ms']:.0f} ms (next {row['second_request_ms']:.0f} ms)")
             out["variants"][name] = row
         return out
     finally:
         server.stop()
+        cache_tmp.cleanup()
 
 
 def _wait_unloaded(server, model: str, timeout_s: float) -> None:

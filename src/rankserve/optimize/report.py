@@ -231,13 +231,21 @@ def run_report(repo: Path, data: Path, out: Path, log=print, heldout_queries: in
     return report
 
 
+READY_KEYS = ("first_s", "cold_s", "warm_s", "stub_rss_mb", "stub_private_mb")
+
+
+def _rate(x: float) -> str:
+    """Pairs per second, with a decimal where the figures are small (large rankers on few cores)."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
 def ratios_vs_fp32(rows: list[dict]) -> dict:
-    """Each served variant's ready time (cold, warm) and rank-stub memory as a fraction of FP32's,
-    measured in the same run."""
+    """Each served variant's ready time (first load, cold, warm) and rank-stub memory as a fraction
+    of FP32's, measured in the same run."""
     fp32 = next((r for r in rows if r["variant"] == "fp32"), None)
     if fp32 is None:
         return {}
-    return {r["variant"]: {k: r[k] / fp32[k] for k in ("cold_s", "warm_s", "stub_rss_mb") if fp32.get(k)}
+    return {r["variant"]: {k: r[k] / fp32[k] for k in READY_KEYS if fp32.get(k)}
             for r in rows if r["variant"] not in ("fp32", "pytorch_fp32_eager") and "cold_s" in r}
 
 
@@ -267,33 +275,39 @@ def render_markdown(report: dict) -> str:
     for r in report["variants"]:
         lines.append(
             f"| {r['variant']} | {r['runtime']} | {r['precision']} | {r['layers']} | {r['file_mb']:.1f} | {r['load_s']:.2f} | {r['model_peak_mb']:.0f} | "
-            f"{r['latency_b1_ms']:.1f} | {r['throughput_fixed'][TARGET_BATCH]:.0f} | {r['speedup_vs_pytorch_b32_len64']:.2f}x | "
+            f"{r['latency_b1_ms']:.1f} | {_rate(r['throughput_fixed'][TARGET_BATCH])} | {r['speedup_vs_pytorch_b32_len64']:.2f}x | "
             f"{r['ndcg@10']:.4f} | {r['mrr']:.3f} | {r['top10_overlap']:.3f} | {r['kendall_tau']:.3f} |")
     ranker = report.get("ranker") or {}
     if "server_ready_s" in report:
         lines += ["", "## Ready time and memory as Triton serves each variant", "",
                   f"Ranker: {ranker.get('architecture')} ({ranker.get('family')}), {(ranker.get('parameters') or 0) / 1e6:.0f}M parameters. "
                   f"tritonserver with tokenize and postprocess ready in {report['server_ready_s']:.1f} s; each variant then loaded "
-                  "through the repository API (stub start, weights read, Triton warmup), timed until Triton answers: cold = its "
-                  f"files {'evicted from the page cache' if report.get('page_cache_evicted') else 'NOT evicted (no posix_fadvise)'}, "
-                  "warm = loaded again. Memory: the rank stub's resident set after a request of 32 pairs; estimate: what the build "
-                  "and `serve --memory-budget` count for it.", "",
-                  "| variant | file MB | ready cold s | ready warm s | rank stub MB | estimate MB | first request ms | next request ms |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "through the repository API (stub start, weights read, Triton warmup) and timed until Triton answers, "
+                  "three times: first = a new host (nothing in the runtime cache, `--cache-dir`: the runtime optimizes the "
+                  "model for this CPU and keeps the result); cold = its files and cache entry "
+                  f"{'evicted from the page cache' if report.get('page_cache_evicted') else 'NOT evicted (no posix_fadvise)'} "
+                  "(a restart after a reboot); warm = loaded again. Memory: the rank stub's resident set after a request of 32 "
+                  "pairs, on the first load and through the cache (private: pages no other process shares); estimate: what "
+                  "the build and `serve --memory-budget` count for it.", "",
+                  "| variant | file MB | ready first s | ready cold s | ready warm s | runtime cache MB | rank stub MB, first load | "
+                  "rank stub MB | private MB | estimate MB | first request ms | next request ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["variants"][1:]:
-            lines.append(f"| {r['variant']} | {r['file_mb']:.0f} | {r['cold_s']:.1f} | {r['warm_s']:.1f} | {r['stub_rss_mb']:.0f} | "
+            lines.append(f"| {r['variant']} | {r['file_mb']:.0f} | {r['first_s']:.1f} | {r['cold_s']:.1f} | {r['warm_s']:.1f} | "
+                         f"{r['cache_mb']:.0f} | {r['stub_rss_first_mb']:.0f} | {r['stub_rss_mb']:.0f} | {r['stub_private_mb']:.0f} | "
                          f"{r['estimate_mb']:.0f} | {r['first_request_ms']:.0f} | {r['second_request_ms']:.0f} |")
         if report.get("ratios_vs_fp32"):
+            names = {"first_s": "ready first", "cold_s": "cold", "warm_s": "warm", "stub_rss_mb": "memory", "stub_private_mb": "private memory"}
             lines += ["", "Fractions of FP32 (same run): " + "; ".join(
-                f"{n}: ready cold {x.get('cold_s', float('nan')):.2f}, warm {x.get('warm_s', float('nan')):.2f}, memory "
-                f"{x.get('stub_rss_mb', float('nan')):.2f}" for n, x in report["ratios_vs_fp32"].items()) + "."]
+                f"{n}: " + ", ".join(f"{names[k]} {x[k]:.2f}" for k in READY_KEYS if k in x)
+                for n, x in report["ratios_vs_fp32"].items()) + "."]
     lines += ["", "## Throughput (pairs/s) by batch size", "",
               "| variant | " + " | ".join(f"b={b} workload ({report['variants'][0]['mean_tokens'][b]:.0f} tok)" for b in BATCHES)
               + " | " + " | ".join(f"b={b} len {report['fixed_length']}" for b in BATCHES) + " |",
               "|---|" + "---|" * (2 * len(BATCHES))]
     for r in report["variants"]:
-        lines.append(f"| {r['variant']} | " + " | ".join(f"{r['throughput_workload'][b]:.0f}" for b in BATCHES) + " | "
-                     + " | ".join(f"{r['throughput_fixed'][b]:.0f}" for b in BATCHES) + " |")
+        lines.append(f"| {r['variant']} | " + " | ".join(_rate(r['throughput_workload'][b]) for b in BATCHES) + " | "
+                     + " | ".join(_rate(r['throughput_fixed'][b]) for b in BATCHES) + " |")
     lines += ["", f"## Distance to the hardware ceiling (batch 32, length {report['fixed_length']})", "",
               "| variant | GFLOP/pair (len 64) | achieved GFLOP/s | ceiling | fraction of ceiling | GFLOP/pair at workload length (b=32) |",
               "|---|---|---|---|---|---|"]

@@ -26,6 +26,7 @@ from typing import Callable
 from rankserve.errors import ServeError
 from rankserve.server.processes import StubProcess, dead_stubs, remove_shm_regions, stub_processes
 from rankserve.settings import ServeSettings
+from rankserve.stages.runtime_cache import CACHE_ENV
 
 
 _LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (.*?)(?:\\n\\nAt:|\"$)", re.MULTILINE)
@@ -174,6 +175,8 @@ class EmbeddedServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(install.libs), env.get("LD_LIBRARY_PATH")]))
         # The stub embeds its own Python: point it at this interpreter's packages (the venv).
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        if self.settings.cache_dir:
+            env[CACHE_ENV] = str(Path(self.settings.cache_dir).resolve())
         self.process = subprocess.Popen(
             self.argv(install, backends) if self.argv else server_command(install, self.repo, backends, self.settings),
             stdout=self._log,

@@ -14,11 +14,7 @@ from rankserve.api import LOGITS
 from rankserve.errors import InvalidInput
 from rankserve.stages.batching import score_streamed
 from rankserve.settings import OrtSettings, RuntimeSettings
-
-OPENVINO_CACHE_ENV = "RANKSERVE_OPENVINO_CACHE_DIR"
-"""A writable folder of the serving host where OpenVINO keeps compiled models (``CACHE_DIR``): a
-deployment choice, not part of the read-only, portable repository. Measured on a 560M-parameter
-ranker: its INT8 QDQ model compiled in 4.3 s cold, 1.7 s from the cache (0.4 s with the files cached)."""
+from rankserve.stages import runtime_cache
 
 _GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -51,16 +47,23 @@ def default_threads(configured: int, cgroup: Path = Path("/sys/fs/cgroup")) -> i
     return usable if usable < (os.cpu_count() or usable) else 0
 
 
-def create_session(model_path: str | Path, settings: OrtSettings):
+def create_session(model_path: str | Path, settings: OrtSettings, cache: Path | None = None):
+    """The ONNX Runtime session of a variant; with ``cache`` (default: ``RANKSERVE_CACHE_DIR``),
+    through the host's cache of optimized models (:mod:`rankserve.stages.runtime_cache`).
+    Returns ``(session, source)``."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = default_threads(settings.intra_op_threads)
-    options.inter_op_num_threads = settings.inter_op_threads
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_LEVELS[settings.graph_optimization])
-    if not settings.prepack_weights:  # matrices read in place from the mapped weights file, shared by instances
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+    def options():
+        o = ort.SessionOptions()
+        o.intra_op_num_threads = default_threads(settings.intra_op_threads)
+        o.inter_op_num_threads = settings.inter_op_threads
+        o.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_LEVELS[settings.graph_optimization])
+        if not settings.prepack_weights:  # matrices read in place from the mapped weights file, shared by instances
+            o.add_session_config_entry("session.disable_prepacking", "1")
+        return o
+
+    graph = {"graph_optimization": settings.graph_optimization, "prepack_weights": str(settings.prepack_weights)}
+    return runtime_cache.ort_session(model_path, options, graph, cache if cache is not None else runtime_cache.cache_dir())
 
 
 def check_encoded(encoded: Mapping[str, np.ndarray | None], required: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -91,8 +94,8 @@ def check_encoded(encoded: Mapping[str, np.ndarray | None], required: tuple[str,
 class OnnxRanker:
     """Scores encoded pairs with an ONNX model whose single output is one logit per pair."""
 
-    def __init__(self, model_path: str | Path, settings: OrtSettings) -> None:
-        self.session = create_session(model_path, settings)
+    def __init__(self, model_path: str | Path, settings: OrtSettings, cache: Path | None = None) -> None:
+        self.session, self.source = create_session(model_path, settings, cache)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_name = self.session.get_outputs()[0].name
 
@@ -109,9 +112,9 @@ class OpenVinoRanker:
         import openvino as ov
 
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "CPU_RUNTIME_CACHE_CAPACITY": cache_capacity}
-        cache_dir = os.environ.get(OPENVINO_CACHE_ENV)
+        cache_dir = runtime_cache.cache_dir()
         if cache_dir:  # compiled models are kept there and reloaded on the next start (this host, this CPU)
-            config["CACHE_DIR"] = cache_dir
+            config["CACHE_DIR"] = str(cache_dir / "openvino")
         threads = default_threads(settings.intra_op_threads)
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
