@@ -128,3 +128,22 @@ def test_the_entry_keeps_the_prepacking_setting(tmp_path, prepack):
     session, source = create_session(model, settings(prepack_weights=prepack), cache=tmp_path / "cache")
     assert source == "cache"
     np.testing.assert_allclose(run(session), reference, rtol=0, atol=1e-6)
+
+
+def test_the_serving_image_needs_no_onnx_package(tmp_path):
+    """The stubs run with the `stages` extra (no `onnx`): the cache must work without it."""
+    import subprocess
+    import sys
+
+    model = matmul_model(tmp_path / "m.onnx")
+    code = (
+        "import sys; sys.modules['onnx'] = None\n"
+        "from pathlib import Path\n"
+        "from rankserve.settings import OrtSettings\n"
+        "from rankserve.stages.rank import create_session\n"
+        f"for expected in ('cached', 'cache'):\n"
+        f"    _, source = create_session({str(model)!r}, OrtSettings(intra_op_threads=1), Path({str(tmp_path / 'cache')!r}))\n"
+        "    assert source == expected, source\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

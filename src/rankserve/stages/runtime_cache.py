@@ -60,10 +60,10 @@ def ort_key(model_path: str | Path, session_settings: dict[str, str], runtime_ve
             flags: str | None = None) -> str:
     """The entry's name: the model's files (bytes, or size and modification time when large), the
     runtime's version, the CPU's flags and the settings that change the optimized graph."""
-    from rankserve.builder import onnx_files
-
+    model_path = Path(model_path)
+    weights = model_path.with_name(model_path.name + ".data")  # the layout's one weights file (rankserve.builder.onnx_files)
     digest = hashlib.sha256()
-    for file in onnx_files.model_files(model_path):
+    for file in [model_path] + ([weights] if weights.exists() else []):
         st = file.stat()
         if st.st_size <= HASHED_BYTES:
             digest.update(file.read_bytes())
