@@ -290,7 +290,8 @@ def verify_repository(repo: str | Path) -> dict:
 def expected_configs(manifest: dict, settings: BuildSettings) -> dict[str, str]:
     """The ``config.pbtxt`` text of every model, as this version of rankserve generates it for the
     variants, runtimes and default the manifest records."""
-    runtimes = {name: RuntimeSettings(v["runtime"], v["inference_precision"])
+    runtimes = {name: RuntimeSettings(v["runtime"], v["inference_precision"],
+                                      cache_optimized_model=v.get("cache_optimized_model", True))
                 for name, v in manifest["variants"].items() if v.get("rank_model")}
     models = configs.cpu_repository(settings, runtimes, manifest["default_variant"])
     if manifest.get("engines"):  # a GPU build added TensorRT models next to these

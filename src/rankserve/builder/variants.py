@@ -61,6 +61,7 @@ class VariantBuild:
         return {
             "runtime": self.runtime.runtime,
             "inference_precision": self.runtime.inference_precision,
+            "cache_optimized_model": self.runtime.cache_optimized_model,
             "precision": self.precision,
             "gate": self.gate.to_dict() if self.gate else None,
             "build_speed_pairs_per_s": {k: round(v, 1) for k, v in self.speed.items()},
@@ -126,6 +127,7 @@ class VariantBuilder:
             dst = self.work / f"{name}.onnx"
             transforms.qdq_int8(src, dst, batches, self.settings.quant, exclude)
             runtime, speed = self._choose_runtime(dst, self._cpu_runtimes())
+            runtime = dataclasses.replace(runtime, cache_optimized_model=False)  # see RuntimeSettings
             last = self._gate(name, dst, runtime, pruned)
             self.log(f"      QDQ INT8 ({step}, {self.settings.quant.method} calibration on "
                      f"{self.settings.quant.calibration_pairs} pairs): {last.describe()}")

@@ -47,10 +47,10 @@ def default_threads(configured: int, cgroup: Path = Path("/sys/fs/cgroup")) -> i
     return usable if usable < (os.cpu_count() or usable) else 0
 
 
-def create_session(model_path: str | Path, settings: OrtSettings, cache: Path | None = None):
+def create_session(model_path: str | Path, settings: OrtSettings, cache: Path | None = None, use_cache: bool = True):
     """The ONNX Runtime session of a variant; with ``cache`` (default: ``RANKSERVE_CACHE_DIR``),
-    through the host's cache of optimized models (:mod:`rankserve.stages.runtime_cache`).
-    Returns ``(session, source)``."""
+    through the host's cache of optimized models (:mod:`rankserve.stages.runtime_cache`), unless
+    ``use_cache`` is False. Returns ``(session, source)``."""
     import onnxruntime as ort
 
     def options():
@@ -63,7 +63,8 @@ def create_session(model_path: str | Path, settings: OrtSettings, cache: Path | 
         return o
 
     graph = {"graph_optimization": settings.graph_optimization, "prepack_weights": str(settings.prepack_weights)}
-    return runtime_cache.ort_session(model_path, options, graph, cache if cache is not None else runtime_cache.cache_dir())
+    root = (cache if cache is not None else runtime_cache.cache_dir()) if use_cache else None
+    return runtime_cache.ort_session(model_path, options, graph, root)
 
 
 def check_encoded(encoded: Mapping[str, np.ndarray | None], required: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -94,8 +95,8 @@ def check_encoded(encoded: Mapping[str, np.ndarray | None], required: tuple[str,
 class OnnxRanker:
     """Scores encoded pairs with an ONNX model whose single output is one logit per pair."""
 
-    def __init__(self, model_path: str | Path, settings: OrtSettings, cache: Path | None = None) -> None:
-        self.session, self.source = create_session(model_path, settings, cache)
+    def __init__(self, model_path: str | Path, settings: OrtSettings, cache: Path | None = None, use_cache: bool = True) -> None:
+        self.session, self.source = create_session(model_path, settings, cache, use_cache)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_name = self.session.get_outputs()[0].name
 
@@ -133,7 +134,7 @@ def create_ranker(model_path: str | Path, runtime: RuntimeSettings, settings: Or
     """The rank stage's scorer for a variant: ONNX Runtime or OpenVINO over the same ONNX file."""
     if runtime.runtime == "openvino":
         return OpenVinoRanker(model_path, settings, runtime.inference_precision, runtime.openvino_cache_capacity)
-    return OnnxRanker(model_path, settings)
+    return OnnxRanker(model_path, settings, use_cache=runtime.cache_optimized_model)
 
 
 def rank_batch(ranker, requests: list, max_batch_tokens: int, max_pairs: int,
