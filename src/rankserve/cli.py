@@ -29,6 +29,12 @@ def _train(args) -> None:
     print(format_report(report))
 
 
+def _gate_settings(gate, args):
+    """The preset's gate with the limits given on the command line."""
+    return dataclasses.replace(gate, **{k: v for k, v in (("max_ndcg_drop", args.max_ndcg_drop),
+                                                          ("min_top_k_overlap", args.min_top_k_overlap)) if v is not None})
+
+
 def _build(args) -> None:
     from rankserve.builder.repository import build_repository
     from rankserve.data.catalog import Dataset
@@ -39,14 +45,15 @@ def _build(args) -> None:
     variants = CPU_VARIANTS + GPU_VARIANTS if args.variants == "all" else tuple(v.strip() for v in args.variants.split(",") if v.strip())
     quant = dataclasses.replace(settings.quant, **{k: v for k, v in (("method", args.calibration_method),
                                                                     ("calibration_pairs", args.calibration_pairs)) if v})
-    gate = settings.gate if args.max_ndcg_drop is None else dataclasses.replace(settings.gate, max_ndcg_drop=args.max_ndcg_drop)
+    gate = _gate_settings(settings.gate, args)
     engine = dataclasses.replace(settings.engine, **{k: v for k, v in (
         ("version_compatible", None if args.version_compatible is None else args.version_compatible == "true"),
         ("hardware_compatibility", args.hardware_compatibility)) if v is not None})
     settings = dataclasses.replace(settings, target=args.target, variants=variants, quant=quant, gate=gate, engine=engine,
                                    load=args.load, memory_budget_bytes=_budget(args.memory_budget),
                                    rank_instances=args.rank_instances or settings.rank_instances,
-                                   ort=dataclasses.replace(settings.ort, prepack_weights=not args.share_weights))
+                                   ort=dataclasses.replace(settings.ort, prepack_weights=not args.share_weights),
+                                   default_variant=args.default)
     dataset = Dataset.load(args.data) if args.data else None
     if args.target == "gpu":  # engines next to an existing CPU build of the same repository
         from rankserve.builder.gpu import build_gpu_repository
@@ -230,7 +237,7 @@ def _report(args) -> None:
         from rankserve.data.catalog import Dataset
 
         settings = preset(args.preset)
-        gate = settings.gate if args.max_ndcg_drop is None else dataclasses.replace(settings.gate, max_ndcg_drop=args.max_ndcg_drop)
+        gate = _gate_settings(settings.gate, args)
         settings = dataclasses.replace(settings, variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
                                        load="all", gate=gate)
         repo = Path(args.out) / "model_repository"
@@ -279,6 +286,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration-method", choices=CALIBRATION_METHODS, help="INT8 calibration (default percentile)")
     s.add_argument("--calibration-pairs", type=int, help="real pairs used to calibrate INT8 (default 512)")
     s.add_argument("--max-ndcg-drop", type=float, help="accuracy gate: largest relative NDCG@10 drop (default 0.01)")
+    s.add_argument("--min-top-k-overlap", type=float, help="strict gate of the default ranker: least top-10 overlap with FP32 (default 0.95)")
+    s.add_argument("--default", help="the variant served as `ranker` (default: the fastest loaded variant passing the strict "
+                                     "gate, NDCG@10 within --max-ndcg-drop of FP32 and top-10 overlap >= 0.95); naming one "
+                                     "makes it the default even when it passes only its own, looser gate (pruned)")
     s.add_argument("--load", default="auto",
                    help="CPU variants the repository loads: auto (all when they fit the budget, else the fastest), "
                         "all, or a comma-separated list; the others are built and gated, not laid out")
@@ -402,6 +413,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--variants", default=REPORT_VARIANTS, help=f"with --ranker (default {REPORT_VARIANTS})")
     s.add_argument("--preset", default="default", help="with --ranker: build preset")
     s.add_argument("--max-ndcg-drop", type=float, help="with --ranker: accuracy gate (a random-weight ranker has no quality to keep)")
+    s.add_argument("--min-top-k-overlap", type=float, help="with --ranker: strict gate of the default ranker (top-10 overlap with FP32)")
     s.add_argument("--heldout-queries", type=int, help="gate and quality on only this many held-out queries (a large ranker "
                                                        "scores a few pairs a second on a small CPU)")
     s.set_defaults(func=_report)

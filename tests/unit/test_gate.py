@@ -28,3 +28,16 @@ def test_gate_passes_an_equal_variant_and_fails_a_worse_one_naming_the_numbers(d
     with pytest.raises(BuildError, match=r"accuracy gate failed for variant int8: NDCG@10 0\.\d+ vs FP32 1\.0000 \(\+\d+\.\d+% drop, limit 1\.0%\)"):
         require(worse)
     assert require(same) is same
+
+
+def test_strict_needs_both_the_ndcg_limit_and_the_top_k_overlap(dataset):
+    rng = np.random.default_rng(1)
+    oracle = _scores(dataset, lambda j: j.label + 0.01 * rng.random())
+    same = gate("fp32_copy", dataset, oracle, oracle, max_drop=0.01, strict=(0.01, 0.95))
+    assert same.passed and same.strict and "passes the strict gate" in same.describe()
+    # ties broken differently: the same NDCG, but other items in the top 10 -> passes its gate, not strict
+    reshuffled = {q: np.round(s) + 0.01 * rng.random(s.shape) for q, s in oracle.items()}
+    r = gate("pruned", dataset, reshuffled, oracle, max_drop=0.02, strict=(0.01, 0.95))
+    assert r.passed and r.relative_drop <= 0.01 and r.top_k_overlap < 0.95 and not r.strict
+    assert "never the default unless named" in r.describe()
+    assert not gate("x", dataset, reshuffled, oracle, max_drop=0.02).strict  # without limits: strict only if identical

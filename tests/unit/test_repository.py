@@ -147,3 +147,23 @@ def test_refresh_keeps_the_tensorrt_models_a_gpu_build_added(tiny_repo, tmp_path
     (copy / MANIFEST).write_text(json.dumps(manifest))
     assert sorted(refresh_configs(copy, TINY)) == sorted(gpu)
     assert configs.parse(copy / "rank_trt_fp16" / "config.pbtxt").cc_model_filenames["8.6"] == "model.sm86.plan"
+
+
+def test_the_default_is_the_fastest_strict_variant_unless_one_is_named(tiny_ranker, dataset, tmp_path):
+    """With the strict overlap at 1.0, the tiny INT8 model (overlap with FP32 below 1) passes its own gate
+    but not the strict one: FP32 is the default whatever the speeds; named, INT8 is; alone, the build refuses."""
+    dataset.save(tmp_path / "data")
+    common = ["--ranker", str(tiny_ranker), "--preset", "tiny", "--data", str(tmp_path / "data"), "--min-top-k-overlap", "1.0"]
+    out = _cli("build", *common, "--out", str(tmp_path / "strict"), "--variants", "fp32,int8_dynamic")
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads((tmp_path / "strict" / MANIFEST).read_text())
+    assert manifest["variants"]["int8_dynamic"]["gate"]["top_k_overlap"] < 1.0
+    assert not manifest["variants"]["int8_dynamic"]["gate"]["strict"] and manifest["variants"]["fp32"]["gate"]["strict"]
+    assert manifest["default_variant"] == "fp32" and manifest["default_rule"] == "fastest strict"
+    assert "default ranker = fp32" in out.stdout and "passing the strict gate" in out.stdout
+    named = _cli("build", *common, "--out", str(tmp_path / "named"), "--variants", "fp32,int8_dynamic", "--default", "int8_dynamic")
+    assert named.returncode == 0, named.stderr
+    manifest = json.loads((tmp_path / "named" / MANIFEST).read_text())
+    assert manifest["default_variant"] == "int8_dynamic" and manifest["default_rule"] == "named"
+    alone = _cli("build", *common, "--out", str(tmp_path / "alone"), "--variants", "int8_dynamic")
+    assert alone.returncode != 0 and "passes the strict gate" in alone.stderr and not (tmp_path / "alone").exists()

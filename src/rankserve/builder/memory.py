@@ -207,9 +207,10 @@ def shared_bytes() -> int:
 
 def choose_loaded(requested: str, estimates: Mapping[str, int], fastest_first: list[str], budget: int,
                   auto_limit: int) -> list[str]:
-    """The variants a repository loads. ``requested``: ``all``, ``auto`` or a comma-separated list.
-    ``auto`` loads every variant when together they fit ``budget`` (or ``auto_limit`` without one),
-    else only the fastest: seven variants of a 560M-parameter ranker would hold well over 10 GB."""
+    """The variants a repository loads, in the order of ``fastest_first`` (the default candidate
+    first). ``requested``: ``all``, ``auto`` or a comma-separated list. ``auto`` loads every variant
+    when together they fit ``budget`` (or ``auto_limit`` without one), else only the first: seven
+    variants of a 560M-parameter ranker would hold well over 10 GB."""
     if requested == "all":
         return list(fastest_first)
     if requested == "auto":

@@ -111,7 +111,7 @@ def build_repository(
     accuracy gate). ``work_dir`` keeps intermediate files (and the distilled pruned ranker) between
     builds; by default they go to a temporary folder.
     """
-    from rankserve.builder.variants import VariantBuild, VariantBuilder, best_cpu_variant
+    from rankserve.builder.variants import VariantBuild, VariantBuilder, best_cpu_variant, is_strict
     from rankserve.stages.tokenize import load_tokenizer
 
     out = Path(out)
@@ -149,9 +149,16 @@ def build_repository(
         best_cpu_variant(builds)  # raises when no CPU variant passed
         hidden = hidden_size(ranker.model.config)
         served, estimates = _loaded_variants(builds, settings, hidden, log, ranker.tokenizer)
-        default = next(iter(served.values()))  # the fastest loaded variant
+        default = next(iter(served.values()))  # the named variant, else the fastest loaded one passing the strict gate
+        why = ("named by --default" if settings.default_variant else
+               f"the fastest loaded variant passing the strict gate: NDCG@{settings.gate.k} within "
+               f"{100 * settings.gate.max_ndcg_drop:g}% of FP32 and top-{settings.gate.k} overlap >= {settings.gate.min_top_k_overlap:g}")
+        if not settings.default_variant and not is_strict(default):
+            raise BuildError(f"none of the loaded variants {list(served)} passes the strict gate ({why.split(': ', 1)[1]}): "
+                             "load one that does (fp32 always does), or name the default with --default")
         model_configs = configs.cpu_repository(settings, {n: b.runtime for n, b in served.items()}, default.name)
-        log(f"[5/5] laying out {out}: loaded {list(served)}, default ranker = {default.name} ({default.pairs_per_s:.0f} pairs/s at build)")
+        log(f"[5/5] laying out {out}: loaded {list(served)}, default ranker = {default.name} "
+            f"({default.pairs_per_s:.0f} pairs/s at build; {why})")
         out.mkdir(parents=True, exist_ok=True)
         _clear_stale_models(out, set(model_configs))
         for name, b in served.items():
@@ -190,6 +197,7 @@ def build_repository(
         },
         "models": {name: model_entry(out, name) for name in model_configs},
         "default_variant": default.name,
+        "default_rule": "named" if settings.default_variant else "fastest strict",
         "variants": {
             b.name: {
                 "rank_model": configs.rank_model_name(b.name, default.name) if b.name in served else None,
@@ -223,9 +231,12 @@ def hidden_size(config) -> int:
 
 def _loaded_variants(builds: list, settings: BuildSettings, hidden: int, log: Callable[[str], None],
                      ranker_tokenizer=None) -> tuple[dict, dict[str, int]]:
-    """The CPU variants the repository loads, fastest first (see ``BuildSettings.load``), and the
-    estimated memory of every CPU variant; refuses a set that does not fit the budget."""
-    cpu = sorted((b for b in builds if b.served_on_cpu), key=lambda b: -b.pairs_per_s)
+    """The CPU variants the repository loads, the default first (see ``BuildSettings.load`` and
+    :func:`~rankserve.builder.variants.default_order`), and the estimated memory of every CPU
+    variant; refuses a set that does not fit the budget."""
+    from rankserve.builder.variants import default_order
+
+    cpu = default_order(builds, settings.default_variant)
     vocab = len(ranker_tokenizer) if ranker_tokenizer is not None else None
     estimates = memory.variant_bytes({b.name: memory.model_weights(b.onnx, vocab) for b in cpu},
                                      {b.name: (b.runtime.runtime, b.runtime.inference_precision) for b in cpu},

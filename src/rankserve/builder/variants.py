@@ -104,7 +104,7 @@ class VariantBuilder:
         scorer = create_ranker(onnx, runtime, self.settings.ort)
         g = self.settings.gate
         return gate(name, self.dataset, heldout_scores(self.dataset, self._score_fn(scorer)), self.reference,
-                    g.max_ndcg_drop_pruned if pruned else g.max_ndcg_drop, g.k)
+                    g.max_ndcg_drop_pruned if pruned else g.max_ndcg_drop, g.k, strict=g.strict)
 
     def _calibration_batches(self, ranker: LoadedRanker) -> list:
         q = self.settings.quant
@@ -280,4 +280,19 @@ def best_cpu_variant(builds: list[VariantBuild]) -> VariantBuild:
     if not served:
         raise BuildError("no CPU variant passed: nothing to serve as the default ranker")
     return max(served, key=lambda b: b.pairs_per_s)
+
+
+def is_strict(b: VariantBuild) -> bool:
+    """Whether the variant passed the strict gate (a plain FP32 build without evaluation data is the reference)."""
+    return b.gate.strict if b.gate is not None else b.name == "fp32"
+
+
+def default_order(builds: list[VariantBuild], named: str | None = None) -> list[VariantBuild]:
+    """The CPU variants in the order they may become the default ``ranker``: the ``named`` one,
+    then those passing the strict gate, then the others (served under their own names only), each
+    group fastest first."""
+    cpu = sorted((b for b in builds if b.served_on_cpu), key=lambda b: -b.pairs_per_s)
+    if named is not None and named not in {b.name for b in cpu}:
+        raise BuildError(f"--default {named}: not among the CPU variants built ({', '.join(b.name for b in cpu)})")
+    return sorted(cpu, key=lambda b: (b.name != named, not is_strict(b)))
 

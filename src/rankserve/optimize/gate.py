@@ -52,6 +52,9 @@ class GateResult:
     kendall_tau: float
     passed: bool
     min_top_k_overlap: float = 0.0
+    strict: bool = False
+    """Whether it also passes the strict gate that the default ``ranker`` must pass (NDCG@k within
+    ``GateSettings.max_ndcg_drop`` and top-k overlap with FP32 at least ``GateSettings.min_top_k_overlap``)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,15 +64,17 @@ class GateResult:
                 f"({100 * self.relative_drop:+.2f}% drop, limit {100 * self.max_drop:.1f}%), MRR {self.mrr:.3f}, "
                 f"top-10 overlap {self.top_k_overlap:.3f}"
                 + (f" (limit {self.min_top_k_overlap:.2f})" if self.min_top_k_overlap else "")
-                + f", Kendall tau {self.kendall_tau:.3f}")
+                + f", Kendall tau {self.kendall_tau:.3f}; "
+                + ("passes the strict gate (may be the default)" if self.strict else "not strict: never the default unless named"))
 
 
 def gate(
     variant: str, dataset: Dataset, scores: dict[int, np.ndarray], reference: dict[int, np.ndarray], max_drop: float, k: int = 10,
-    min_overlap: float = 0.0,
+    min_overlap: float = 0.0, strict: tuple[float, float] = (0.0, 1.0),
 ) -> GateResult:
     """Score ``variant`` against the labels and against the FP32 ``reference`` scores; it passes
-    when its NDCG@k drops at most ``max_drop`` and its top-k overlaps FP32's by ``min_overlap``."""
+    when its NDCG@k drops at most ``max_drop`` and its top-k overlaps FP32's by ``min_overlap``,
+    and is ``strict`` when it does so within ``strict`` = (max drop, min overlap)."""
     by_query = dataset.by_query()
     labels = {qid: [j.label for j in by_query[qid]] for qid in scores}
     ndcg = float(np.mean([ndcg_at_k(labels[q], scores[q], k) for q in scores]))
@@ -87,7 +92,14 @@ def gate(
         kendall_tau=float(np.mean([kendall_tau(reference[q], scores[q]) for q in scores])),
         passed=drop <= max_drop and overlap >= min_overlap,
         min_top_k_overlap=min_overlap,
+        strict=drop <= strict[0] and overlap >= strict[1],
     )
+
+
+def passed_gate(result: dict) -> str:
+    """Which gate a variant passed, from its manifest entry: ``strict`` (it may be the default
+    ranker) or only its own, looser one."""
+    return "strict" if result.get("strict") else f"own only ({100 * result['max_drop']:g}% NDCG)"
 
 
 def require(result: GateResult) -> GateResult:

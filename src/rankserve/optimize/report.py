@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rankserve.optimize.gate import passed_gate
 from rankserve.optimize.measure import BATCHES, FIXED_LENGTH
 from rankserve.train.metrics import evaluate
 
@@ -172,7 +173,7 @@ def run_report(repo: Path, data: Path, out: Path, log=print, heldout_queries: in
     rows.append({"variant": "pytorch_fp32_eager", "runtime": "pytorch eager", "precision": "fp32", "layers": layers,
                  "file_mb": sum(p.stat().st_size for p in ranker_dir.glob("*.safetensors")) / 2**20,
                  "ndcg@10": quality["ndcg@10"], "mrr": quality["mrr"], "top10_overlap": 1.0, "kendall_tau": 1.0,
-                 "gate_passed": None, **base})
+                 "gate_passed": None, "gate": "reference", **base})
     for name, v in manifest["variants"].items():
         if not v.get("rank_model"):  # GPU-only, or not loaded by this repository (build --load all)
             continue
@@ -185,7 +186,8 @@ def run_report(repo: Path, data: Path, out: Path, log=print, heldout_queries: in
         rows.append({"variant": name, "runtime": runtime, "precision": v["precision"],
                      "layers": len(v["kept_layers"]) if "kept_layers" in v else layers,
                      "file_mb": model_bytes(path) / 2**20, "ndcg@10": g["ndcg"], "mrr": g["mrr"],
-                     "top10_overlap": g["top_k_overlap"], "kendall_tau": g["kendall_tau"], "gate_passed": g["passed"], **m})
+                     "top10_overlap": g["top_k_overlap"], "kendall_tau": g["kendall_tau"], "gate_passed": g["passed"],
+                     "gate": passed_gate(g), **m})
     log("measuring each variant as Triton serves it: ready time (cold: its files evicted from the page cache; warm) and memory")
     from rankserve.builder.memory import estimate_repository
     from rankserve.optimize.readiness import measure_ready
@@ -269,14 +271,14 @@ def render_markdown(report: dict) -> str:
         f"Default `ranker` variant: **{report['default_variant']}**. Each variant measured in a fresh process, one after another in one run.",
         "",
         "## Quality and speed", "",
-        f"| variant | runtime | precision | layers | file MB | load s | model memory MB | latency b=1 ms | pairs/s b=32 len {report['fixed_length']} | vs PyTorch | NDCG@10 | MRR | top-10 overlap | Kendall tau |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| variant | runtime | precision | layers | file MB | load s | model memory MB | latency b=1 ms | pairs/s b=32 len {report['fixed_length']} | vs PyTorch | NDCG@10 | MRR | top-10 overlap | Kendall tau | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["variants"]:
         lines.append(
             f"| {r['variant']} | {r['runtime']} | {r['precision']} | {r['layers']} | {r['file_mb']:.1f} | {r['load_s']:.2f} | {r['model_peak_mb']:.0f} | "
             f"{r['latency_b1_ms']:.1f} | {_rate(r['throughput_fixed'][TARGET_BATCH])} | {r['speedup_vs_pytorch_b32_len64']:.2f}x | "
-            f"{r['ndcg@10']:.4f} | {r['mrr']:.3f} | {r['top10_overlap']:.3f} | {r['kendall_tau']:.3f} |")
+            f"{r['ndcg@10']:.4f} | {r['mrr']:.3f} | {r['top10_overlap']:.3f} | {r['kendall_tau']:.3f} | {r.get('gate', '')} |")
     ranker = report.get("ranker") or {}
     if "server_ready_s" in report:
         lines += ["", "## Ready time and memory as Triton serves each variant", "",
