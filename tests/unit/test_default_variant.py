@@ -39,6 +39,8 @@ def test_a_plain_fp32_build_is_the_reference_and_strict():
 def test_the_manifest_says_which_gate_each_variant_passed():
     assert passed_gate(build("int8", 1, True).gate.to_dict()) == "strict"
     assert passed_gate(build("pruned", 1, False).gate.to_dict()) == "own only (2% NDCG)"
+    older = {k: v for k, v in build("int8", 1, True).gate.to_dict().items() if k != "strict"}
+    assert passed_gate(older) == "not recorded"  # a manifest written before the strict gate
 
 
 def test_the_default_must_be_a_cpu_variant():

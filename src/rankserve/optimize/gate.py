@@ -99,7 +99,9 @@ def gate(
 def passed_gate(result: dict) -> str:
     """Which gate a variant passed, from its manifest entry: ``strict`` (it may be the default
     ranker) or only its own, looser one."""
-    return "strict" if result.get("strict") else f"own only ({100 * result['max_drop']:g}% NDCG)"
+    if "strict" not in result:  # a manifest from before the strict gate: it was not judged
+        return "not recorded"
+    return "strict" if result["strict"] else f"own only ({100 * result['max_drop']:g}% NDCG)"
 
 
 def require(result: GateResult) -> GateResult:
