@@ -67,12 +67,17 @@ loadtest: venv
 	$(BIN)/rankserve loadtest --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
 		--protocol $(PROTOCOL) --model $(MODEL) $(if $(HOST),--host $(HOST))
 
-# The tail at half of saturation: a closed-loop run with USERS users finds saturation, then a run
-# paced at 50% of its request rate must keep p99 <= 2.5 x p50.
+# The tail at half of saturation: a closed-loop run with USERS users finds saturation, a one-user run
+# measures each list size's zero-load latency, then TAIL_RUNS runs of TAIL_DURATION s of Poisson
+# arrivals at 50% of saturation must keep, in every list-size bucket, p99 <= the ideal single FIFO
+# server's p99 (same arrivals, sizes and measured speed) and p99 of slowdown <= TAIL_SLOWDOWN.
+TAIL_RUNS ?= 3
+TAIL_DURATION ?= 120
+TAIL_SLOWDOWN ?= 5
 loadtest-half: venv
-	$(BIN)/rankserve loadtest --saturation-fraction 0.5 --slo-max-tail-ratio 2.5 --users $(USERS) \
-		--spawn-rate $(SPAWN_RATE) --duration $(DURATION) --protocol $(PROTOCOL) --model $(MODEL) \
-		$(if $(HOST),--host $(HOST)) --out reports/loadtest/half
+	$(BIN)/rankserve loadtest --saturation-fraction 0.5 --runs $(TAIL_RUNS) --slo-tail-vs-ideal \
+		--slo-max-slowdown-p99 $(TAIL_SLOWDOWN) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(TAIL_DURATION) \
+		--protocol $(PROTOCOL) --model $(MODEL) $(if $(HOST),--host $(HOST)) --out reports/loadtest/half
 
 # Soak: 10 minutes of Poisson arrivals at 70% of saturation against the embedded server; fails on
 # any failed request, p95 drifting more than 20% first -> last minute, or server RSS or /dev/shm

@@ -190,9 +190,13 @@ def _loadtest(args) -> None:
                                 rate_per_s=args.rate, slo_p95_ms=args.slo_p95_ms, slo_max_failure_ratio=args.slo_max_failure_ratio,
                                 slo_max_tail_ratio=args.slo_max_tail_ratio, retries=args.retries, retry_backoff_s=args.retry_backoff,
                                 window_s=args.window, slo_max_p95_drift=args.slo_max_p95_drift,
-                                slo_max_rss_growth=args.slo_max_rss_growth, slo_max_shm_growth=args.slo_max_shm_growth)
+                                slo_max_rss_growth=args.slo_max_rss_growth, slo_max_shm_growth=args.slo_max_shm_growth,
+                                slo_tail_vs_ideal=args.slo_tail_vs_ideal, slo_max_slowdown_p99=args.slo_max_slowdown_p99,
+                                runs=args.runs)
     if args.saturation_fraction is not None and not 0 < args.saturation_fraction <= 1:
         raise RankserveError("--saturation-fraction must be in (0, 1]")
+    if args.saturation_fraction is None and (args.runs > 1 or args.slo_tail_vs_ideal or args.slo_max_slowdown_p99):
+        raise RankserveError("--runs, --slo-tail-vs-ideal and --slo-max-slowdown-p99 need --saturation-fraction (a paced load)")
     summary = run(settings, Path(args.out), args.host, Path(args.model_repository), args.metrics_url,
                   fraction=args.saturation_fraction)
     print(format_summary(summary))
@@ -376,7 +380,13 @@ def parser() -> argparse.ArgumentParser:
                    help="first find saturation with a closed-loop run, then run paced at this fraction of its request rate")
     s.add_argument("--slo-p95-ms", type=float, default=d.slo_p95_ms)
     s.add_argument("--slo-max-failure-ratio", type=float, default=d.slo_max_failure_ratio)
-    s.add_argument("--slo-max-tail-ratio", type=float, default=d.slo_max_tail_ratio, help="p99/p50 ceiling (0: not checked)")
+    s.add_argument("--slo-max-tail-ratio", type=float, default=d.slo_max_tail_ratio,
+                   help="p99/p50 ceiling (0: not checked; no server can keep a low one under Poisson arrivals, see loadtest/README.md)")
+    s.add_argument("--runs", type=int, default=d.runs, help="paced runs after the saturation run (with --saturation-fraction)")
+    s.add_argument("--slo-tail-vs-ideal", action="store_true",
+                   help="paced: p99 of each list-size bucket <= the ideal single FIFO server's p99 (same arrivals, sizes, speed)")
+    s.add_argument("--slo-max-slowdown-p99", type=float, default=d.slo_max_slowdown_p99,
+                   help="paced: p99 of latency / own zero-load latency per list-size bucket (0: not checked)")
     s.add_argument("--retries", type=int, default=d.retries, help="SDK retries per request (0: failures count at once)")
     s.add_argument("--retry-backoff", type=float, default=d.retry_backoff_s, help="SDK backoff base, seconds")
     s.add_argument("--window", type=int, default=d.window_s, help="seconds per window of the timeline (latency, failures)")

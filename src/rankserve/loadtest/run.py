@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rankserve.loadtest.tail import ZeroLoad, fit_zero_load, format_tail, ideal_fifo_latency_ms, tail_by_bucket, tail_violations
 from rankserve.loadtest.timeline import ResourceSampler, drift, error_window, read_timeline, resource_growth, windows
 from rankserve.loadtest.workload import draw_sizes
 from rankserve.settings import LoadTestSettings
@@ -95,13 +96,19 @@ def verdict(summary: dict, settings: LoadTestSettings) -> dict:
         d = summary.get("p95_drift")
         if d is None or not abs(d) <= settings.slo_max_p95_drift:
             violations.append(f"p95 drift first -> last window {d if d is None else f'{d:+.1%}'} beyond ±{settings.slo_max_p95_drift:.0%}")
+    if settings.slo_tail_vs_ideal or settings.slo_max_slowdown_p99:
+        if "tail" not in summary:
+            violations.append("tail SLOs need a paced run (--saturation-fraction) with completed requests")
+        else:
+            violations += tail_violations(summary["tail"], settings.slo_max_slowdown_p99, settings.slo_tail_vs_ideal)
     for key, limit in (("rss_growth", settings.slo_max_rss_growth), ("shm_growth", settings.slo_max_shm_growth)):
         if limit:
             g = (summary.get("resources") or {}).get(key)
             if g is None or not g <= limit:
                 violations.append(f"server {key.replace('_', ' ')} {g if g is None else f'{g:+.1%}'} > {limit:.0%}")
     summary["slo"] = {"p95_ms": settings.slo_p95_ms, "max_failure_ratio": settings.slo_max_failure_ratio,
-                      "max_tail_ratio": settings.slo_max_tail_ratio, "max_p95_drift": settings.slo_max_p95_drift,
+                      "max_tail_ratio": settings.slo_max_tail_ratio, "tail_vs_ideal": settings.slo_tail_vs_ideal,
+                      "max_slowdown_p99": settings.slo_max_slowdown_p99, "max_p95_drift": settings.slo_max_p95_drift,
                       "max_rss_growth": settings.slo_max_rss_growth, "max_shm_growth": settings.slo_max_shm_growth,
                       "passed": not violations, "violations": violations}
     return summary
@@ -214,22 +221,71 @@ def ideal_tail_ratio(rate_per_s: float, pairs_per_s: float, sizes: np.ndarray, s
     return float(p99 / p50)
 
 
+def zero_load(host: str, settings: LoadTestSettings, out: Path, metrics_url: str | None = None) -> ZeroLoad:
+    """Each list size's latency alone: one closed-loop user (nothing else in the server) for 15 to
+    60 s, the same size mix, a line fitted through it (``out/zero_load``)."""
+    alone = replace(settings, users=1, spawn_rate=1, rate_per_s=0.0, duration_s=max(15, min(settings.duration_s, 60)),
+                    slo_max_tail_ratio=0.0, slo_tail_vs_ideal=False, slo_max_slowdown_p99=0.0,
+                    slo_max_p95_drift=0.0, slo_max_rss_growth=0.0, slo_max_shm_growth=0.0)
+    run_locust(host, alone, out / "zero_load", metrics_url)
+    t = read_timeline(out / "zero_load" / "timeline")
+    return fit_zero_load(t["candidates"][t["ok"]], t["latency_ms"][t["ok"]])
+
+
+def _pool(runs: list[dict], settings: LoadTestSettings) -> dict:
+    """One summary over several paced runs: counts summed, rates and percentiles the median of the
+    runs' (each run's own figures under ``runs``)."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    med = lambda key: float(np.median([r[key] for r in runs]))  # noqa: E731
+    pooled = {k: med(k) for k in ("p50_ms", "p95_ms", "p99_ms", "requests_per_s", "pairs_per_s", "mean_candidates")}
+    pooled.update(requests=sum(r["requests"] for r in runs), failures=sum(r["failures"] for r in runs),
+                  p99_over_p50=pooled["p99_ms"] / pooled["p50_ms"] if pooled["p50_ms"] > 0 else float("nan"),
+                  settings=runs[0]["settings"], triton_steps=runs[-1]["triton_steps"],
+                  runs=[{k: r.get(k) for k in ("requests", "failures", "requests_per_s", "pairs_per_s", "p50_ms", "p95_ms",
+                                                "p99_ms", "p95_drift", "slo")} for r in runs])
+    return pooled
+
+
 def run_locust_at_fraction(host: str, settings: LoadTestSettings, out: Path, fraction: float,
                            metrics_url: str | None = None, log=print, server_pid: int | None = None) -> dict:
-    """Find saturation with a closed-loop run (``out/saturation``, at most 60 s), then run paced at
-    ``fraction`` of its request rate; the paced run's summary (with the saturation run inside) is the result."""
+    """Find saturation with a closed-loop run (``out/saturation``, at most 60 s), measure zero-load
+    latency (``out/zero_load``), then ``settings.runs`` runs paced at ``fraction`` of saturation's
+    request rate (``out``, or ``out/run<k>``). The result pools the paced runs, with the tail per
+    list-size bucket against the ideal FIFO server and each request's slowdown."""
     closed = replace(settings, rate_per_s=0.0, slo_max_tail_ratio=0.0, duration_s=min(settings.duration_s, 60),
+                     slo_tail_vs_ideal=False, slo_max_slowdown_p99=0.0,
                      slo_max_p95_drift=0.0, slo_max_rss_growth=0.0, slo_max_shm_growth=0.0)
     saturated = run_locust(host, closed, out / "saturation", metrics_url)
+    if not saturated["requests"] or not saturated["p99_ms"] > 0:
+        raise RuntimeError(f"the saturation run completed {saturated['requests']} requests: no rate to pace at "
+                           f"(see {out / 'saturation' / 'locust.log'})")
     log(f"saturation: {saturated['requests_per_s']:.2f} req/s, {saturated['pairs_per_s']:.0f} pairs/s, "
         f"p50 {saturated['p50_ms']:.0f} ms, p99 {saturated['p99_ms']:.0f} ms with {settings.users} closed-loop users")
+    zero = zero_load(host, settings, out, metrics_url)
+    log(f"zero load (one user): {zero.intercept_ms:.0f} ms + {zero.slope_ms:.2f} ms per candidate ({zero.requests} requests)")
     at = paced(saturated, settings, fraction)
-    log(f"paced run: {at.rate_per_s:.2f} req/s ({fraction:.0%} of saturation) from {at.users} users")
-    summary = run_locust(host, at, out, metrics_url, server_pid)
+    runs, sizes, latency, ideal = [], [], [], []
+    for k in range(settings.runs):
+        where = out if settings.runs == 1 else out / f"run{k + 1}"
+        log(f"paced run {k + 1}/{settings.runs}: {at.rate_per_s:.2f} req/s ({fraction:.0%} of saturation) from "
+            f"{at.users} users for {at.duration_s} s")
+        runs.append(run_locust(host, at, where, metrics_url, server_pid))
+        t = read_timeline(where / "timeline")
+        ok = t["ok"]
+        sizes.append(t["candidates"][ok])
+        latency.append(t["latency_ms"][ok])
+        # the ideal server sees every request that arrived (failed ones took its time too)
+        ideal.append(ideal_fifo_latency_ms(t["start"], t["candidates"], saturated["pairs_per_s"])[ok])
+    summary = _pool(runs, at)
     summary["saturation"] = {k: saturated[k] for k in ("requests_per_s", "pairs_per_s", "p50_ms", "p95_ms", "p99_ms", "requests", "failures")}
     summary["load_fraction"] = fraction
-    sizes = draw_sizes(at, np.random.default_rng(settings.seed), 200_000)
-    summary["ideal_fifo_p99_over_p50"] = ideal_tail_ratio(at.rate_per_s, saturated["pairs_per_s"], sizes)
+    summary["zero_load"] = zero.to_dict()
+    sizes_all = draw_sizes(at, np.random.default_rng(settings.seed), 200_000)
+    summary["ideal_fifo_p99_over_p50"] = ideal_tail_ratio(at.rate_per_s, saturated["pairs_per_s"], sizes_all)
+    if sizes and np.concatenate(sizes).size:
+        summary["tail"] = tail_by_bucket(np.concatenate(sizes), np.concatenate(latency), np.concatenate(ideal), zero)
+    summary = verdict(summary, at)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -263,6 +319,16 @@ def format_summary(s: dict) -> str:
         lines.insert(0, f"Poisson arrivals at {s['load_fraction']:.0%} of saturation ({sat['requests_per_s']:.2f} req/s, "
                         f"{sat['pairs_per_s']:.0f} pairs/s, p50 {sat['p50_ms']:.0f} / p99 {sat['p99_ms']:.0f} ms closed loop)")
         lines.insert(3, f"  an ideal single FIFO server at this load and list-size mix: p99/p50 {s['ideal_fifo_p99_over_p50']:.2f}")
+    if s.get("runs"):
+        lines.append(f"{len(s['runs'])} paced runs (figures above: medians of the runs; the tail below pools their requests):")
+        for k, r in enumerate(s["runs"], 1):
+            lines.append(f"  run {k}: {r['requests']} requests, {r['requests_per_s']:.2f} req/s, {r['pairs_per_s']:.0f} pairs/s, "
+                         f"p50 {r['p50_ms']:.0f} / p95 {r['p95_ms']:.0f} / p99 {r['p99_ms']:.0f} ms")
+    if s.get("tail"):
+        z = s["zero_load"]
+        lines.append(f"tail per list size (zero-load latency {z['intercept_ms']:.0f} ms + {z['slope_ms_per_pair']:.2f} ms per candidate; "
+                     f"ideal FIFO: same arrivals and sizes at {s['saturation']['pairs_per_s']:.0f} pairs/s):")
+        lines += format_tail(s["tail"])
     e = s.get("error_window")
     if e and e["first_s"] is not None:
         lines.append(f"error window: {e['first_s']:.1f} s to {e['last_s']:.1f} s into the run ({e['span_s']:.1f} s): "
@@ -286,6 +352,10 @@ def format_summary(s: dict) -> str:
     checks = [f"p95 <= {slo['p95_ms']:.0f} ms", f"failure ratio <= {slo['max_failure_ratio']}"]
     if slo.get("max_tail_ratio"):
         checks.append(f"p99/p50 <= {slo['max_tail_ratio']}")
+    if slo.get("tail_vs_ideal"):
+        checks.append("p99 <= ideal FIFO p99 per list size")
+    if slo.get("max_slowdown_p99"):
+        checks.append(f"slowdown p99 <= {slo['max_slowdown_p99']} per list size")
     if slo.get("max_p95_drift"):
         checks.append(f"p95 drift within ±{slo['max_p95_drift']:.0%}")
     for key, what in (("max_rss_growth", "RSS"), ("max_shm_growth", "/dev/shm")):

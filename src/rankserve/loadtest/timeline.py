@@ -51,6 +51,7 @@ def read_timeline(directory: str | Path) -> dict[str, np.ndarray]:
         "latency_ms": np.array([float(r["latency_ms"]) for r in rows]),
         "ok": np.array([r["ok"] == "1" for r in rows], dtype=bool),
         "retries": np.array([int(r["retries"]) for r in rows], dtype=int),
+        "candidates": np.array([int(r["candidates"]) for r in rows], dtype=int),
         "error": np.array([r["error"] for r in rows], dtype=object),
     }
 

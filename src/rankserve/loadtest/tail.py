@@ -1,0 +1,118 @@
+"""The tail at a paced load, judged per request rather than by p99/p50.
+
+p99 <= 2.5 x p50 cannot hold for any server under Poisson arrivals with log-normal list sizes
+(loadtest/README.md), so the tail is judged against two references that can:
+
+- the **ideal single FIFO server**: the same arrivals (the run's own request start times), the same
+  list sizes, and the measured speed (a request of n pairs takes n / saturation pairs/s, no overhead
+  at all); its per-request latency comes from Lindley's recursion. Target: measured p99 <= its p99.
+- each request's **slowdown**: its latency over its own zero-load latency (the latency a request of
+  that size gets alone, fitted on a one-user closed-loop run). Target: p99 of slowdown <= a ceiling.
+
+Both per list-size bucket, since one figure over all sizes hides that small lists wait behind big ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BUCKETS: tuple[tuple[int, int], ...] = ((1, 50), (51, 150), (151, 100_000))
+"""List-size buckets (inclusive); the default workload (log-normal, mean 100, sigma 0.6) puts about
+a quarter, a half and a quarter of its requests in them."""
+
+
+def bucket_label(lo: int, hi: int) -> str:
+    return f"{lo}+" if hi >= 100_000 else f"{lo}-{hi}"
+
+
+@dataclass(frozen=True)
+class ZeroLoad:
+    """Latency of a request alone: ``intercept_ms + slope_ms * n`` for a list of n candidates."""
+
+    intercept_ms: float
+    slope_ms: float
+    requests: int
+
+    def latency_ms(self, sizes: np.ndarray) -> np.ndarray:
+        return self.intercept_ms + self.slope_ms * np.asarray(sizes, dtype=float)
+
+    def to_dict(self) -> dict:
+        return {"intercept_ms": self.intercept_ms, "slope_ms_per_pair": self.slope_ms, "requests": self.requests}
+
+
+def fit_zero_load(sizes: np.ndarray, latencies_ms: np.ndarray, bins: int = 8) -> ZeroLoad:
+    """A line through the median latency of each size bin (equal-count bins), so a few slow requests
+    (a GC pause, a noisy neighbour) do not tilt it; the intercept is kept >= 0 and the slope > 0."""
+    sizes = np.asarray(sizes, dtype=float)
+    lat = np.asarray(latencies_ms, dtype=float)
+    if sizes.size < 4 or np.unique(sizes).size < 2:
+        raise ValueError(f"a zero-load fit needs at least 4 requests of 2 or more sizes, got {sizes.size}")
+    order = np.argsort(sizes)
+    groups = [g for g in np.array_split(order, min(bins, sizes.size // 2)) if g.size]
+    x = np.array([np.median(sizes[g]) for g in groups])
+    y = np.array([np.median(lat[g]) for g in groups])
+    slope, intercept = np.polyfit(x, y, 1) if np.unique(x).size > 1 else (np.median(lat / sizes), 0.0)
+    slope = max(float(slope), 1e-6)
+    intercept = max(float(intercept), 0.0)
+    return ZeroLoad(intercept, slope, int(sizes.size))
+
+
+def ideal_fifo_latency_ms(starts_s: np.ndarray, sizes: np.ndarray, pairs_per_s: float) -> np.ndarray:
+    """Time in system at the ideal single FIFO server for these arrivals and sizes (Lindley's recursion)."""
+    order = np.argsort(starts_s, kind="stable")
+    arrivals = np.asarray(starts_s, dtype=float)[order]
+    service = np.asarray(sizes, dtype=float)[order] / pairs_per_s
+    done = np.empty_like(service)
+    free_at = -np.inf
+    for i, (a, s) in enumerate(zip(arrivals, service)):
+        free_at = max(free_at, a) + s
+        done[i] = free_at - a
+    out = np.empty_like(done)
+    out[order] = done
+    return 1000 * out
+
+
+def tail_by_bucket(sizes: np.ndarray, latency_ms: np.ndarray, ideal_ms: np.ndarray, zero: ZeroLoad,
+                   buckets: tuple[tuple[int, int], ...] = BUCKETS) -> list[dict]:
+    """Per bucket and over all requests: count, measured p50/p99, the ideal FIFO server's p99, and
+    p50/p99 of slowdown (latency / zero-load latency). Successful requests only."""
+    sizes = np.asarray(sizes)
+    slowdown = np.asarray(latency_ms) / zero.latency_ms(sizes)
+    rows = []
+    for label, inside in [(bucket_label(lo, hi), (sizes >= lo) & (sizes <= hi)) for lo, hi in buckets] + [("all", sizes > 0)]:
+        n = int(inside.sum())
+        if n == 0:
+            rows.append({"bucket": label, "requests": 0})
+            continue
+        p50, p99 = np.percentile(latency_ms[inside], [50, 99])
+        s50, s99 = np.percentile(slowdown[inside], [50, 99])
+        rows.append({"bucket": label, "requests": n, "p50_ms": float(p50), "p99_ms": float(p99),
+                     "ideal_fifo_p99_ms": float(np.percentile(ideal_ms[inside], 99)),
+                     "slowdown_p50": float(s50), "slowdown_p99": float(s99)})
+    return rows
+
+
+def tail_violations(rows: list[dict], max_slowdown_p99: float, vs_ideal: bool, min_requests: int = 1) -> list[str]:
+    """The tail targets each bucket misses (buckets with fewer than ``min_requests`` are not judged)."""
+    out = []
+    for r in rows:
+        if r["requests"] < min_requests:
+            continue
+        if vs_ideal and not r["p99_ms"] <= r["ideal_fifo_p99_ms"]:
+            out.append(f"{r['bucket']} candidates: p99 {r['p99_ms']:.0f} ms > ideal FIFO p99 {r['ideal_fifo_p99_ms']:.0f} ms")
+        if max_slowdown_p99 and not r["slowdown_p99"] <= max_slowdown_p99:
+            out.append(f"{r['bucket']} candidates: slowdown p99 {r['slowdown_p99']:.2f} > {max_slowdown_p99}")
+    return out
+
+
+def format_tail(rows: list[dict]) -> list[str]:
+    lines = ["  candidates  requests   p50 ms   p99 ms  ideal FIFO p99 ms  slowdown p50  slowdown p99"]
+    for r in rows:
+        if not r["requests"]:
+            lines.append(f"  {r['bucket']:>10}  {0:>8}")
+            continue
+        lines.append(f"  {r['bucket']:>10}  {r['requests']:>8}  {r['p50_ms']:7.0f}  {r['p99_ms']:7.0f}  {r['ideal_fifo_p99_ms']:17.0f}  "
+                     f"{r['slowdown_p50']:12.2f}  {r['slowdown_p99']:12.2f}")
+    return lines
