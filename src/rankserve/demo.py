@@ -16,7 +16,7 @@ from rankserve.data.catalog import LABEL_NAMES, Dataset
 from rankserve.errors import BuildError
 from rankserve.server.embedded import EmbeddedServer, free_serve_settings, port_free
 from rankserve.optimize.gate import passed_gate
-from rankserve.settings import CPU_VARIANTS, GPU_VARIANTS, BuildSettings, DataSettings, ServeSettings, TrainSettings
+from rankserve.settings import CPU_VARIANTS, BuildSettings, DataSettings, ServeSettings, TrainSettings
 from rankserve.train.pipeline import format_report, make_dataset, train_ranker
 
 DEMO_QUERIES = 5
@@ -64,9 +64,11 @@ def _up_to_date(repo: Path, ranker_dir: Path, settings: BuildSettings) -> bool:
     return manifest["ranker"]["files"] == files and same_settings
 
 
-DEMO_BUILD = BuildSettings(variants=tuple(v for v in CPU_VARIANTS + GPU_VARIANTS if not v.startswith("pruned")))
-"""Every variant but the pruned ones: those need distillation (minutes of training) and pass only
-their looser gate, so they could never be the default; `make build` (``--variants all``) builds them."""
+DEMO_BUILD = BuildSettings(variants=tuple(v for v in CPU_VARIANTS if not v.startswith("pruned")))
+"""The variants that can be this CPU host's default: every CPU variant but the pruned ones (those
+need minutes of distillation and pass only their looser gate, so they are never the default unless
+named). The GPU-only variants (fp16, int8_trt) are not served here. `make build` (``--variants all``)
+builds them all."""
 
 
 def ensure_repository(repo: Path, ranker_dir: Path, dataset: Dataset, work: Path, settings: BuildSettings = DEMO_BUILD) -> dict:

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -244,7 +245,14 @@ class VariantBuilder:
         return build
 
     def build(self, name: str) -> VariantBuild | None:
-        """Build one variant; ``None`` when the machine cannot run it (logged, not an error)."""
+        """Build one variant (its time logged); ``None`` when the machine cannot run it (logged, not an error)."""
+        started = time.perf_counter()
+        try:
+            return self._build(name)
+        finally:
+            self.log(f"      ({name}: {time.perf_counter() - started:.0f} s)")
+
+    def _build(self, name: str) -> VariantBuild | None:
         self.log(f"    variant {name}")
         if name == "bf16" and not cpu_has_bf16_units():
             self.log("      skipped: this CPU has no BF16 matrix units (AMX / AVX512-BF16)")
