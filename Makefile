@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS := build,serve,client,loadtest,bench,dev
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast build serve report ts checkov modelopt loadtest loadtest-half soak gpu-check bench clean
+.PHONY: venv demo test test-fast build serve report ts checkov modelopt loadtest loadtest-half loadtest-cache soak gpu-check bench clean
 
 # (Re)create the venv and install the package with its extras whenever pyproject.toml changes.
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -78,6 +78,17 @@ loadtest-half: venv
 	$(BIN)/rankserve loadtest --saturation-fraction 0.5 --runs $(TAIL_RUNS) --slo-tail-vs-ideal \
 		--slo-max-slowdown-p99 $(TAIL_SLOWDOWN) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(TAIL_DURATION) \
 		--protocol $(PROTOCOL) --model $(MODEL) $(if $(HOST),--host $(HOST)) --out reports/loadtest/half
+
+# Head-heavy traffic (query popularity Zipf, exponent ZIPF_S, over the WANDS queries, a fixed list per
+# query) against the embedded server without and then with Triton's response cache of CACHE_SIZE, in one
+# run: pairs/s, p50/p99, hit ratio, identical answers, bounded memory; non-zero exit below x3 pairs/s.
+ZIPF_S ?= 1.0
+CACHE_SIZE ?= 256MiB
+WARMUP ?= 0
+loadtest-cache: venv
+	$(BIN)/rankserve loadtest --zipf $(ZIPF_S) --compare-response-cache $(CACHE_SIZE) --warmup $(WARMUP) \
+		--users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --protocol $(PROTOCOL) --model $(MODEL) \
+		--out reports/loadtest/cache
 
 # Soak: 10 minutes of Poisson arrivals at 70% of saturation against the embedded server; fails on
 # any failed request, p95 drifting more than 20% first -> last minute, or server RSS or /dev/shm

@@ -53,7 +53,7 @@ def _build(args) -> None:
                                    load=args.load, memory_budget_bytes=_budget(args.memory_budget),
                                    rank_instances=args.rank_instances or settings.rank_instances,
                                    ort=dataclasses.replace(settings.ort, prepack_weights=not args.share_weights),
-                                   default_variant=args.default)
+                                   default_variant=args.default, response_cache=not args.no_response_cache)
     dataset = Dataset.load(args.data) if args.data else None
     if args.target == "gpu":  # engines next to an existing CPU build of the same repository
         from rankserve.builder.gpu import build_gpu_repository
@@ -108,7 +108,19 @@ def _gpu_check(args) -> None:
 def _serve_settings(args) -> ServeSettings:
     return ServeSettings(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                          health_interval_s=args.health_interval, max_restarts=args.max_restarts,
-                         cache_dir=args.cache_dir)
+                         cache_dir=args.cache_dir, response_cache_bytes=_cache_size(args.response_cache, "--response-cache"))
+
+
+def _cache_size(text: str | None, flag: str) -> int:
+    """A response-cache size (``256MiB``, ``4096``); 0 or nothing: off."""
+    if text is None or text.strip() == "0":
+        return 0
+    from rankserve.builder.memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise RankserveError(f"{flag}: {exc}") from None
 
 
 def _serve(args) -> None:
@@ -122,6 +134,10 @@ def _serve(args) -> None:
     manifest = verify_repository(args.model_repository)
     _require_budget(args.model_repository, _budget(args.memory_budget) or manifest.get("serving", {}).get("memory_budget_bytes", 0))
     settings = _serve_settings(args)
+    cacheable = _cacheable_models(args.model_repository) if settings.response_cache_bytes else []
+    if settings.response_cache_bytes and not cacheable:
+        raise RankserveError(f"--response-cache: no model of {args.model_repository} is marked cacheable (response_cache in "
+                             "config.pbtxt; repositories built before it: `rankserve build` again, or `make demo` refreshes them)")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -141,12 +157,22 @@ def _serve(args) -> None:
         print(f"  gRPC     {server.grpc_url}")
         print(f"  metrics  {server.metrics_url}")
         print(f"  log      {server.log_path}")
+        size = settings.response_cache_bytes
+        cache = f"{size / 2**20:g} MiB (Triton local cache) for {', '.join(cacheable)}" if size else "off"
+        print(f"  response cache  {cache}")
         print(f"  watching the server and its {len(server.stubs)} Python-backend stubs every {settings.health_interval_s:g} s; "
               "a broken server is restarted", flush=True)
         print("Ctrl-C or SIGTERM stops it.", flush=True)
 
     code = supervise(make_server, settings, stop, log=lambda msg: print(msg, flush=True), on_ready=ready)
     print(f"stopped (exit code {code})", flush=True)
+
+
+def _cacheable_models(repo: str) -> list[str]:
+    """Models of ``repo`` whose config enables the response cache."""
+    from rankserve.builder import configs
+
+    return sorted(p.parent.name for p in Path(repo).glob("*/config.pbtxt") if configs.parse(p).response_cache.enable)
 
 
 def _require_budget(repo: str, budget: int) -> None:
@@ -192,7 +218,11 @@ def _loadtest(args) -> None:
                                 window_s=args.window, slo_max_p95_drift=args.slo_max_p95_drift,
                                 slo_max_rss_growth=args.slo_max_rss_growth, slo_max_shm_growth=args.slo_max_shm_growth,
                                 slo_tail_vs_ideal=args.slo_tail_vs_ideal, slo_max_slowdown_p99=args.slo_max_slowdown_p99,
-                                runs=args.runs)
+                                runs=args.runs,
+                                **({"scenario": "zipf", "zipf_s": args.zipf} if args.zipf is not None else {}))
+    if args.compare_response_cache:
+        _compare_response_cache(args, settings)
+        return
     if args.saturation_fraction is not None and not 0 < args.saturation_fraction <= 1:
         raise RankserveError("--saturation-fraction must be in (0, 1]")
     if args.saturation_fraction is None and (args.runs > 1 or args.slo_tail_vs_ideal or args.slo_max_slowdown_p99):
@@ -203,6 +233,25 @@ def _loadtest(args) -> None:
     print(f"reports: {args.out}/summary.json, {args.out}/report.html, {args.out}/timeline.png, {args.out}/locust_stats.csv")
     if not summary["slo"]["passed"]:
         raise RankserveError("SLO broken: " + "; ".join(summary["slo"]["violations"]))
+
+
+def _compare_response_cache(args, settings: LoadTestSettings) -> None:
+    from rankserve.loadtest.cache_compare import compare_response_cache, format_comparison
+
+    if args.host or args.saturation_fraction is not None:
+        raise RankserveError("--compare-response-cache starts its own two servers: no --host or --saturation-fraction")
+    if args.warmup < 0:
+        raise RankserveError("--warmup must be >= 0 seconds")
+    size = _cache_size(args.compare_response_cache, "--compare-response-cache")
+    if not size:
+        raise RankserveError("--compare-response-cache needs a cache size, e.g. 256MiB")
+    ServeSettings(response_cache_bytes=size)  # validated before anything starts
+    comparison = compare_response_cache(settings, Path(args.out), Path(args.model_repository), size, args.min_cache_speedup,
+                                        warmup_s=args.warmup)
+    print(format_comparison(comparison))
+    print(f"reports: {args.out}/comparison.json, {args.out}/off/, {args.out}/on/ (summary.json, report.html, tritonserver.log)")
+    if not comparison["passed"]:
+        raise RankserveError("response cache comparison failed: " + ", ".join(comparison["violations"]))
 
 
 def _loadtest_summary(args) -> None:
@@ -309,6 +358,9 @@ def parser() -> argparse.ArgumentParser:
                         "--backend-config=tensorrt,version-compatible=true)")
     s.add_argument("--hardware-compatibility", choices=HARDWARE_COMPATIBILITY,
                    help="gpu: ampere_plus builds one engine (model.plan) for every Ampere or newer GPU")
+    s.add_argument("--no-response-cache", action="store_true",
+                   help="do not mark the ranker ensembles cacheable (response_cache in config.pbtxt; it only acts on a "
+                        "server started with a response cache)")
     s.set_defaults(func=_build)
 
     s = sub.add_parser("serve", help="run the embedded tritonserver on a model repository")
@@ -327,6 +379,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-dir", help="writable folder of this host where ONNX Runtime and OpenVINO keep each model "
                                        "as optimized for this CPU, so later loads skip that work (default: "
                                        "$RANKSERVE_CACHE_DIR, else none); safe to delete")
+    s.add_argument("--response-cache", metavar="SIZE",
+                   help="Triton's response cache of this size in the server's memory, e.g. 256MiB (default: off): a repeated "
+                        "request (same query, texts and top_k) to a ranker ensemble is answered from it; emptied on restart")
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("health", help="probe for containers: the server is live and every Python-backend stub runs")
@@ -396,6 +451,17 @@ def parser() -> argparse.ArgumentParser:
                    help="most relative growth of the embedded server's RSS, first to last window (0: not checked)")
     s.add_argument("--slo-max-shm-growth", type=float, default=d.slo_max_shm_growth,
                    help="the same for the Python backend's /dev/shm (0: not checked)")
+    s.add_argument("--zipf", type=float, nargs="?", const=d.zipf_s, metavar="S",
+                   help=f"head-heavy traffic: query popularity Zipf with exponent S (default {d.zipf_s:g}) over the WANDS "
+                        "queries, each query always with the same candidate list")
+    s.add_argument("--compare-response-cache", metavar="SIZE",
+                   help="run the workload twice on the embedded server, without and with a response cache of SIZE (e.g. "
+                        "256MiB): pairs/s, p50/p99, hit ratio, identical answers, bounded memory (OUT/comparison.json)")
+    s.add_argument("--min-cache-speedup", type=float, default=3.0,
+                   help="with --compare-response-cache: least pairs/s ratio, cache on / off (0: not checked)")
+    s.add_argument("--warmup", type=int, default=0, metavar="S",
+                   help="with --compare-response-cache: each arm first runs the workload S seconds, reported apart, so "
+                        "the measured run meets a cache that has seen the popular queries (default 0: from an empty cache)")
     s.add_argument("--out", default="reports/loadtest")
     s.set_defaults(func=_loadtest)
 

@@ -410,6 +410,12 @@ class BuildSettings:
     build refuses a set of loaded variants that does not fit."""
     auto_load_limit_bytes: int = 4 * 2**30
     """``load=auto`` without a budget: above this, only the default variant is loaded."""
+    response_cache: bool = True
+    """Mark the public ensembles (``ranker``, ``ranker_<variant>``, ``ranker_trt_<precision>``)
+    ``response_cache { enable: true }``. It takes effect only on a server started with a cache
+    (``rankserve serve --response-cache SIZE``, tritonserver ``--cache-config``); without one Triton
+    ignores it. Triton 2.51 caches the ensemble as a whole (a hit skips tokenize, rank and
+    postprocess); its Python steps could be cached too, but an ensemble hit already skips them."""
     default_variant: str | None = None
     """The variant served as ``ranker``. None: the fastest loaded variant that passes the strict
     gate (``GateSettings.min_top_k_overlap``). Naming one (``--default pruned_int8``) makes it the
@@ -484,6 +490,12 @@ class TrainSettings:
         _require(8 <= self.max_length <= 512, "max_length must be in [8, 512]")
 
 
+MIN_RESPONSE_CACHE_BYTES = 4096
+"""Smallest response cache accepted: Triton's local cache refuses to start below a few hundred
+bytes (100 B: "Could not initialize buffer"; measured with 2.51), and 4 KiB holds four
+100-candidate answers."""
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """The embedded tritonserver."""
@@ -510,6 +522,13 @@ class ServeSettings:
     """A writable folder of this host where the CPU runtimes keep what they make from a model before
     its first request, reused at the next load (``RANKSERVE_CACHE_DIR`` of the stubs; see
     :mod:`rankserve.stages.runtime_cache`). None: whatever the environment already says."""
+    response_cache_bytes: int = 0
+    """Triton's response cache (its ``local`` cache: one buffer of this many bytes in the server
+    process, shared by every cacheable model, least recently used answers evicted when full): a
+    repeated request (same model, query, texts, top_k) is answered from memory without running the
+    pipeline. 0 (the default): no cache. A 100-candidate answer takes about 1 KB. Answers cannot go
+    stale under ``rankserve serve``: its server never reloads a model (model control ``none``) and
+    a restart empties the cache (see the README, "Response cache")."""
 
     def __post_init__(self) -> None:
         ports = (self.http_port, self.grpc_port, self.metrics_port)
@@ -523,6 +542,11 @@ class ServeSettings:
         _require(self.restart_grace_s >= 0, "restart_grace_s must be >= 0")
         _require(self.max_restarts >= 0, "max_restarts must be >= 0")
         _require(self.restart_window_s > 0, "restart_window_s must be > 0")
+        _require(self.response_cache_bytes == 0 or self.response_cache_bytes >= MIN_RESPONSE_CACHE_BYTES,
+                 f"response_cache_bytes must be 0 (off) or >= {MIN_RESPONSE_CACHE_BYTES}, got {self.response_cache_bytes}")
+
+
+LOADTEST_SCENARIOS = ("random", "zipf")
 
 
 @dataclass(frozen=True)
@@ -567,6 +591,14 @@ class LoadTestSettings:
     """Most relative growth of the server's resident memory from the first to the last window (0: not checked)."""
     slo_max_shm_growth: float = 0.0
     """The same for its Python-backend shared memory in /dev/shm (0: not checked)."""
+    scenario: str = "random"
+    """``random``: each request a random WANDS query and a fresh random candidate list. ``zipf``:
+    query popularity follows Zipf's law with exponent ``zipf_s`` over the WANDS queries (in an order
+    shuffled by ``seed``), and each query always comes with the same candidate list (drawn once per
+    query from ``seed``, with the usual list-size distribution): head-heavy, repeated traffic."""
+    zipf_s: float = 1.0
+    """Exponent of the ``zipf`` scenario: the k-th most popular query is asked with probability
+    proportional to 1 / k**s (0: every query equally often)."""
 
     @property
     def rate_per_user(self) -> float:
@@ -583,6 +615,8 @@ class LoadTestSettings:
         _require(min(self.slo_max_p95_drift, self.slo_max_rss_growth, self.slo_max_shm_growth) >= 0, "drift and growth SLOs must be >= 0")
         _require(self.slo_max_slowdown_p99 == 0 or self.slo_max_slowdown_p99 >= 1, "slo_max_slowdown_p99 must be 0 (off) or >= 1")
         _require(1 <= self.runs <= 20, "runs must be in [1, 20]")
+        _require(self.scenario in LOADTEST_SCENARIOS, f"scenario must be one of {LOADTEST_SCENARIOS}, got {self.scenario!r}")
+        _require(0 <= self.zipf_s <= 10, f"zipf_s must be in [0, 10], got {self.zipf_s}")
 
 
 PRESETS: dict[str, BuildSettings] = {

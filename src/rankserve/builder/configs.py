@@ -152,10 +152,16 @@ def _encoded(input_names: Sequence[str]) -> tuple[TensorSpec, ...]:
 
 
 def ensemble(name: str, rank_model: str, tokenize_model: str = api.TOKENIZE_MODEL,
-             rank_inputs: Sequence[str] = api.MODEL_INPUT_NAMES) -> mc.ModelConfig:
+             rank_inputs: Sequence[str] = api.MODEL_INPUT_NAMES, response_cache: bool = False) -> mc.ModelConfig:
     """The public ``ranker`` API wired as ``tokenize_model`` -> ``rank_model`` -> postprocess; only
-    the encoded tensors the rank model takes (``rank_inputs``) flow between the first two."""
+    the encoded tensors the rank model takes (``rank_inputs``) flow between the first two.
+
+    ``response_cache``: the ensemble's answers may be kept in the server's response cache, keyed by
+    the ensemble's name, version and inputs (query, texts, top_k). Triton 2.51 caches top-level
+    ensemble requests (a hit skips every step) and ignores the flag on a server without a cache."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=0)
+    if response_cache:
+        config.response_cache.enable = True
     _io(config.input, api.RANKER_INPUTS)
     _io(config.output, api.RANKER_OUTPUTS)
     encoded = [t.name for t in _encoded(rank_inputs)]
@@ -198,8 +204,8 @@ def cpu_repository(settings: BuildSettings, runtimes: Mapping[str, RuntimeSettin
         rank = rank_model_name(variant, default)
         parameters = {**to_parameters(settings.ort), **to_parameters(runtime), "variant": variant}
         models[rank] = batched_rank_model(rank, settings, parameters)
-        models[ranker_model_name(variant)] = ensemble(ranker_model_name(variant), rank)
-    models[api.RANKER_MODEL] = ensemble(api.RANKER_MODEL, api.RANK_MODEL)
+        models[ranker_model_name(variant)] = ensemble(ranker_model_name(variant), rank, response_cache=settings.response_cache)
+    models[api.RANKER_MODEL] = ensemble(api.RANKER_MODEL, api.RANK_MODEL, response_cache=settings.response_cache)
     return models
 
 
@@ -241,5 +247,5 @@ def gpu_models(settings: BuildSettings, engines: Mapping[str, Sequence[Mapping]]
             raise ValueError(f"the {precision} engines disagree on their inputs: {[r['inputs'] for r in records]}")
         rank, public = engine_files.engine_model_name(precision), engine_files.engine_ensemble_name(precision)
         models[rank] = tensorrt_rank_model(rank, settings, inputs, engine_plan_files(records))
-        models[public] = ensemble(public, rank, GPU_TOKENIZE_MODEL, inputs)
+        models[public] = ensemble(public, rank, GPU_TOKENIZE_MODEL, inputs, response_cache=settings.response_cache)
     return models

@@ -73,7 +73,8 @@ def summarize(stats_csv: Path, settings: LoadTestSettings, steps: dict) -> dict:
         "settings": {"users": settings.users, "spawn_rate": settings.spawn_rate, "duration_s": settings.duration_s,
                      "protocol": settings.protocol, "model": settings.model, "candidates_mean": settings.candidates_mean,
                      "candidates_sigma": settings.candidates_sigma, "rate_per_s": settings.rate_per_s,
-                     "retries": settings.retries, "window_s": settings.window_s},
+                     "retries": settings.retries, "window_s": settings.window_s, "scenario": settings.scenario,
+                     **({"zipf_s": settings.zipf_s} if settings.scenario == "zipf" else {})},
         "triton_steps": steps,
     }
     return verdict(summary, settings)
@@ -179,6 +180,8 @@ def run_locust(host: str, settings: LoadTestSettings, out: Path, metrics_url: st
            "RANKSERVE_LOADTEST_CANDIDATES_SIGMA": str(settings.candidates_sigma),
            "RANKSERVE_LOADTEST_RATE_PER_USER": str(settings.rate_per_user),
            "RANKSERVE_LOADTEST_RETRIES": str(settings.retries), "RANKSERVE_LOADTEST_RETRY_BACKOFF": str(settings.retry_backoff_s),
+           "RANKSERVE_LOADTEST_SCENARIO": settings.scenario, "RANKSERVE_LOADTEST_ZIPF_S": str(settings.zipf_s),
+           "RANKSERVE_LOADTEST_SEED": str(settings.seed),
            "RANKSERVE_LOADTEST_TIMELINE": str(timeline_dir)}
     before = scrape(metrics_url)
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), user, "--headless", "--host", host,

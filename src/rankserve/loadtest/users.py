@@ -32,6 +32,9 @@ def _settings() -> LoadTestSettings:
         candidates_sigma=float(env.get("RANKSERVE_LOADTEST_CANDIDATES_SIGMA", d.candidates_sigma)),
         retries=int(env.get("RANKSERVE_LOADTEST_RETRIES", d.retries)),
         retry_backoff_s=float(env.get("RANKSERVE_LOADTEST_RETRY_BACKOFF", d.retry_backoff_s)),
+        scenario=env.get("RANKSERVE_LOADTEST_SCENARIO", d.scenario),
+        zipf_s=float(env.get("RANKSERVE_LOADTEST_ZIPF_S", d.zipf_s)),
+        seed=int(env.get("RANKSERVE_LOADTEST_SEED", d.seed)),
     )
 
 

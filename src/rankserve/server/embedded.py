@@ -38,6 +38,8 @@ class TritonInstall:
     libs: Path
     python_backend: Path
     stub: Path
+    caches: Path | None = None
+    """The folder of the response-cache libraries (``local/libtritoncache_local.so``)."""
 
 
 def find_triton() -> TritonInstall:
@@ -54,6 +56,7 @@ def find_triton() -> TritonInstall:
         libs=libs,
         python_backend=root / "backends" / "python",
         stub=root / "python_backend_stubs" / pyver / "triton_python_backend_stub",
+        caches=root / "caches",
     )
     for path in (install.binary, install.libs, install.python_backend / "libtriton_python.so", install.stub):
         if not path.exists():
@@ -76,6 +79,20 @@ def make_backend_directory(install: TritonInstall, directory: Path) -> Path:
     return directory
 
 
+RESPONSE_CACHE = "local"
+"""The response-cache implementation the embedded server loads (``caches/local`` of the wheel)."""
+
+
+def response_cache_args(install: TritonInstall, s: ServeSettings) -> list[str]:
+    """The flags of Triton's in-process response cache of ``s.response_cache_bytes`` (none when 0)."""
+    if not s.response_cache_bytes:
+        return []
+    library = (install.caches or Path("/nonexistent")) / RESPONSE_CACHE / f"libtritoncache_{RESPONSE_CACHE}.so"
+    if not library.exists():
+        raise ServeError(f"the response cache needs {library}, which this nvidia-pytriton install lacks")
+    return [f"--cache-config={RESPONSE_CACHE},size={s.response_cache_bytes}", f"--cache-directory={install.caches}"]
+
+
 def server_command(install: TritonInstall, repo: Path, backends: Path, s: ServeSettings) -> list[str]:
     return [
         str(install.binary),
@@ -93,6 +110,7 @@ def server_command(install: TritonInstall, repo: Path, backends: Path, s: ServeS
         f"--grpc-port={s.grpc_port}",
         f"--metrics-address={s.host}",
         f"--metrics-port={s.metrics_port}",
+        *response_cache_args(install, s),
     ]
 
 
