@@ -201,3 +201,17 @@ def test_the_bench_tells_the_same_model_from_another():
     assert loose["passed"] and loose["top10_overlap"] >= 0.8 and loose["min_correlation"] > 0.99
     mismatch = agreement(reference, other, tight=False)
     assert not mismatch["passed"] and mismatch["requests"] == 3
+
+
+def test_the_bf16_path_really_runs_in_bf16_and_still_ranks_like_fp32(tiny_ranker):
+    from conftest import TINY
+
+    from rankserve.bench.run import agreement
+
+    fp32 = TorchScorer(str(tiny_ranker), BaselineSettings(precision="fp32", max_length=TINY.tokenize.max_length))
+    bf16 = TorchScorer(str(tiny_ranker), BaselineSettings(precision="bf16", max_length=TINY.tokenize.max_length))
+    query = "modern walnut coffee table"
+    texts = [f"product {i} " + "oak table lamp sofa chair rug"[: (i * 7) % 29] for i in range(40)]
+    x, y = fp32([query] * 40, texts), bf16([query] * 40, texts)
+    assert bf16.precision == "bf16" and np.abs(x - y).max() > 1e-4  # autocast took effect (emulated without BF16 units)
+    assert agreement([x.tolist()], [y.tolist()], tight=False)["passed"]
