@@ -414,15 +414,24 @@ def run_bench(repo: Path, ranker_dir: Path, out: Path, concurrency: int = 4, dur
     return {"setups": setups, "ratios": ratios, "targets": targets}
 
 
+def _short_name(name: str) -> str:
+    for prefix, label in (("triton_ensemble_", "ranker (Triton)\n"), ("model_alone_in_process_", "model alone\nin process, "),
+                          ("pytorch_fastapi_dynamic_batching_", "PyTorch server,\nbatched, "), ("naive_", "naive\n(footnote)")):
+        if name.startswith(prefix):
+            return label + (name[len(prefix):] if not prefix.startswith("naive") else "")
+    return name
+
+
 def _plot(setups: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    names = [s["name"].replace("_", "\n", 2) for s in setups]
-    a.bar(names, [s["pairs_per_s"] for s in setups], color=["#4477aa", "#66ccee", "#ccbb44", "#ee6677"][:len(setups)])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = [_short_name(s["name"]) for s in setups]
+    bars = a.bar(names, [s["pairs_per_s"] for s in setups], color=["#4477aa", "#66ccee", "#ccbb44", "#ee6677"][:len(setups)])
+    a.bar_label(bars, fmt="%.0f", fontsize=8)
     a.set_ylabel("pairs/s")
     a.set_title("Throughput (ranker >= 3x the PyTorch baseline)")
     for i, key in enumerate(("p50_ms", "p95_ms", "p99_ms")):
