@@ -619,6 +619,43 @@ class LoadTestSettings:
         _require(0 <= self.zipf_s <= 10, f"zipf_s must be in [0, 10], got {self.zipf_s}")
 
 
+BASELINE_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """The bench's headline baseline (:mod:`rankserve.bench.batched_service`): the service a team
+    would run without Triton, a FastAPI server over the PyTorch model with a dynamic batcher."""
+
+    max_pairs: int = 32
+    """Largest model call, in pairs: the batcher takes up to this many queued pairs, in arrival order,
+    across requests (a larger request is split over several calls)."""
+    max_wait_ms: float = 2.0
+    """How long a call that is not full may wait for more pairs, from the arrival of its oldest pair
+    (the served rank model's ``max_queue_delay``: 2 ms). Under load the queue is never short of pairs."""
+    max_length: int = 128
+    """Pairs are truncated to this many tokens (longest side first), as the served tokenizer does;
+    the bench passes the repository's ``tokenize.max_length``."""
+    precision: str = "auto"
+    """``bf16`` (autocast to bfloat16), ``fp32``, or ``auto``: bf16 where the CPU has BF16 units
+    (``avx512_bf16`` or ``amx_bf16``), else fp32."""
+    threads: int = 0
+    """Torch intra-op threads; 0: one per CPU this process may use."""
+    sort_by_length: bool = True
+    """Queue each request's pairs shortest first (scores are returned in the caller's order), so a
+    call's padding to its longest pair wastes less; requests keep their arrival order."""
+    max_candidates: int = 1000
+    """Largest number of texts one request may carry (the served limit)."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.max_pairs <= 4096, f"max_pairs must be in [1, 4096], got {self.max_pairs}")
+        _require(0 <= self.max_wait_ms <= 1000, f"max_wait_ms must be in [0, 1000], got {self.max_wait_ms}")
+        _require(8 <= self.max_length <= 512, f"max_length must be in [8, 512], got {self.max_length}")
+        _require(self.precision in BASELINE_PRECISIONS, f"precision must be one of {BASELINE_PRECISIONS}, got {self.precision!r}")
+        _require(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
+        _require(self.max_candidates >= 1, f"max_candidates must be >= 1, got {self.max_candidates}")
+
+
 PRESETS: dict[str, BuildSettings] = {
     # The demo ranker: pairs are short (WANDS queries + product titles), 128 tokens covers them all.
     "default": BuildSettings(),

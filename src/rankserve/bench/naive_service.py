@@ -1,4 +1,4 @@
-"""The naive baseline a team would write first: FastAPI + the Hugging Face model in PyTorch FP32,
+"""The bench's footnote, a strawman: FastAPI + the Hugging Face model in PyTorch FP32, no batching,
 every pair padded to 128 tokens. Run: ``python -m rankserve.bench.naive_service RANKER_DIR PORT``."""
 
 
