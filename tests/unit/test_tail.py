@@ -94,3 +94,18 @@ def test_settings_validate_the_tail_slos():
         LoadTestSettings(slo_max_slowdown_p99=0.5)
     with pytest.raises(ConfigError):
         LoadTestSettings(runs=0)
+
+
+def test_zero_load_follows_the_bins_where_per_pair_cost_falls_with_list_size():
+    rng = np.random.default_rng(1)
+    sizes = rng.integers(5, 300, 400)
+    lat = 30 * np.sqrt(sizes)  # concave: bigger lists, cheaper pairs
+    z = fit_zero_load(sizes, lat)
+    assert len(z.knots) >= 4 and z.to_dict()["knots"]
+    inside = np.array([20, 60, 150, 250])
+    assert z.latency_ms(inside) == pytest.approx(30 * np.sqrt(inside), rel=0.1)
+    line = ZeroLoad(z.intercept_ms, z.slope_ms, z.requests)  # one line misjudges the small lists more
+    assert abs(line.latency_ms(np.array([20]))[0] / (30 * np.sqrt(20)) - 1) > 0.15
+    # beyond the outer knots: along the line's slope, never below zero
+    assert z.latency_ms(np.array([1000]))[0] > z.latency_ms(np.array([290]))[0]
+    assert z.latency_ms(np.array([1]))[0] > 0

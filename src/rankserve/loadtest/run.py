@@ -284,7 +284,7 @@ def run_locust_at_fraction(host: str, settings: LoadTestSettings, out: Path, fra
     log(f"saturation: {saturated['requests_per_s']:.2f} req/s, {saturated['pairs_per_s']:.0f} pairs/s, "
         f"p50 {saturated['p50_ms']:.0f} ms, p99 {saturated['p99_ms']:.0f} ms with {settings.users} closed-loop users")
     zero = zero_load(host, settings, out, metrics_url)
-    log(f"zero load (one user): {zero.intercept_ms:.0f} ms + {zero.slope_ms:.2f} ms per candidate ({zero.requests} requests)")
+    log(f"zero load (one user, {zero.requests} requests): " + ", ".join(f"{x:.0f} candidates {y:.0f} ms" for x, y in zero.knots))
     at = paced(saturated, settings, fraction)
     runs, sizes, latency, ideal = [], [], [], []
     for k in range(settings.runs):
@@ -347,7 +347,8 @@ def format_summary(s: dict) -> str:
                          f"p50 {r['p50_ms']:.0f} / p95 {r['p95_ms']:.0f} / p99 {r['p99_ms']:.0f} ms")
     if s.get("tail"):
         z = s["zero_load"]
-        lines.append(f"tail per list size (zero-load latency {z['intercept_ms']:.0f} ms + {z['slope_ms_per_pair']:.2f} ms per candidate; "
+        knots = ", ".join(f"{x:.0f}: {y:.0f} ms" for x, y in z.get("knots", [])[::2])
+        lines.append(f"tail per list size (zero-load latency by list size {knots}; "
                      f"ideal FIFO: same arrivals and sizes at {s['saturation']['pairs_per_s']:.0f} pairs/s):")
         lines += format_tail(s["tail"])
     e = s.get("error_window")
