@@ -32,7 +32,8 @@ def _train(args) -> None:
 def _gate_settings(gate, args):
     """The preset's gate with the limits given on the command line."""
     return dataclasses.replace(gate, **{k: v for k, v in (("max_ndcg_drop", args.max_ndcg_drop),
-                                                          ("min_top_k_overlap", args.min_top_k_overlap)) if v is not None})
+                                                          ("min_top_k_overlap", args.min_top_k_overlap),
+                                                          ("require_batch_invariance", args.require_batch_invariance or None)) if v is not None})
 
 
 def _build(args) -> None:
@@ -341,6 +342,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration-pairs", type=int, help="real pairs used to calibrate INT8 (default 512)")
     s.add_argument("--max-ndcg-drop", type=float, help="accuracy gate: largest relative NDCG@10 drop (default 0.01)")
     s.add_argument("--min-top-k-overlap", type=float, help="strict gate of the default ranker: least top-10 overlap with FP32 (default 0.95)")
+    s.add_argument("--require-batch-invariance", action="store_true",
+                   help="strict gate: a pair's score must not move with its batch neighbours (dynamic INT8's does), "
+                        "so a request always gets the same ranking under any load")
     s.add_argument("--default", help="the variant served as `ranker` (default: the fastest loaded variant passing the strict "
                                      "gate, NDCG@10 within --max-ndcg-drop of FP32 and top-10 overlap >= 0.95); naming one "
                                      "makes it the default even when it passes only its own, looser gate (pruned)")
@@ -493,6 +497,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="default", help="with --ranker: build preset")
     s.add_argument("--max-ndcg-drop", type=float, help="with --ranker: accuracy gate (a random-weight ranker has no quality to keep)")
     s.add_argument("--min-top-k-overlap", type=float, help="with --ranker: strict gate of the default ranker (top-10 overlap with FP32)")
+    s.add_argument("--require-batch-invariance", action="store_true", help="with --ranker: strict gate needs batch-invariant scores")
     s.add_argument("--heldout-queries", type=int, help="gate and quality on only this many held-out queries (a large ranker "
                                                        "scores a few pairs a second on a small CPU)")
     s.set_defaults(func=_report)

@@ -86,8 +86,8 @@ def ensure_repository(repo: Path, ranker_dir: Path, dataset: Dataset, work: Path
 
 
 def show_variants(manifest: dict) -> None:
-    print(f"\n| variant | runtime, precision | NDCG@10 | vs FP32 | top-10 overlap | Kendall tau | gate | pairs/s (build, b=32) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| variant | runtime, precision | NDCG@10 | vs FP32 | top-10 overlap | Kendall tau | gate | scores move in served batches | pairs/s (build, b=32) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, v in manifest["variants"].items():
         g = v["gate"]
         runtime = f"{v['runtime']}, {v['precision']}" if v["served_on_cpu"] else "GPU only (TensorRT)"
@@ -95,10 +95,12 @@ def show_variants(manifest: dict) -> None:
             runtime += ", not loaded"
         speeds = v["build_speed_pairs_per_s"]
         speed = f"{max(speeds.values()):.0f}" if speeds else "n/a"
+        moved = g.get("batch_max_abs_diff")
         print(f"| {name}{' (default)' if name == manifest['default_variant'] else ''} | {runtime} | {g['ndcg']:.4f} | "
-              f"{-100 * g['relative_drop']:+.2f}% | {g['top_k_overlap']:.3f} | {g['kendall_tau']:.3f} | {passed_gate(g)} | {speed} |")
+              f"{-100 * g['relative_drop']:+.2f}% | {g['top_k_overlap']:.3f} | {g['kendall_tau']:.3f} | {passed_gate(g)} | "
+              f"{'n/a' if moved is None else f'up to {moved:.2g}'} | {speed} |")
     for skipped in manifest.get("skipped_variants", []):
-        print(f"| {skipped} | skipped on this CPU | | | | | | |")
+        print(f"| {skipped} | skipped on this CPU | | | | | | | |")
 
 
 def show_rankings(server: EmbeddedServer, dataset: Dataset) -> None:

@@ -218,8 +218,21 @@ class GateSettings:
     min_top_k_overlap_int8_engine: float = 0.95
     """The TensorRT INT8 engine and the QDQ model it is built from keep the FP32 ranking: NDCG@k
     within 0.5% and top-k overlap with FP32 of at least 0.95 on the held-out queries."""
+    served_batch_queries: int = 4
+    """The CPU variants are also scored as the rank stage serves them under load: the requests of
+    this many held-out queries in one dynamic batch (token-budget calls, each padded to its longest
+    pair). The strict gate must hold there too, and the build records how far a pair's score moves
+    with its batch neighbours: not at all for FP32, by up to 1.06 logits for dynamic INT8, whose
+    activation scale is taken over the whole batch tensor."""
+    require_batch_invariance: bool = False
+    """Strict only if a pair's score does not move with its batch neighbours (at most
+    ``batch_invariance_atol``): the same request then always gets the same ranking, under any load.
+    Off by default: dynamic INT8 keeps its quality in served batches but not its exact scores."""
+    batch_invariance_atol: float = 1e-3
 
     def __post_init__(self) -> None:
+        _require(self.served_batch_queries >= 1 and self.batch_invariance_atol > 0,
+                 "served_batch_queries must be >= 1 and batch_invariance_atol > 0")
         _require(0 <= self.max_ndcg_drop < 1 and 0 <= self.max_ndcg_drop_pruned < 1
                  and 0 <= self.max_ndcg_drop_int8_engine < 1, "NDCG drops must be in [0, 1)")
         _require(0 <= self.min_top_k_overlap_int8_engine <= 1 and 0 <= self.min_top_k_overlap <= 1,

@@ -39,6 +39,19 @@ def test_manifest_records_every_variant_with_its_gate_and_runtime(manifest):
     assert manifest["default_variant"] == max(speeds, key=speeds.get)
 
 
+def test_the_gate_also_scores_served_batches_and_records_how_far_scores_move(manifest):
+    """FP32 scores a pair the same whatever shares its batch; dynamic INT8 takes its activation
+    scale over the whole batch tensor, so its scores move with their neighbours."""
+    variants = manifest["variants"]
+    for name, v in variants.items():
+        if v["served_on_cpu"]:
+            g = v["gate"]
+            assert g["served_ndcg"] is not None and 0 <= g["served_top_k_overlap"] <= 1, name
+    assert variants["fp32"]["gate"]["batch_max_abs_diff"] <= 1e-4
+    assert variants["fused"]["gate"]["batch_max_abs_diff"] <= 1e-4
+    assert variants["int8_dynamic"]["gate"]["batch_max_abs_diff"] > 1e-3
+
+
 @pytest.mark.parametrize("variant", ["int8", "int8_trt"])
 def test_the_qdq_model_is_symmetric_int8_with_per_channel_weights(tiny_variants_repo, tiny_variants_work, manifest, variant):
     import onnx

@@ -41,3 +41,19 @@ def test_strict_needs_both_the_ndcg_limit_and_the_top_k_overlap(dataset):
     assert r.passed and r.relative_drop <= 0.01 and r.top_k_overlap < 0.95 and not r.strict
     assert "never the default unless named" in r.describe()
     assert not gate("x", dataset, reshuffled, oracle, max_drop=0.02).strict  # without limits: strict only if identical
+
+
+def test_the_strict_gate_must_hold_in_served_batches_too():
+    from rankserve.optimize.gate import GateResult
+
+    base = dict(variant="v", ndcg=0.99, mrr=1.0, reference_ndcg=0.99, relative_drop=0.0, max_drop=0.01,
+                top_k_overlap=1.0, kendall_tau=1.0, passed=True, strict=True)
+    alone = GateResult(**base)
+    good = GateResult(**base)
+    bad = GateResult(**{**base, "relative_drop": 0.02, "top_k_overlap": 0.9})
+    assert alone.with_served(good, 0.0, (0.01, 0.95)).strict
+    assert not alone.with_served(bad, 0.5, (0.01, 0.95)).strict
+    moved = alone.with_served(good, 0.5, (0.01, 0.95))
+    assert moved.strict and moved.batch_max_abs_diff == 0.5 and "move up to 0.5" in moved.describe()
+    assert not alone.with_served(good, 0.5, (0.01, 0.95), require_invariance=True).strict
+    assert alone.with_served(good, 1e-5, (0.01, 0.95), require_invariance=True).strict

@@ -26,7 +26,7 @@ from rankserve.optimize.bench import pairs_per_second, workload_batches
 from rankserve.optimize.calibration import calibration_pairs, fixed_length_batches
 from rankserve.optimize.gate import GateResult, gate, heldout_scores, require
 from rankserve.settings import BuildSettings, RuntimeSettings
-from rankserve.stages.rank import create_ranker
+from rankserve.stages.rank import create_ranker, rank_batch
 from rankserve.stages.tokenize import encode_pairs
 
 SPEED_BATCH = 32
@@ -102,10 +102,34 @@ class VariantBuilder:
         return [RuntimeSettings(runtime=r) for r in self.settings.runtimes]
 
     def _gate(self, name: str, onnx: Path, runtime: RuntimeSettings, pruned: bool = False) -> GateResult:
+        """The gate on each held-out query scored alone, and again in served dynamic batches."""
         scorer = create_ranker(onnx, runtime, self.settings.ort)
         g = self.settings.gate
-        return gate(name, self.dataset, heldout_scores(self.dataset, self._score_fn(scorer)), self.reference,
-                    g.max_ndcg_drop_pruned if pruned else g.max_ndcg_drop, g.k, strict=g.strict)
+        alone = heldout_scores(self.dataset, self._score_fn(scorer))
+        result = gate(name, self.dataset, alone, self.reference, g.max_ndcg_drop_pruned if pruned else g.max_ndcg_drop,
+                      g.k, strict=g.strict)
+        served = self._served_scores(scorer)
+        moved = max(float(np.abs(alone[q] - served[q]).max()) for q in alone) if alone else 0.0
+        return result.with_served(gate(name, self.dataset, served, self.reference, result.max_drop, g.k), moved,
+                                  g.strict, g.require_batch_invariance, g.batch_invariance_atol)
+
+    def _served_scores(self, scorer) -> dict[int, np.ndarray]:
+        """Held-out scores as the rank stage computes them under load: the requests of
+        ``served_batch_queries`` queries in one dynamic batch (:func:`rank_batch`, the served code)."""
+        by_query = self.dataset.by_query()
+        queries = self.dataset.split("heldout")
+        group = self.settings.gate.served_batch_queries
+        out: dict[int, np.ndarray] = {}
+        for i in range(0, len(queries), group):
+            chunk = queries[i:i + group]
+            requests = [encode_pairs(self.tokenizer, q.text, [self.dataset.products[j.product_id].text for j in by_query[q.query_id]])
+                        for q in chunk]
+            outcomes = rank_batch(scorer, requests, self.settings.batching.max_batch_tokens, self.settings.tokenize.max_candidates)
+            for q, o in zip(chunk, outcomes):
+                if isinstance(o, Exception):
+                    raise BuildError(f"scoring held-out query {q.text!r} in a served batch failed: {o}")
+                out[q.query_id] = next(iter(o.values()))[:, 0]
+        return out
 
     def _calibration_batches(self, ranker: LoadedRanker) -> list:
         q = self.settings.quant

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -54,17 +54,37 @@ class GateResult:
     min_top_k_overlap: float = 0.0
     strict: bool = False
     """Whether it also passes the strict gate that the default ``ranker`` must pass (NDCG@k within
-    ``GateSettings.max_ndcg_drop`` and top-k overlap with FP32 at least ``GateSettings.min_top_k_overlap``)."""
+    ``GateSettings.max_ndcg_drop`` and top-k overlap with FP32 at least ``GateSettings.min_top_k_overlap``,
+    each query scored alone and, where measured, in served batches)."""
+    served_ndcg: float | None = None
+    """NDCG@k with the held-out queries scored in served dynamic batches (None: not measured)."""
+    served_top_k_overlap: float | None = None
+    batch_max_abs_diff: float | None = None
+    """Largest change of a pair's score between its query scored alone and in a served batch."""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_served(self, served: "GateResult", max_abs_diff: float, strict: tuple[float, float],
+                    require_invariance: bool = False, atol: float = 1e-3) -> "GateResult":
+        """This result with the served-batch figures: strict only if the served scores pass the
+        strict limits too (and, with ``require_invariance``, scores move by at most ``atol``)."""
+        served_strict = served.relative_drop <= strict[0] and served.top_k_overlap >= strict[1]
+        invariant = max_abs_diff <= atol
+        return replace(self, served_ndcg=served.ndcg, served_top_k_overlap=served.top_k_overlap,
+                       batch_max_abs_diff=max_abs_diff,
+                       strict=self.strict and served_strict and (invariant or not require_invariance))
 
     def describe(self) -> str:
         return (f"{self.variant}: NDCG@10 {self.ndcg:.4f} vs FP32 {self.reference_ndcg:.4f} "
                 f"({100 * self.relative_drop:+.2f}% drop, limit {100 * self.max_drop:.1f}%), MRR {self.mrr:.3f}, "
                 f"top-10 overlap {self.top_k_overlap:.3f}"
                 + (f" (limit {self.min_top_k_overlap:.2f})" if self.min_top_k_overlap else "")
-                + f", Kendall tau {self.kendall_tau:.3f}; "
+                + f", Kendall tau {self.kendall_tau:.3f}"
+                + (f"; in served batches NDCG@10 {self.served_ndcg:.4f}, top-10 overlap {self.served_top_k_overlap:.3f}, "
+                   f"scores move up to {self.batch_max_abs_diff:.2g} with batch neighbours"
+                   if self.served_ndcg is not None else "")
+                + "; "
                 + ("passes the strict gate (may be the default)" if self.strict else "not strict: never the default unless named"))
 
 
