@@ -11,7 +11,8 @@ for the cache: hit ratio during the run (Triton's ``nv_cache_num_hits_per_model`
   and to the cache-on server before its run (computed) and after it (answered from the cache, which
   the hit counter confirms); ids and scores must be bitwise equal across the three. The most
   popular workload requests are compared too (computed under load on the cache-on server, so
-  batch composition moves scores in the last bits for FP32 and by up to a logit for dynamic INT8, whose activation scale is taken over the batch; reported, not checked);
+  batch composition can move scores: by up to a logit with dynamic INT8, whose activation
+  scale is taken over the batch; reported, not checked);
 * bounded memory: the cache's bytes used never exceed the setting, and the server process grows
   during the cached run by at most the cache size more than during the uncached run;
 * the speedup: pairs/s with the cache over pairs/s without, against ``min_speedup``.
