@@ -84,7 +84,7 @@ loadtest-half: venv
 # run: pairs/s, p50/p99, hit ratio, identical answers, bounded memory; non-zero exit below x3 pairs/s.
 ZIPF_S ?= 1.0
 CACHE_SIZE ?= 256MiB
-WARMUP ?= 0
+WARMUP ?= 60
 loadtest-cache: venv
 	$(BIN)/rankserve loadtest --zipf $(ZIPF_S) --compare-response-cache $(CACHE_SIZE) --warmup $(WARMUP) \
 		--users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --protocol $(PROTOCOL) --model $(MODEL) \
