@@ -329,12 +329,13 @@ def agreement(reference: list, scores: list, tight: bool) -> dict:
     largest absolute difference, the mean top-10 overlap and the smallest per-request correlation.
     ``tight`` (both FP32): the same numbers up to 1e-3; else (BF16, or a reference that is not FP32)
     the same ranking: top-10 overlap >= 0.8 and correlation >= 0.98."""
+    from rankserve.optimize.gate import top_k_overlap
+
     diffs, overlaps, correlations = [], [], []
     for ref, got in zip(reference, scores):
         ref, got = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
         diffs.append(float(np.max(np.abs(ref - got))))
-        k = min(10, len(ref))
-        overlaps.append(len(set(np.argsort(-ref)[:k]) & set(np.argsort(-got)[:k])) / k)
+        overlaps.append(top_k_overlap(ref, got, 10))
         correlations.append(float(np.corrcoef(ref, got)[0, 1]) if len(ref) > 1 and np.std(ref) > 0 and np.std(got) > 0 else 1.0)
     out = {"requests": len(diffs), "max_abs_diff": max(diffs), "top10_overlap": float(np.mean(overlaps)),
            "min_correlation": min(correlations), "tolerance": "max |diff| <= 1e-3" if tight else "top-10 overlap >= 0.8, r >= 0.98"}

@@ -24,7 +24,7 @@ from rankserve.errors import BuildError
 from rankserve.optimize import transforms
 from rankserve.optimize.bench import pairs_per_second, workload_batches
 from rankserve.optimize.calibration import calibration_pairs, fixed_length_batches
-from rankserve.optimize.gate import GateResult, gate, heldout_scores, require
+from rankserve.optimize.gate import GateResult, gate, require
 from rankserve.settings import BuildSettings, RuntimeSettings
 from rankserve.stages.rank import create_ranker, rank_batch
 from rankserve.stages.tokenize import encode_pairs
@@ -79,12 +79,15 @@ class VariantBuilder:
         self.ranker, self.fp32_onnx, self.dataset, self.settings = ranker, fp32_onnx, dataset, settings
         self.tokenizer, self.work, self.log = tokenizer, work, log
         self.requests = [encode_pairs(tokenizer, q, t) for q, t in workload_batches(dataset, SPEED_BATCH, 4)]
-        fp32 = create_ranker(fp32_onnx, RuntimeSettings(), settings.ort)
-        self.reference = heldout_scores(dataset, self._score_fn(fp32))
+        by_query = dataset.by_query()  # each held-out query's request, encoded once for every variant's gate
+        self.heldout = {q.query_id: encode_pairs(tokenizer, q.text, [dataset.products[j.product_id].text for j in by_query[q.query_id]])
+                        for q in dataset.split("heldout")}
+        self.reference = self._alone_scores(create_ranker(fp32_onnx, RuntimeSettings(), settings.ort))
 
     # -- helpers ---------------------------------------------------------------------------
-    def _score_fn(self, scorer):
-        return lambda query, texts: scorer.score(encode_pairs(self.tokenizer, query, texts))
+    def _alone_scores(self, scorer) -> dict[int, np.ndarray]:
+        """Each held-out query's request scored on its own."""
+        return {qid: scorer.score(encoded) for qid, encoded in self.heldout.items()}
 
     def _speed(self, onnx: Path, runtime: RuntimeSettings) -> float:
         scorer = create_ranker(onnx, runtime, self.settings.ort)
@@ -105,7 +108,7 @@ class VariantBuilder:
         """The gate on each held-out query scored alone, and again in served dynamic batches."""
         scorer = create_ranker(onnx, runtime, self.settings.ort)
         g = self.settings.gate
-        alone = heldout_scores(self.dataset, self._score_fn(scorer))
+        alone = self._alone_scores(scorer)
         result = gate(name, self.dataset, alone, self.reference, g.max_ndcg_drop_pruned if pruned else g.max_ndcg_drop,
                       g.k, strict=g.strict)
         served = self._served_scores(scorer)
@@ -116,19 +119,17 @@ class VariantBuilder:
     def _served_scores(self, scorer) -> dict[int, np.ndarray]:
         """Held-out scores as the rank stage computes them under load: the requests of
         ``served_batch_queries`` queries in one dynamic batch (:func:`rank_batch`, the served code)."""
-        by_query = self.dataset.by_query()
-        queries = self.dataset.split("heldout")
+        ids = list(self.heldout)
         group = self.settings.gate.served_batch_queries
         out: dict[int, np.ndarray] = {}
-        for i in range(0, len(queries), group):
-            chunk = queries[i:i + group]
-            requests = [encode_pairs(self.tokenizer, q.text, [self.dataset.products[j.product_id].text for j in by_query[q.query_id]])
-                        for q in chunk]
-            outcomes = rank_batch(scorer, requests, self.settings.batching.max_batch_tokens, self.settings.tokenize.max_candidates)
+        for i in range(0, len(ids), group):
+            chunk = ids[i:i + group]
+            outcomes = rank_batch(scorer, [self.heldout[q] for q in chunk], self.settings.batching.max_batch_tokens,
+                                  self.settings.tokenize.max_candidates)
             for q, o in zip(chunk, outcomes):
                 if isinstance(o, Exception):
-                    raise BuildError(f"scoring held-out query {q.text!r} in a served batch failed: {o}")
-                out[q.query_id] = next(iter(o.values()))[:, 0]
+                    raise BuildError(f"scoring held-out query {q} in a served batch failed: {o}")
+                out[q] = next(iter(o.values()))[:, 0]
         return out
 
     def _calibration_batches(self, ranker: LoadedRanker) -> list:
@@ -217,7 +218,7 @@ class VariantBuilder:
         if stats.quantized_matmuls != stats.weight_matmuls:
             raise BuildError(f"ModelOpt quantized {stats.quantized_matmuls} of {stats.weight_matmuls} weight MatMuls: every Linear must be INT8")
         scorer = create_ranker(dst, RuntimeSettings(), self.settings.ort)
-        result = require(gate("int8_trt", self.dataset, heldout_scores(self.dataset, self._score_fn(scorer)), self.reference,
+        result = require(gate("int8_trt", self.dataset, self._alone_scores(scorer), self.reference,
                               **self.settings.gate.for_engine("int8")))
         self.log(f"      {result.describe()}")
         return VariantBuild("int8_trt", dst, RuntimeSettings(), "int8", result, {},

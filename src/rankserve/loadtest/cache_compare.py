@@ -27,7 +27,8 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-from rankserve.loadtest.run import run_locust
+from rankserve.loadtest.run import SUMMARY_KEYS, run_locust
+from rankserve.loadtest.timeline import process_rss_bytes
 from rankserve.loadtest.workload import Workload
 from rankserve.settings import LoadTestSettings
 
@@ -37,9 +38,6 @@ METRICS_INTERVAL_S = 2.0
 
 _PER_MODEL = re.compile(r'^nv_cache_num_(hits|misses)_per_model\{model="([^"]+)",version="[^"]*"\} ([0-9.e+-]+)$', re.M)
 _GLOBAL = re.compile(r'^nv_cache_(util|num_entries|num_evictions|num_lookups|num_hits|num_misses) ([0-9.e+-]+)$', re.M)
-
-
-SUMMARY_KEYS = ("requests", "failures", "requests_per_s", "pairs_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_candidates")
 
 
 def scrape_cache(metrics_url: str) -> dict:
@@ -61,14 +59,6 @@ def model_counts(before: dict, after: dict, model: str) -> dict[str, int]:
     hits = int(a.get("hits", 0) - b.get("hits", 0))
     misses = int(a.get("misses", 0) - b.get("misses", 0))
     return {"hits": hits, "misses": misses, "hit_ratio": hits / (hits + misses) if hits + misses else 0.0}
-
-
-def process_rss(pid: int) -> int:
-    """Resident bytes of one process (the tritonserver process itself, where the cache lives)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def answers(url: str, model: str, requests: list[tuple[str, list[str]]]) -> list[list[tuple[int, float]]]:
@@ -123,9 +113,9 @@ def compare_response_cache(settings: LoadTestSettings, out: Path, repo: Path, ca
                 warm = run_locust(url, replace(settings, duration_s=warmup_s), out / arm / "warmup", server.metrics_url)
                 result["warmup"] = {**{k: warm[k] for k in SUMMARY_KEYS},
                                     **model_counts(start, scrape_cache(server.metrics_url), settings.model)}
-            rss_before, before = process_rss(pid), scrape_cache(server.metrics_url)
+            rss_before, before = process_rss_bytes(pid), scrape_cache(server.metrics_url)
             summary = run_locust(url, settings, out / arm, server.metrics_url, pid)
-            after, rss_after = scrape_cache(server.metrics_url), process_rss(pid)
+            after, rss_after = scrape_cache(server.metrics_url), process_rss_bytes(pid)
             result["run_counts"] = model_counts(before, after, settings.model)
             result["probes"] = answers(url, settings.model, probe_requests)
             result["probe_counts"] = model_counts(after, scrape_cache(server.metrics_url), settings.model)

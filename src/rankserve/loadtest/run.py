@@ -115,6 +115,10 @@ def verdict(summary: dict, settings: LoadTestSettings) -> dict:
     return summary
 
 
+SUMMARY_KEYS = ("requests", "failures", "requests_per_s", "pairs_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_candidates")
+"""The figures of a run that :func:`timeline_figures` derives from the per-request timeline."""
+
+
 def timeline_figures(t: dict[str, np.ndarray], summary: dict) -> dict:
     """Counts, rates and percentiles from the per-request timeline, which is complete: Locust rewrites
     its stats CSV once a second and not at shutdown, so the CSV misses the last second and the
@@ -125,11 +129,10 @@ def timeline_figures(t: dict[str, np.ndarray], summary: dict) -> dict:
     rps = t["start"].size / span if span > 0 else float("nan")
     p50, p95, p99 = (float(v) for v in np.percentile(lat, [50, 95, 99]))
     mean = float(t["candidates"].mean())
-    keys = ("requests", "failures", "requests_per_s", "pairs_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_candidates")
     return {"requests": int(t["start"].size), "failures": int((~t["ok"]).sum()), "requests_per_s": rps,
             "pairs_per_s": rps * mean, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "mean_candidates": mean,
             "p99_over_p50": p99 / p50 if p50 > 0 else float("nan"),
-            "locust_csv": {k: summary[k] for k in keys if k in summary}, "figures_from": "timeline"}
+            "locust_csv": {k: summary[k] for k in SUMMARY_KEYS if k in summary}, "figures_from": "timeline"}
 
 
 def add_timeline(summary: dict, settings: LoadTestSettings, timeline_dir: Path, origin: float,

@@ -90,18 +90,18 @@ def drift(first: float, last: float) -> float:
 
 # -- the server's memory -----------------------------------------------------------------------
 
+def process_rss_bytes(pid: int, proc: Path = Path("/proc")) -> int:
+    """Resident memory of one process (0 when it is gone)."""
+    try:
+        status = (proc / str(pid) / "status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+
+
 def rss_bytes(pgid: int, proc: Path = Path("/proc")) -> int:
     """Resident memory of every process in group ``pgid`` (the server and its stubs), summed."""
-    total = 0
-    for pid in group_pids(pgid, proc):
-        try:
-            status = (proc / str(pid) / "status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-    return total
+    return sum(process_rss_bytes(pid, proc) for pid in group_pids(pgid, proc))
 
 
 def shm_bytes(server_pid: int, proc: Path = Path("/proc"), shm: Path = Path("/dev/shm")) -> int:
