@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from rankserve.errors import RankserveError
-from rankserve.settings import CALIBRATION_METHODS, CPU_VARIANTS, GPU_VARIANTS, HARDWARE_COMPATIBILITY, DataSettings, LoadTestSettings, ServeSettings, TrainSettings, preset
+from rankserve.settings import CALIBRATION_METHODS, CPU_VARIANTS, GPU_VARIANTS, HARDWARE_COMPATIBILITY, SCHEDULING, DataSettings, LoadTestSettings, ServeSettings, TrainSettings, preset
 
 
 def _data(args) -> None:
@@ -54,7 +54,9 @@ def _build(args) -> None:
                                    load=args.load, memory_budget_bytes=_budget(args.memory_budget),
                                    rank_instances=args.rank_instances or settings.rank_instances,
                                    ort=dataclasses.replace(settings.ort, prepack_weights=not args.share_weights),
-                                   default_variant=args.default, response_cache=not args.no_response_cache)
+                                   default_variant=args.default, response_cache=not args.no_response_cache,
+                                   batching=dataclasses.replace(settings.batching, **{k: v for k, v in (
+                                       ("scheduling", args.scheduling), ("deadline_slowdown", args.deadline_slowdown)) if v}))
     dataset = Dataset.load(args.data) if args.data else None
     if args.target == "gpu":  # engines next to an existing CPU build of the same repository
         from rankserve.builder.gpu import build_gpu_repository
@@ -363,6 +365,12 @@ def parser() -> argparse.ArgumentParser:
                         "--backend-config=tensorrt,version-compatible=true)")
     s.add_argument("--hardware-compatibility", choices=HARDWARE_COMPATIBILITY,
                    help="gpu: ampere_plus builds one engine (model.plan) for every Ampere or newer GPU")
+    s.add_argument("--scheduling", choices=SCHEDULING,
+                   help="rank stage: arrival (default; Triton's queue, each dynamic batch scored to its end) or deadline "
+                        "(the stage's own queue, earliest deadline first per model call: short lists stop waiting behind "
+                        "long ones, long lists are overtaken; loadtest/README.md)")
+    s.add_argument("--deadline-slowdown", type=float,
+                   help="deadline scheduling: a request's deadline is arrival + this x its time alone (default 4)")
     s.add_argument("--no-response-cache", action="store_true",
                    help="do not mark the ranker ensembles cacheable (response_cache in config.pbtxt; it only acts on a "
                         "server started with a response cache)")

@@ -86,6 +86,9 @@ class OrtSettings:
         )
 
 
+SCHEDULING = ("arrival", "deadline")
+
+
 @dataclass(frozen=True)
 class BatchingSettings:
     """How the rank stage batches pairs across concurrent requests (Triton dynamic batching)."""
@@ -98,10 +101,22 @@ class BatchingSettings:
     """Requests the rank stage may hold waiting; beyond it Triton refuses at once ("exceeds maximum
     queue size", the SDK's ``Overloaded``) instead of letting latency grow without bound. Measured
     at 8x saturation with 96 closed-loop users (2 cores): 64 let accepted requests wait 13 s (p50),
-    16 cut that to 4.4 s; at 70% of saturation 16 refused nothing. 0: unbounded."""
+    16 cut that to 4.4 s; at 70% of saturation 16 refused nothing. 0: unbounded. With
+    ``scheduling="deadline"`` it bounds the requests the stage holds unfinished."""
+    scheduling: str = "arrival"
+    """``arrival``: Triton's queue; each dynamic batch is scored to its end (smaller requests of the
+    batch first), so a short list that arrives meanwhile waits for all of it. ``deadline``: the stage
+    keeps its own queue and each model call takes the pairs of the earliest deadlines (arrival +
+    ``deadline_slowdown`` x the request's time alone), so a short list waits for one call rather than
+    a whole long list, and long lists are overtaken (loadtest/README.md has the trade-off, measured)."""
+    deadline_slowdown: float = 4.0
+    """``deadline`` scheduling: a request's deadline is its arrival plus this many times its
+    estimated time alone (its tokens over the stage's measured tokens/s)."""
 
     def __post_init__(self) -> None:
         _require(self.max_batch_tokens >= 64, "max_batch_tokens must be >= 64")
+        _require(self.scheduling in SCHEDULING, f"scheduling must be one of {'|'.join(SCHEDULING)}, got {self.scheduling!r}")
+        _require(1.0 <= self.deadline_slowdown <= 1000.0, "deadline_slowdown must be in [1, 1000]")
         _require(self.max_queue_size >= 0, "max_queue_size must be >= 0")
         _require(0 <= self.max_queue_delay_us <= 1_000_000, "max_queue_delay_us must be in [0, 1e6]")
 
@@ -448,6 +463,10 @@ class BuildSettings:
         _require(14 <= self.opset <= 20, f"opset must be in [14, 20], got {self.opset}")
         _require(self.rank_instances >= 1, "rank_instances must be >= 1")
         _require(self.warmup.tokens <= self.tokenize.max_length, "warmup tokens must be <= tokenize.max_length")
+        _require(self.batching.scheduling != "deadline" or not self.batching.max_queue_size
+                 or self.batching.max_queue_size >= self.warmup.pairs,
+                 f"deadline scheduling bounds the rank stage at max_queue_size unfinished requests; it must be >= the "
+                 f"warmup's {self.warmup.pairs} one-pair requests (or 0), got {self.batching.max_queue_size}")
         _require(self.default_variant is None or self.default_variant in CPU_VARIANTS,
                  f"default_variant must be one of {list(CPU_VARIANTS)}, got {self.default_variant!r}")
         loads = [v.strip() for v in self.load.split(",") if v.strip()]

@@ -3,7 +3,10 @@
 The same adapter serves every CPU variant (``rank_<variant>``); only ``model.onnx`` and the
 parameters in ``config.pbtxt`` (runtime, precision, threads, batching) differ. Triton's dynamic
 batcher hands it several requests at once; their pairs are scored in token-budget calls, smallest
-request first, and each request is answered as soon as its own pairs are scored.
+request first, and each request is answered as soon as its own pairs are scored. With
+``scheduling: deadline`` the stage queues the pairs itself and ``execute`` returns at once, so a
+short request that arrives while a long one is scored goes into the next call
+(:mod:`rankserve.stages.scheduling`).
 """
 
 import json
@@ -13,8 +16,8 @@ import triton_python_backend_utils as pb_utils
 
 from rankserve.api import MODEL_INPUT_NAMES
 from rankserve.settings import BatchingSettings, OrtSettings, RuntimeSettings, from_parameters
-from rankserve.stages.rank import create_ranker, rank_batch
-from rankserve.stages.triton_io import respond_as_done
+from rankserve.stages.rank import create_ranker, rank_batch, scheduled_rank
+from rankserve.stages.triton_io import respond_as_done, respond_later
 
 
 class TritonPythonModel:
@@ -28,7 +31,16 @@ class TritonPythonModel:
             from_parameters(RuntimeSettings, parameters),
             from_parameters(OrtSettings, parameters),
         )
+        self.stage, self.submit = None, None
+        if self.batching.scheduling == "deadline":
+            self.stage, self.submit = scheduled_rank(self.ranker, self.batching, self.max_pairs)
 
     def execute(self, requests):
+        if self.stage is not None:
+            return respond_later(pb_utils, requests, MODEL_INPUT_NAMES, self.submit)
         return respond_as_done(pb_utils, requests, MODEL_INPUT_NAMES, lambda inputs, done: rank_batch(
             self.ranker, inputs, self.batching.max_batch_tokens, self.max_pairs, on_done=done))
+
+    def finalize(self):
+        if self.stage is not None:
+            self.stage.stop()

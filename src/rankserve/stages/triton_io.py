@@ -33,6 +33,42 @@ def respond_each(pb_utils: Any, requests: Iterable[Any], input_names: Iterable[s
     return responses
 
 
+def read_inputs(pb_utils: Any, request: Any, names: Iterable[str]) -> dict:
+    """A request's input arrays by name (``None`` for an absent optional input)."""
+    arrays = {}
+    for name in names:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        arrays[name] = None if tensor is None else tensor.as_numpy()
+    return arrays
+
+
+def send_outcome(pb_utils: Any, request: Any, outcome: Any) -> None:
+    """Answer ``request`` through its response sender, final: its outputs (a dict of arrays) or the
+    exception as a ``TritonError`` with the right code."""
+    if isinstance(outcome, Exception):
+        response = pb_utils.InferenceResponse(error=triton_error(outcome, pb_utils))
+    else:
+        response = pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outcome.items()])
+    request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def respond_later(pb_utils: Any, requests: Sequence[Any], input_names: Iterable[str],
+                  submit: Callable[[dict, Callable[[Any], None]], None]) -> None:
+    """For a stage that schedules work of its own (:mod:`rankserve.stages.scheduling`): each
+    request's inputs go to ``submit(inputs, reply)`` and ``execute`` returns at once, so Triton
+    hands the stage the next requests while it works; ``reply(outputs dict or exception)`` answers
+    the request later, from any thread (Triton 2.51 keeps a request whose response sender has not
+    sent its final response, in the default transaction policy too). A request whose ``submit``
+    raises is answered with the error at once."""
+    names = tuple(input_names)
+    for request in requests:
+        try:
+            submit(read_inputs(pb_utils, request, names), lambda outcome, r=request: send_outcome(pb_utils, r, outcome))
+        except Exception as exc:  # noqa: BLE001 - one response per request, whatever happens
+            send_outcome(pb_utils, request, exc)
+    return None
+
+
 def respond_as_done(pb_utils: Any, requests: Sequence[Any], input_names: Iterable[str],
                     handler: Callable[[list, Callable[[int, Any], None]], Any]) -> None:
     """For a stage that handles all requests of a dynamic batch at once and answers each one as soon
@@ -42,24 +78,14 @@ def respond_as_done(pb_utils: Any, requests: Sequence[Any], input_names: Iterabl
     does not wait for a large one scored in the same batch. Exactly one response per request: those
     the handler leaves unanswered, or all that remain when it raises, get an error."""
     names = tuple(input_names)
-    inputs: list = []
-    for request in requests:
-        arrays = {}
-        for name in names:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            arrays[name] = None if tensor is None else tensor.as_numpy()
-        inputs.append(arrays)
+    inputs = [read_inputs(pb_utils, request, names) for request in requests]
     answered = [False] * len(requests)
 
     def done(i: int, outcome: Any) -> None:
         if answered[i]:
             return
         answered[i] = True
-        if isinstance(outcome, Exception):
-            response = pb_utils.InferenceResponse(error=triton_error(outcome, pb_utils))
-        else:
-            response = pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outcome.items()])
-        requests[i].get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        send_outcome(pb_utils, requests[i], outcome)
 
     try:
         handler(inputs, done)
