@@ -55,7 +55,7 @@ test-fast: venv
 
 build: venv modelopt
 	$(BIN)/rankserve build --ranker artifacts/ranker --target cpu --out model_repository \
-		--variants all --data artifacts/data --work-dir artifacts/variants
+		--variants all --data artifacts/data --work-dir artifacts/variants $(if $(SCHEDULING),--scheduling $(SCHEDULING))
 
 # Headless Locust run (starts the embedded server unless HOST is given); non-zero exit when an SLO breaks.
 USERS ?= 4
@@ -74,8 +74,10 @@ loadtest: venv
 TAIL_RUNS ?= 3
 TAIL_DURATION ?= 120
 TAIL_SLOWDOWN ?= 5
+# the ideal server the p99 is held to: fifo, or deadline for a repository built with SCHEDULING=deadline
+TAIL_REFERENCE ?= fifo
 loadtest-half: venv
-	$(BIN)/rankserve loadtest --saturation-fraction 0.5 --runs $(TAIL_RUNS) --slo-tail-vs-ideal \
+	$(BIN)/rankserve loadtest --saturation-fraction 0.5 --runs $(TAIL_RUNS) --slo-tail-vs-ideal --tail-reference $(TAIL_REFERENCE) \
 		--slo-max-slowdown-p99 $(TAIL_SLOWDOWN) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(TAIL_DURATION) \
 		--protocol $(PROTOCOL) --model $(MODEL) $(if $(HOST),--host $(HOST)) --out reports/loadtest/half
 

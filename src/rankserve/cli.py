@@ -221,7 +221,7 @@ def _loadtest(args) -> None:
                                 window_s=args.window, slo_max_p95_drift=args.slo_max_p95_drift,
                                 slo_max_rss_growth=args.slo_max_rss_growth, slo_max_shm_growth=args.slo_max_shm_growth,
                                 slo_tail_vs_ideal=args.slo_tail_vs_ideal, slo_max_slowdown_p99=args.slo_max_slowdown_p99,
-                                runs=args.runs,
+                                runs=args.runs, tail_reference=args.tail_reference,
                                 **({"scenario": "zipf", "zipf_s": args.zipf} if args.zipf is not None else {}))
     if args.compare_response_cache:
         _compare_response_cache(args, settings)
@@ -455,6 +455,9 @@ def parser() -> argparse.ArgumentParser:
                    help="paced: p99 of each list-size bucket <= the ideal single FIFO server's p99 (same arrivals, sizes, speed)")
     s.add_argument("--slo-max-slowdown-p99", type=float, default=d.slo_max_slowdown_p99,
                    help="paced: p99 of latency / own zero-load latency per list-size bucket (0: not checked)")
+    s.add_argument("--tail-reference", choices=("fifo", "deadline"), default=d.tail_reference,
+                   help="the ideal server --slo-tail-vs-ideal compares with: fifo (default; for a rank stage scheduled by "
+                        "arrival) or deadline (for one built with --scheduling deadline); both are reported")
     s.add_argument("--retries", type=int, default=d.retries, help="SDK retries per request (0: failures count at once)")
     s.add_argument("--retry-backoff", type=float, default=d.retry_backoff_s, help="SDK backoff base, seconds")
     s.add_argument("--window", type=int, default=d.window_s, help="seconds per window of the timeline (latency, failures)")

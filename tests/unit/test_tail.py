@@ -63,6 +63,20 @@ def test_tail_by_bucket_slowdown_and_ideal_per_bucket():
     assert len(format_tail(rows)) == 1 + len(rows)
 
 
+def test_the_tail_is_judged_against_the_ideal_server_of_the_chosen_policy():
+    zero = ZeroLoad(intercept_ms=10.0, slope_ms=1.0, requests=50)
+    sizes = np.array([10] * 100 + [300] * 100)
+    latency = zero.latency_ms(sizes) * 2
+    fifo, deadline = latency * 0.5, latency * 1.5  # measured: worse than ideal FIFO, better than ideal deadline
+    rows = tail_by_bucket(sizes, latency, fifo, zero, ideal_deadline_ms=deadline)
+    assert rows[0]["ideal_deadline_p99_ms"] == pytest.approx(1.5 * rows[0]["p99_ms"])
+    assert len(tail_violations(rows, 0, True, reference="fifo")) == 3
+    assert tail_violations(rows, 0, True, reference="deadline") == []
+    assert "ideal deadline p99 ms" in format_tail(rows)[0]
+    without = tail_by_bucket(sizes, latency, fifo, zero)
+    assert all("no ideal deadline reference" in p for p in tail_violations(without, 0, True, reference="deadline"))
+
+
 def test_empty_buckets_are_reported_not_judged():
     zero = ZeroLoad(10.0, 1.0, 10)
     rows = tail_by_bucket(np.array([20, 30]), np.array([300.0, 300.0]), np.array([10.0, 10.0]), zero)

@@ -178,6 +178,9 @@ def build_repository(
     memory.require_budget(estimate, settings.memory_budget_bytes, f"the repository {out}")
     log(f"      estimated memory when served: {memory.format_bytes(estimate.total)}"
         + (f" (budget {memory.format_bytes(settings.memory_budget_bytes)})" if settings.memory_budget_bytes else ""))
+    if settings.batching.scheduling == "deadline":
+        log(f"      rank scheduling: deadline ({settings.batching.deadline_slowdown:g} x time alone); Triton's queue time no "
+            "longer shows the rank stage's wait, so an autoscaler on it (deploy/kubernetes HPA) will not scale out")
 
     source = Path(ranker_dir).resolve()
     manifest = {

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from rankserve.loadtest.policies import ideal_latency_ms
 from rankserve.loadtest.tail import ZeroLoad, fit_zero_load, format_tail, ideal_fifo_latency_ms, tail_by_bucket, tail_violations
 from rankserve.loadtest.timeline import ResourceSampler, drift, error_window, read_timeline, resource_growth, windows
 from rankserve.loadtest.workload import draw_sizes
-from rankserve.settings import LoadTestSettings
+from rankserve.settings import BatchingSettings, LoadTestSettings
 
 LOCUSTFILE = Path(__file__).resolve().parents[3] / "loadtest" / "locustfile.py"
 _METRIC = re.compile(r'^(nv_inference_(?:queue_duration_us|compute_infer_duration_us|request_success))\{model="([^"]+)",version="[^"]*"\} ([0-9.e+]+)$', re.M)
@@ -101,7 +102,8 @@ def verdict(summary: dict, settings: LoadTestSettings) -> dict:
         if "tail" not in summary:
             violations.append("tail SLOs need a paced run (--saturation-fraction) with completed requests")
         else:
-            violations += tail_violations(summary["tail"], settings.slo_max_slowdown_p99, settings.slo_tail_vs_ideal)
+            violations += tail_violations(summary["tail"], settings.slo_max_slowdown_p99, settings.slo_tail_vs_ideal,
+                                          reference=settings.tail_reference)
     for key, limit in (("rss_growth", settings.slo_max_rss_growth), ("shm_growth", settings.slo_max_shm_growth)):
         if limit:
             g = (summary.get("resources") or {}).get(key)
@@ -109,6 +111,7 @@ def verdict(summary: dict, settings: LoadTestSettings) -> dict:
                 violations.append(f"server {key.replace('_', ' ')} {g if g is None else f'{g:+.1%}'} > {limit:.0%}")
     summary["slo"] = {"p95_ms": settings.slo_p95_ms, "max_failure_ratio": settings.slo_max_failure_ratio,
                       "max_tail_ratio": settings.slo_max_tail_ratio, "tail_vs_ideal": settings.slo_tail_vs_ideal,
+                      "tail_reference": settings.tail_reference,
                       "max_slowdown_p99": settings.slo_max_slowdown_p99, "max_p95_drift": settings.slo_max_p95_drift,
                       "max_rss_growth": settings.slo_max_rss_growth, "max_shm_growth": settings.slo_max_shm_growth,
                       "passed": not violations, "violations": violations}
@@ -289,7 +292,7 @@ def run_locust_at_fraction(host: str, settings: LoadTestSettings, out: Path, fra
     zero = zero_load(host, settings, out, metrics_url)
     log(f"zero load (one user, {zero.requests} requests): " + ", ".join(f"{x:.0f} candidates {y:.0f} ms" for x, y in zero.knots))
     at = paced(saturated, settings, fraction)
-    runs, sizes, latency, ideal = [], [], [], []
+    runs, sizes, latency, ideal, ideal_deadline = [], [], [], [], []
     for k in range(settings.runs):
         where = out if settings.runs == 1 else out / f"run{k + 1}"
         log(f"paced run {k + 1}/{settings.runs}: {at.rate_per_s:.2f} req/s ({fraction:.0%} of saturation) from "
@@ -301,6 +304,8 @@ def run_locust_at_fraction(host: str, settings: LoadTestSettings, out: Path, fra
         latency.append(t["latency_ms"][ok])
         # the ideal server sees every request that arrived (failed ones took its time too)
         ideal.append(ideal_fifo_latency_ms(t["start"], t["candidates"], saturated["pairs_per_s"])[ok])
+        ideal_deadline.append(ideal_latency_ms(t["start"], t["candidates"], saturated["pairs_per_s"], "deadline",
+                                               slowdown=BatchingSettings().deadline_slowdown)[ok])
     summary = _pool(runs, at)
     summary["saturation"] = {k: saturated[k] for k in ("requests_per_s", "pairs_per_s", "p50_ms", "p95_ms", "p99_ms", "requests", "failures")}
     summary["load_fraction"] = fraction
@@ -308,7 +313,8 @@ def run_locust_at_fraction(host: str, settings: LoadTestSettings, out: Path, fra
     sizes_all = draw_sizes(at, np.random.default_rng(settings.seed), 200_000)
     summary["ideal_fifo_p99_over_p50"] = ideal_tail_ratio(at.rate_per_s, saturated["pairs_per_s"], sizes_all)
     if sizes and np.concatenate(sizes).size:
-        summary["tail"] = tail_by_bucket(np.concatenate(sizes), np.concatenate(latency), np.concatenate(ideal), zero)
+        summary["tail"] = tail_by_bucket(np.concatenate(sizes), np.concatenate(latency), np.concatenate(ideal), zero,
+                                         ideal_deadline_ms=np.concatenate(ideal_deadline))
     summary = verdict(summary, at)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -95,9 +95,10 @@ def ideal_fifo_latency_ms(starts_s: np.ndarray, sizes: np.ndarray, pairs_per_s: 
 
 
 def tail_by_bucket(sizes: np.ndarray, latency_ms: np.ndarray, ideal_ms: np.ndarray, zero: ZeroLoad,
-                   buckets: tuple[tuple[int, int], ...] = BUCKETS) -> list[dict]:
-    """Per bucket and over all requests: count, measured p50/p99, the ideal FIFO server's p99, and
-    p50/p99 of slowdown (latency / zero-load latency). Successful requests only."""
+                   buckets: tuple[tuple[int, int], ...] = BUCKETS, ideal_deadline_ms: np.ndarray | None = None) -> list[dict]:
+    """Per bucket and over all requests: count, measured p50/p99, the ideal FIFO server's p99 (and,
+    given ``ideal_deadline_ms``, the ideal deadline-scheduled server's), and p50/p99 of slowdown
+    (latency / zero-load latency). Successful requests only."""
     sizes = np.asarray(sizes)
     slowdown = np.asarray(latency_ms) / zero.latency_ms(sizes)
     ideal_slowdown = np.asarray(ideal_ms) / zero.latency_ms(sizes)
@@ -114,28 +115,38 @@ def tail_by_bucket(sizes: np.ndarray, latency_ms: np.ndarray, ideal_ms: np.ndarr
                      "slowdown_p50": float(s50), "slowdown_p99": float(s99),
                      # the same reference server's slowdown: what waiting in one FIFO queue costs small lists
                      "ideal_fifo_slowdown_p99": float(np.percentile(ideal_slowdown[inside], 99))})
+        if ideal_deadline_ms is not None:
+            rows[-1]["ideal_deadline_p99_ms"] = float(np.percentile(np.asarray(ideal_deadline_ms)[inside], 99))
     return rows
 
 
-def tail_violations(rows: list[dict], max_slowdown_p99: float, vs_ideal: bool, min_requests: int = 1) -> list[str]:
-    """The tail targets each bucket misses (buckets with fewer than ``min_requests`` are not judged)."""
+def tail_violations(rows: list[dict], max_slowdown_p99: float, vs_ideal: bool, min_requests: int = 1,
+                    reference: str = "fifo") -> list[str]:
+    """The tail targets each bucket misses (buckets with fewer than ``min_requests`` are not judged);
+    ``reference``: the ideal server the p99 is compared with (``fifo`` or ``deadline``)."""
     out = []
+    key, name = f"ideal_{reference}_p99_ms", "FIFO" if reference == "fifo" else reference
     for r in rows:
         if r["requests"] < min_requests:
             continue
-        if vs_ideal and not r["p99_ms"] <= r["ideal_fifo_p99_ms"]:
-            out.append(f"{r['bucket']} candidates: p99 {r['p99_ms']:.0f} ms > ideal FIFO p99 {r['ideal_fifo_p99_ms']:.0f} ms")
+        if vs_ideal and key not in r:
+            out.append(f"{r['bucket']} candidates: no ideal {name} reference in this summary")
+        elif vs_ideal and not r["p99_ms"] <= r[key]:
+            out.append(f"{r['bucket']} candidates: p99 {r['p99_ms']:.0f} ms > ideal {name} p99 {r[key]:.0f} ms")
         if max_slowdown_p99 and not r["slowdown_p99"] <= max_slowdown_p99:
             out.append(f"{r['bucket']} candidates: slowdown p99 {r['slowdown_p99']:.2f} > {max_slowdown_p99}")
     return out
 
 
 def format_tail(rows: list[dict]) -> list[str]:
-    lines = ["  candidates  requests   p50 ms   p99 ms  ideal FIFO p99 ms  slowdown p50  slowdown p99  ideal FIFO slowdown p99"]
+    deadline = any("ideal_deadline_p99_ms" in r for r in rows)
+    lines = ["  candidates  requests   p50 ms   p99 ms  ideal FIFO p99 ms" + ("  ideal deadline p99 ms" if deadline else "")
+             + "  slowdown p50  slowdown p99  ideal FIFO slowdown p99"]
     for r in rows:
         if not r["requests"]:
             lines.append(f"  {r['bucket']:>10}  {0:>8}")
             continue
         lines.append(f"  {r['bucket']:>10}  {r['requests']:>8}  {r['p50_ms']:7.0f}  {r['p99_ms']:7.0f}  {r['ideal_fifo_p99_ms']:17.0f}  "
-                     f"{r['slowdown_p50']:12.2f}  {r['slowdown_p99']:12.2f}  {r['ideal_fifo_slowdown_p99']:23.2f}")
+                     + (f"{r.get('ideal_deadline_p99_ms', float('nan')):21.0f}  " if deadline else "")
+                     + f"{r['slowdown_p50']:12.2f}  {r['slowdown_p99']:12.2f}  {r['ideal_fifo_slowdown_p99']:23.2f}")
     return lines
