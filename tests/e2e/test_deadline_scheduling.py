@@ -3,9 +3,11 @@ long one is being scored is answered first (under arrival scheduling it waits), 
 bad input is refused at once, overload is refused as Triton refuses it, and the server stops."""
 
 import dataclasses
+import re
 import shutil
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -36,24 +38,44 @@ def _long_and_short(dataset):
     return long, short
 
 
-def _finish_order(url: str, long, short, delay_s: float) -> tuple[list[str], dict]:
-    """Send the long request, then the short one while the long one is being scored; the order in
-    which they finish, and their results."""
-    finished, results = [], {}
+def _tokenized(metrics_url: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    found = re.search(r'^nv_inference_request_success\{model="tokenize",version="1"\} ([0-9.e+]+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def _finish_order(url: str, metrics_url: str, long, short) -> tuple[list[str], dict, dict]:
+    """Send two long requests, each once the one before has left the tokenize stage (Triton's
+    counter), then the short one once both are in the rank stage: the order in which they finish,
+    their results and their latencies. Long requests ask for the top 3 only, so answering them
+    costs nothing after scoring."""
+    finished, results, latency = [], {}, {}
     lock = threading.Lock()
 
-    def run(name, request):
+    def run(name, request, top_k=None):
         with RankerClient(url, retries=0) as client:
-            results[name] = client.rank(*request)
+            started = time.perf_counter()
+            results[name] = client.rank(*request, top_k=top_k)
+            latency[name] = time.perf_counter() - started
         with lock:
             finished.append(name)
 
-    long_thread = threading.Thread(target=run, args=("long", long))
-    long_thread.start()
-    time.sleep(delay_s)  # the long request is being scored by now
+    def tokenized(count: float) -> None:
+        deadline = time.monotonic() + 60
+        while _tokenized(metrics_url) < count and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    before = _tokenized(metrics_url)
+    threads = []
+    for k in (1, 2):
+        threads.append(threading.Thread(target=run, args=(f"long{k}", long, 3)))
+        threads[-1].start()
+        tokenized(before + k)
+    time.sleep(0.01)  # past the rank batcher's 2 ms queue delay
     run("short", short)
-    long_thread.join()
-    return finished, results
+    for t in threads:
+        t.join()
+    return finished, results, latency
 
 
 def test_a_short_list_overtakes_a_long_one_only_under_deadline_scheduling(deadline_repo, tiny_repo, tmp_path, dataset,
@@ -64,7 +86,7 @@ def test_a_short_list_overtakes_a_long_one_only_under_deadline_scheduling(deadli
     assert params["scheduling"].string_value == "deadline" and parse(tiny_repo / "rank" / "config.pbtxt").parameters[
         "scheduling"].string_value == "arrival"
     long, short = _long_and_short(dataset)
-    orders = {}
+    orders, short_latency = {}, {}
     for name, repo in (("arrival", tiny_repo), ("deadline", deadline_repo)):
         with EmbeddedServer(repo, free_serve_settings(), tmp_path / f"{name}.log") as server:
             with RankerClient(f"http://{server.http_url}") as client:  # how long the long list takes alone
@@ -72,12 +94,27 @@ def test_a_short_list_overtakes_a_long_one_only_under_deadline_scheduling(deadli
                 client.rank(*long)
                 alone = time.perf_counter() - started
             assert alone > 0.25, f"the long request takes {alone:.2f} s alone: too short to send the other one meanwhile"
-            orders[name], results = _finish_order(f"http://{server.http_url}", long, short, alone / 3)
-            for query, candidates in (long, short):
-                key = "long" if candidates is long[1] else "short"
-                got = np.array([s for _, s in sorted((r.id, r.score) for r in results[key])])
-                assert np.max(np.abs(got - offline_scorer(query, candidates))) <= 1e-4
-    assert orders == {"arrival": ["long", "short"], "deadline": ["short", "long"]}
+            orders[name], results, latency = _finish_order(f"http://{server.http_url}", server.metrics_url, long, short)
+            short_latency[name] = latency["short"]
+            metrics = _stage_metrics(server.metrics_url)
+            got = np.array([s for _, s in sorted((r.id, r.score) for r in results["short"])])
+            assert np.max(np.abs(got - offline_scorer(*short))) <= 1e-4
+            reference = offline_scorer(*long)
+            for key in ("long1", "long2"):  # the top 3: the three best scores of the reference
+                assert np.max(np.abs(np.array([r.score for r in results[key]]) - np.sort(reference)[::-1][:3])) <= 1e-4
+    # under arrival the short request waits for the rest of the first long list and all of the
+    # second; under deadline it goes into the next call
+    assert orders["deadline"][0] == "short", orders
+    assert short_latency["arrival"] > 3 * short_latency["deadline"], short_latency
+    # Triton sees the scheduled stage's execute() return at once; the stage's own counters see the wait
+    assert metrics["request_success"] == TINY.warmup.pairs + 4 and metrics["request_failure"] == 0, metrics
+    assert metrics["queue_duration_us"] > 0 and metrics["compute_duration_us"] > 1e5 * 2, metrics
+
+
+def _stage_metrics(metrics_url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    pattern = r'^rankserve_stage_(\w+)\{model="rank",version="1"\} ([0-9.e+]+)$'
+    return {name: float(value) for name, value in re.findall(pattern, text, re.M)}
 
 
 def test_deadline_stage_refuses_bad_input_at_once_overload_as_triton_does_and_keeps_serving(deadline_repo, tmp_path, dataset):

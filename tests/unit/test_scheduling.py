@@ -136,7 +136,8 @@ def test_the_stage_replies_once_per_request_refuses_beyond_its_bound_and_on_stop
                 got.notify_all()
         return _r
 
-    stage = ScheduledStage(DeadlineQueue(NAMES, 1000, 4, 4.0), score, max_pending=2)
+    seen = []
+    stage = ScheduledStage(DeadlineQueue(NAMES, 1000, 4, 4.0), score, max_pending=2, observe=lambda *a: seen.append(a))
     try:
         first, second = _encoded([5] * 3, 1), _encoded([3] * 2, 2)
         stage.submit(first, reply("first"))
@@ -165,6 +166,9 @@ def test_the_stage_replies_once_per_request_refuses_beyond_its_bound_and_on_stop
     stage.submit(_encoded([5]), reply("late"))
     assert isinstance(replies["late"][0], Unavailable)
     assert all(len(v) == 1 for v in replies.values())
+    oks = [a for a in seen if a[2]]
+    assert len(oks) == 3 and len(seen) == 6  # first, second, held; third, queued and late refused
+    assert all(wait >= 0 and busy > 0 for wait, busy, _ in oks)
 
 
 @pytest.mark.parametrize("slowdown", [0.5, 2000.0])

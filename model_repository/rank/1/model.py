@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 from rankserve.api import MODEL_INPUT_NAMES
 from rankserve.settings import BatchingSettings, OrtSettings, RuntimeSettings, from_parameters
 from rankserve.stages.rank import create_ranker, rank_batch, scheduled_rank
-from rankserve.stages.triton_io import respond_as_done, respond_later
+from rankserve.stages.triton_io import respond_as_done, respond_later, stage_metrics
 
 
 class TritonPythonModel:
@@ -33,7 +33,8 @@ class TritonPythonModel:
         )
         self.stage, self.submit = None, None
         if self.batching.scheduling == "deadline":
-            self.stage, self.submit = scheduled_rank(self.ranker, self.batching, self.max_pairs)
+            observe = stage_metrics(pb_utils, args["model_name"], args["model_version"])
+            self.stage, self.submit = scheduled_rank(self.ranker, self.batching, self.max_pairs, observe)
 
     def execute(self, requests):
         if self.stage is not None:

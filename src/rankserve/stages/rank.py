@@ -164,15 +164,15 @@ def rank_batch(ranker, requests: list, max_batch_tokens: int, max_pairs: int,
     return outcomes
 
 
-def scheduled_rank(ranker, batching, max_pairs: int):
+def scheduled_rank(ranker, batching, max_pairs: int, observe=None):
     """The rank stage under ``scheduling="deadline"``: a :class:`ScheduledStage` over the ranker and
     ``submit(inputs, reply)`` for :func:`rankserve.stages.triton_io.respond_later`: inputs are
     checked at once (a malformed request is refused without waiting), logits come back as
-    ``{"logits": [pairs, 1]}``."""
+    ``{"logits": [pairs, 1]}``; ``observe``: see :class:`ScheduledStage`."""
     from rankserve.stages.scheduling import DeadlineQueue, ScheduledStage
 
     queue = DeadlineQueue(ranker.input_names, batching.max_batch_tokens, max_pairs, batching.deadline_slowdown)
-    stage = ScheduledStage(queue, ranker.score, batching.max_queue_size)
+    stage = ScheduledStage(queue, ranker.score, batching.max_queue_size, observe)
 
     def submit(encoded: Mapping[str, np.ndarray | None], reply: Callable[[object], None]) -> None:
         feeds = check_encoded(encoded, ranker.input_names)

@@ -44,6 +44,8 @@ class _Request:
     scores: np.ndarray = field(init=False)
     failed: bool = False
     error: "Exception | None" = None
+    submitted: float = 0.0  # time.monotonic() when it entered the stage
+    started: float = 0.0  # ... when the first call holding one of its pairs began
 
     def __post_init__(self) -> None:
         self.order = np.argsort(self.lengths, kind="stable")
@@ -73,7 +75,8 @@ class DeadlineQueue:
             reply(np.empty(0, dtype=np.float32))
             return
         deadline = self.clock() + self.slowdown * float(lengths.sum()) / self.tokens_per_s
-        heapq.heappush(self._heap, (deadline, next(self._seq), _Request(feeds, lengths, reply, deadline)))
+        request = _Request(feeds, lengths, reply, deadline, submitted=time.monotonic())
+        heapq.heappush(self._heap, (deadline, next(self._seq), request))
 
     def take(self) -> list[tuple[_Request, int]]:
         """The next model call: (request, pair) in deadline order, each request's pairs shortest
@@ -130,6 +133,9 @@ class DeadlineQueue:
             members[k].error = exc
 
         part = [(index[id(req)], j) for req, j in call]
+        now = time.monotonic()
+        for req in members:
+            req.started = req.started or now
         started = time.perf_counter()
         try:
             scores = run(part)
@@ -143,14 +149,21 @@ class DeadlineQueue:
         scored(part, scores)
 
 
+Observe = Callable[[float, float, bool], None]
+"""``observe(wait_s, busy_s, ok)`` per answered request: from entering the stage to its first call,
+from there to its answer, and whether it got scores (refusals count as not ok, with no time)."""
+
+
 class ScheduledStage:
     """A :class:`DeadlineQueue` served by one worker thread. ``submit`` returns at once; each
     request's ``reply`` is called exactly once, from the worker: its scores, the exception that
     made it fail, or :class:`Unavailable` when more than ``max_pending`` requests are unfinished
-    (0: no bound) or the stage stops."""
+    (0: no bound) or the stage stops. Triton's statistics see none of the stage's wait (``execute``
+    returns at once): ``observe`` gets it, for the stage's own metrics."""
 
-    def __init__(self, queue: DeadlineQueue, score: Callable[[dict], np.ndarray], max_pending: int = 0) -> None:
-        self.queue, self.score, self.max_pending = queue, score, max_pending
+    def __init__(self, queue: DeadlineQueue, score: Callable[[dict], np.ndarray], max_pending: int = 0,
+                 observe: Observe | None = None) -> None:
+        self.queue, self.score, self.max_pending, self.observe = queue, score, max_pending, observe
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="rank-scheduler", daemon=True)
@@ -168,6 +181,7 @@ class ScheduledStage:
                 self.queue.add(feeds, reply)
                 self._cond.notify()
                 return
+        self._observe(0.0, 0.0, False)
         reply(refusal)
 
     def _run(self) -> None:
@@ -182,10 +196,20 @@ class ScheduledStage:
             self.queue.score(call, self.score)  # only this thread touches the taken pairs
             with self._cond:
                 done = self.queue.finished()
-            for req in done:
+            finished = time.monotonic()
+            for req in done:  # counted first: whoever got the answer finds it in the metrics
+                self._observe(req.started - req.submitted, finished - req.started, not req.failed)
                 _reply(req, req.error if req.failed else req.scores)
         for req in left:
+            self._observe(0.0, 0.0, False)
             _reply(req, Unavailable("the rank stage stopped before scoring this request: retry"))
+
+    def _observe(self, wait_s: float, busy_s: float, ok: bool) -> None:
+        if self.observe is not None:
+            try:
+                self.observe(wait_s, busy_s, ok)
+            except Exception:  # noqa: BLE001 - metrics must not stop the worker
+                pass
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop after the call in progress (waiting at most ``timeout_s``); the requests it does

@@ -95,3 +95,31 @@ def respond_as_done(pb_utils: Any, requests: Sequence[Any], input_names: Iterabl
     for i in range(len(requests)):
         done(i, RuntimeError("the stage produced no result for this request"))
     return None
+
+
+STAGE_METRICS = {
+    "queue_duration_us": "Cumulative time requests waited in a rankserve-scheduled stage before their first model call (us)",
+    "compute_duration_us": "Cumulative time from a request's first model call in a rankserve-scheduled stage to its answer (us)",
+    "request_success": "Requests a rankserve-scheduled stage answered with results",
+    "request_failure": "Requests a rankserve-scheduled stage answered with an error or refused",
+}
+"""``rankserve_stage_<name>{model, version}`` counters, the stage-side view of Triton's
+``nv_inference_*`` of the same names: Triton sees a scheduled stage's ``execute`` return at once."""
+
+
+def stage_metrics(pb_utils: Any, model: str, version: str) -> Callable[[float, float, bool], None]:
+    """Counters of a stage that schedules its own work (Python-backend custom metrics, shown on
+    Triton's metrics endpoint), as an ``observe(wait_s, busy_s, ok)`` hook."""
+    labels = {"model": model, "version": str(version)}
+    # the families must outlive their metrics (Triton refuses to update a metric of a deleted family)
+    families = {name: pb_utils.MetricFamily(name=f"rankserve_stage_{name}", description=text, kind=pb_utils.MetricFamily.COUNTER)
+                for name, text in STAGE_METRICS.items()}
+    counters = {name: family.Metric(labels=labels) for name, family in families.items()}
+
+    def observe(wait_s: float, busy_s: float, ok: bool, _families=families) -> None:
+        counters["request_success" if ok else "request_failure"].increment(1.0)
+        if ok:
+            counters["queue_duration_us"].increment(wait_s * 1e6)
+            counters["compute_duration_us"].increment(busy_s * 1e6)
+
+    return observe
