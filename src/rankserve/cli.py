@@ -58,6 +58,9 @@ def _build(args) -> None:
                                    batching=dataclasses.replace(settings.batching, **{k: v for k, v in (
                                        ("scheduling", args.scheduling), ("deadline_slowdown", args.deadline_slowdown)) if v}))
     dataset = Dataset.load(args.data) if args.data else None
+    if args.target == "gpu" and args.scheduling == "deadline":
+        raise RankserveError("--scheduling deadline is for the CPU rank stage (a Python-backend model); TensorRT engines "
+                             "are batched by Triton's own queue")
     if args.target == "gpu":  # engines next to an existing CPU build of the same repository
         from rankserve.builder.gpu import build_gpu_repository
 
