@@ -5,19 +5,13 @@ import pytest
 
 from rankserve.errors import InvalidInput, Unavailable
 from rankserve.stages.scheduling import DeadlineQueue, ScheduledStage
+from test_batching import _encoded as _encoded_to_width
 
 NAMES = ("input_ids", "attention_mask")
 
 
 def _encoded(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    width = max(lengths)
-    ids = np.zeros((len(lengths), width), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for j, n in enumerate(lengths):
-        ids[j, :n] = rng.integers(1, 1000, n)
-        mask[j, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return _encoded_to_width(lengths, max(lengths), seed)
 
 
 def _sum(feeds):  # a pure function of each row's real tokens
