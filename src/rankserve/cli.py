@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from rankserve.errors import RankserveError
-from rankserve.settings import CALIBRATION_METHODS, CPU_VARIANTS, GPU_VARIANTS, HARDWARE_COMPATIBILITY, SCHEDULING, DataSettings, LoadTestSettings, ServeSettings, TrainSettings, preset
+from rankserve.settings import CALIBRATION_METHODS, CPU_VARIANTS, GPU_VARIANTS, HARDWARE_COMPATIBILITY, SCHEDULING, TAIL_REFERENCES, DataSettings, LoadTestSettings, ServeSettings, TrainSettings, preset
 
 
 def _data(args) -> None:
@@ -458,7 +458,7 @@ def parser() -> argparse.ArgumentParser:
                    help="paced: p99 of each list-size bucket <= the ideal single FIFO server's p99 (same arrivals, sizes, speed)")
     s.add_argument("--slo-max-slowdown-p99", type=float, default=d.slo_max_slowdown_p99,
                    help="paced: p99 of latency / own zero-load latency per list-size bucket (0: not checked)")
-    s.add_argument("--tail-reference", choices=("fifo", "deadline"), default=d.tail_reference,
+    s.add_argument("--tail-reference", choices=TAIL_REFERENCES, default=d.tail_reference,
                    help="the ideal server --slo-tail-vs-ideal compares with: fifo (default; for a rank stage scheduled by "
                         "arrival) or deadline (for one built with --scheduling deadline); both are reported")
     s.add_argument("--retries", type=int, default=d.retries, help="SDK retries per request (0: failures count at once)")

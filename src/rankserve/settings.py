@@ -87,6 +87,7 @@ class OrtSettings:
 
 
 SCHEDULING = ("arrival", "deadline")
+TAIL_REFERENCES = ("fifo", "deadline")
 
 
 @dataclass(frozen=True)
@@ -613,7 +614,8 @@ class LoadTestSettings:
     tail_reference: str = "fifo"
     """The ideal server ``slo_tail_vs_ideal`` compares with: ``fifo`` (whole requests in arrival
     order: the reference for ``scheduling="arrival"``) or ``deadline`` (calls of 32 pairs, earliest
-    deadline first: the reference for a rank stage built with ``--scheduling deadline``).
+    deadline first, deadlines at the default 4 x time alone: the reference for a rank stage built
+    with ``--scheduling deadline``).
     Both are reported (:mod:`rankserve.loadtest.policies`)."""
     runs: int = 1
     """Paced runs after the saturation run (their requests are pooled for the tail figures)."""
@@ -651,7 +653,7 @@ class LoadTestSettings:
         _require(self.retries >= 0 and self.retry_backoff_s >= 0 and self.window_s >= 1, "retries, retry_backoff_s >= 0, window_s >= 1")
         _require(min(self.slo_max_p95_drift, self.slo_max_rss_growth, self.slo_max_shm_growth) >= 0, "drift and growth SLOs must be >= 0")
         _require(self.slo_max_slowdown_p99 == 0 or self.slo_max_slowdown_p99 >= 1, "slo_max_slowdown_p99 must be 0 (off) or >= 1")
-        _require(self.tail_reference in ("fifo", "deadline"), f"tail_reference must be fifo|deadline, got {self.tail_reference!r}")
+        _require(self.tail_reference in TAIL_REFERENCES, f"tail_reference must be one of {TAIL_REFERENCES}, got {self.tail_reference!r}")
         _require(1 <= self.runs <= 20, "runs must be in [1, 20]")
         _require(self.scenario in LOADTEST_SCENARIOS, f"scenario must be one of {LOADTEST_SCENARIOS}, got {self.scenario!r}")
         _require(0 <= self.zipf_s <= 10, f"zipf_s must be in [0, 10], got {self.zipf_s}")

@@ -159,16 +159,20 @@ def rank_batch(ranker, requests: list, max_batch_tokens: int, max_pairs: int,
             done(i, exc)
     if feeds:
         score_streamed(ranker.score, feeds, ranker.input_names, max_batch_tokens, max_pairs,
-                       lambda k, scores: done(valid[k], scores if isinstance(scores, Exception)
-                                              else {LOGITS.name: scores.reshape(-1, 1)}))  # [pairs, 1]
+                       lambda k, scores: done(valid[k], _as_logits(scores)))
     return outcomes
+
+
+def _as_logits(scores: "np.ndarray | Exception"):
+    """A request's outcome as the stage's output: ``{"logits": [pairs, 1]}``, or the exception."""
+    return scores if isinstance(scores, Exception) else {LOGITS.name: scores.reshape(-1, 1)}
 
 
 def scheduled_rank(ranker, batching, max_pairs: int, observe=None):
     """The rank stage under ``scheduling="deadline"``: a :class:`ScheduledStage` over the ranker and
     ``submit(inputs, reply)`` for :func:`rankserve.stages.triton_io.respond_later`: inputs are
-    checked at once (a malformed request is refused without waiting), logits come back as
-    ``{"logits": [pairs, 1]}``; ``observe``: see :class:`ScheduledStage`."""
+    checked at once (a malformed request is refused without waiting), logits come back as in
+    :func:`rank_batch`; ``observe``: see :class:`ScheduledStage`."""
     from rankserve.stages.scheduling import DeadlineQueue, ScheduledStage
 
     queue = DeadlineQueue(ranker.input_names, batching.max_batch_tokens, max_pairs, batching.deadline_slowdown)
@@ -176,7 +180,6 @@ def scheduled_rank(ranker, batching, max_pairs: int, observe=None):
 
     def submit(encoded: Mapping[str, np.ndarray | None], reply: Callable[[object], None]) -> None:
         feeds = check_encoded(encoded, ranker.input_names)
-        stage.submit(feeds, lambda scores: reply(scores if isinstance(scores, Exception)
-                                                 else {LOGITS.name: scores.reshape(-1, 1)}))
+        stage.submit(feeds, lambda scores: reply(_as_logits(scores)))
 
     return stage, submit

@@ -22,11 +22,7 @@ def respond_each(pb_utils: Any, requests: Iterable[Any], input_names: Iterable[s
     responses = []
     for request in requests:
         try:
-            arrays = {}
-            for name in names:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                arrays[name] = None if tensor is None else tensor.as_numpy()
-            outputs = handler(arrays)
+            outputs = handler(read_inputs(pb_utils, request, names))
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()]))
         except Exception as exc:  # one response per request, whatever happens
             responses.append(pb_utils.InferenceResponse(error=triton_error(exc, pb_utils)))
