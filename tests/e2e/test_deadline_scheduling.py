@@ -86,7 +86,7 @@ def test_a_short_list_overtakes_a_long_one_only_under_deadline_scheduling(deadli
     assert params["scheduling"].string_value == "deadline" and parse(tiny_repo / "rank" / "config.pbtxt").parameters[
         "scheduling"].string_value == "arrival"
     long, short = _long_and_short(dataset)
-    orders, short_latency = {}, {}
+    orders, short_latency, stage_counters = {}, {}, {}
     for name, repo in (("arrival", tiny_repo), ("deadline", deadline_repo)):
         with EmbeddedServer(repo, free_serve_settings(), tmp_path / f"{name}.log") as server:
             with RankerClient(f"http://{server.http_url}") as client:  # how long the long list takes alone
@@ -96,7 +96,7 @@ def test_a_short_list_overtakes_a_long_one_only_under_deadline_scheduling(deadli
             assert alone > 0.25, f"the long request takes {alone:.2f} s alone: too short to send the other one meanwhile"
             orders[name], results, latency = _finish_order(f"http://{server.http_url}", server.metrics_url, long, short)
             short_latency[name] = latency["short"]
-            metrics = _stage_metrics(server.metrics_url)
+            stage_counters[name] = _stage_metrics(server.metrics_url)
             got = np.array([s for _, s in sorted((r.id, r.score) for r in results["short"])])
             assert np.max(np.abs(got - offline_scorer(*short))) <= 1e-4
             reference = offline_scorer(*long)
@@ -107,6 +107,8 @@ def test_a_short_list_overtakes_a_long_one_only_under_deadline_scheduling(deadli
     assert orders["deadline"][0] == "short", orders
     assert short_latency["arrival"] > 3 * short_latency["deadline"], short_latency
     # Triton sees the scheduled stage's execute() return at once; the stage's own counters see the wait
+    metrics = stage_counters["deadline"]
+    assert stage_counters["arrival"] == {}  # Triton's queue: Triton's counters
     assert metrics["request_success"] == TINY.warmup.pairs + 4 and metrics["request_failure"] == 0, metrics
     assert metrics["queue_duration_us"] > 0 and metrics["compute_duration_us"] > 1e5 * 2, metrics
 
