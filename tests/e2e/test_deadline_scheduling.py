@@ -103,8 +103,9 @@ def test_a_short_list_overtakes_a_long_one_only_under_deadline_scheduling(deadli
             for key in ("long1", "long2"):  # the top 3: the three best scores of the reference
                 assert np.max(np.abs(np.array([r.score for r in results[key]]) - np.sort(reference)[::-1][:3])) <= 1e-4
     # under arrival the short request waits for the rest of the first long list and all of the
-    # second; under deadline it goes into the next call
-    assert orders["deadline"][0] == "short", orders
+    # second; under deadline it goes into the next call, ahead of the second long list (the first
+    # may be almost done by the time the second has been tokenized)
+    assert orders["deadline"].index("short") < orders["deadline"].index("long2"), orders
     assert short_latency["arrival"] > 3 * short_latency["deadline"], short_latency
     # Triton sees the scheduled stage's execute() return at once; the stage's own counters see the wait
     metrics = stage_counters["deadline"]
