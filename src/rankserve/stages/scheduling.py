@@ -38,7 +38,6 @@ class _Request:
     feeds: Mapping[str, np.ndarray]
     lengths: np.ndarray
     reply: Reply
-    deadline: float
     order: np.ndarray = field(init=False)  # pairs, shortest first
     taken: int = 0
     scores: np.ndarray = field(init=False)
@@ -75,7 +74,7 @@ class DeadlineQueue:
             reply(np.empty(0, dtype=np.float32))
             return
         deadline = self.clock() + self.slowdown * float(lengths.sum()) / self.tokens_per_s
-        request = _Request(feeds, lengths, reply, deadline, submitted=time.monotonic())
+        request = _Request(feeds, lengths, reply, submitted=time.monotonic())
         heapq.heappush(self._heap, (deadline, next(self._seq), request))
 
     def take(self) -> list[tuple[_Request, int]]:
