@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from rankserve.errors import RankserveError
-from rankserve.settings import CALIBRATION_METHODS, CPU_VARIANTS, GPU_VARIANTS, HARDWARE_COMPATIBILITY, SCHEDULING, TAIL_REFERENCES, DataSettings, LoadTestSettings, ServeSettings, TrainSettings, preset
+from rankserve.settings import CALIBRATION_METHODS, CPU_VARIANTS, DYNAMIC_WEIGHTS, GPU_VARIANTS, HARDWARE_COMPATIBILITY, SCHEDULING, TAIL_REFERENCES, DataSettings, LoadTestSettings, ServeSettings, TrainSettings, preset
 
 
 def _data(args) -> None:
@@ -45,7 +45,8 @@ def _build(args) -> None:
         settings = dataclasses.replace(settings, tokenize=dataclasses.replace(settings.tokenize, max_length=args.max_length))
     variants = CPU_VARIANTS + GPU_VARIANTS if args.variants == "all" else tuple(v.strip() for v in args.variants.split(",") if v.strip())
     quant = dataclasses.replace(settings.quant, **{k: v for k, v in (("method", args.calibration_method),
-                                                                    ("calibration_pairs", args.calibration_pairs)) if v})
+                                                                    ("calibration_pairs", args.calibration_pairs),
+                                                                    ("dynamic_weights", args.dynamic_weights)) if v})
     gate = _gate_settings(settings.gate, args)
     engine = dataclasses.replace(settings.engine, **{k: v for k, v in (
         ("version_compatible", None if args.version_compatible is None else args.version_compatible == "true"),
@@ -348,6 +349,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--work-dir", help="keep intermediate variant files (and the distilled pruned ranker) here")
     s.add_argument("--calibration-method", choices=CALIBRATION_METHODS, help="INT8 calibration (default percentile)")
     s.add_argument("--calibration-pairs", type=int, help="real pairs used to calibrate INT8 (default 512)")
+    s.add_argument("--dynamic-weights", choices=DYNAMIC_WEIGHTS,
+                   help="int8_dynamic's weights: s8, u8, or auto (default: s8 where this CPU has VNNI/AMX-INT8, else u8)")
     s.add_argument("--max-ndcg-drop", type=float, help="accuracy gate: largest relative NDCG@10 drop (default 0.01)")
     s.add_argument("--min-top-k-overlap", type=float, help="strict gate of the default ranker: least top-10 overlap with FP32 (default 0.95)")
     s.add_argument("--require-batch-invariance", action="store_true",

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rankserve.builder.variants import VariantBuild, default_order, is_strict
+from rankserve.builder.variants import VariantBuild, default_order, dynamic_weight_type, is_strict
 from rankserve.errors import BuildError, ConfigError
 from rankserve.optimize.gate import GateResult, passed_gate
 from rankserve.settings import BuildSettings, RuntimeSettings
@@ -47,3 +47,9 @@ def test_the_default_must_be_a_cpu_variant():
     assert BuildSettings(default_variant="pruned_int8").default_variant == "pruned_int8"
     with pytest.raises(ConfigError, match="default_variant"):
         BuildSettings(default_variant="int8_trt")
+
+
+def test_dynamic_int8_weights_follow_the_cpu_unless_named():
+    assert dynamic_weight_type("auto", {"fp32", "int8"}) == "s8"  # VNNI/AMX: no saturation
+    assert dynamic_weight_type("auto", {"fp32"}) == "u8" and dynamic_weight_type("auto", {"fp32", "bf16"}) == "u8"
+    assert dynamic_weight_type("s8", {"fp32"}) == "s8" and dynamic_weight_type("u8", {"fp32", "int8"}) == "u8"

@@ -4,7 +4,8 @@ import pytest
 
 from rankserve.errors import ConfigError
 from rankserve.settings import (
-    PRESETS, BuildSettings, CheckSettings, OrtSettings, ServeSettings, TokenizeSettings, from_parameters,
+    PRESETS, BuildSettings, CheckSettings, OrtSettings, QuantSettings, ServeSettings, TokenizeSettings, TrainSettings,
+    from_parameters,
     preset, to_parameters,
 )
 
@@ -27,6 +28,9 @@ def test_presets_are_valid_and_named():
         (lambda: BuildSettings(target="tpu"), "target"),
         (lambda: BuildSettings(tokenize=TokenizeSettings(max_length=32)), "check length"),
         (lambda: ServeSettings(http_port=9000, grpc_port=9000), "must differ"),
+        (lambda: QuantSettings(dynamic_weights="u4"), "dynamic_weights must be one of"),
+        (lambda: TrainSettings(frozen_layers=-1), "frozen_layers"),
+        (lambda: TrainSettings(length_chunk=-1), "length_chunk"),
     ],
 )
 def test_invalid_settings_are_refused_with_a_clear_message(make, message):

@@ -83,3 +83,24 @@ def test_sliced_calibration_gives_the_scales_of_calibrating_at_once(exported, da
     assert a.keys() == b.keys() and a
     worst = max(float(np.max(np.abs(a[k] - b[k]) / np.maximum(np.abs(a[k]), 1e-12))) for k in a)
     assert worst <= (1e-6 if method == "minmax" else 0.01), worst  # min/max merge exactly; histograms re-bin (0.04% here)
+
+
+def test_dynamic_int8_weight_types_and_saturation_without_vnni(exported, tmp_path):
+    """U8 weights store as UINT8 and S8 as INT8; without VNNI, ONNX Runtime's U8S8 kernel
+    (VPMADDUBSW, 16-bit sums) saturates on the tiny model's large random weights and U8U8 does not."""
+    from rankserve.optimize.report import native_matrix_units
+
+    ranker, fp32 = exported
+    feeds = ranker.tokenizer(["outdoor rug"] * 3, ["welcome mat", "tv stand", "coir doormat"], padding=True, return_tensors="np")
+    feeds = {k: feeds[k].astype(np.int64) for k in ranker.input_names}
+    reference = create_ranker(fp32, RuntimeSettings(), OrtSettings()).score(feeds)
+    error = {}
+    for weights, dtype in (("s8", onnx.TensorProto.INT8), ("u8", onnx.TensorProto.UINT8)):
+        out = transforms.dynamic_int8(fp32, tmp_path / f"{weights}.onnx", weights)
+        graph = onnx.load(str(out)).graph
+        matmul_weights = {n.input[1] for n in graph.node if n.op_type == "MatMulInteger"}
+        assert matmul_weights and {i.data_type for i in graph.initializer if i.name in matmul_weights} == {dtype}
+        error[weights] = float(np.abs(create_ranker(out, RuntimeSettings(), OrtSettings()).score(feeds) - reference).max())
+    assert max(error.values()) < 0.5, error
+    if "int8" not in native_matrix_units():
+        assert error["u8"] < 0.5 * error["s8"], error

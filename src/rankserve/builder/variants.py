@@ -25,12 +25,20 @@ from rankserve.optimize import transforms
 from rankserve.optimize.bench import pairs_per_second, workload_batches
 from rankserve.optimize.calibration import calibration_pairs, fixed_length_batches
 from rankserve.optimize.gate import GateResult, gate, require
+from rankserve.optimize.report import native_matrix_units
 from rankserve.settings import BuildSettings, RuntimeSettings
 from rankserve.stages.rank import create_ranker, rank_batch
 from rankserve.stages.tokenize import encode_pairs
 
 SPEED_BATCH = 32
 FP16_ATOL = 2e-2
+
+
+def dynamic_weight_type(setting: str, units: set[str] | None = None) -> str:
+    """``s8`` or ``u8`` for ``int8_dynamic`` (see :attr:`QuantSettings.dynamic_weights`)."""
+    if setting != "auto":
+        return setting
+    return "s8" if "int8" in (native_matrix_units() if units is None else units) else "u8"
 
 
 def cpu_has_bf16_units() -> bool:
@@ -185,8 +193,11 @@ class VariantBuilder:
         return self._int8_ladder("int8", self.fp32_onnx, self.ranker, pruned=False)
 
     def int8_dynamic(self) -> VariantBuild:
-        dst = transforms.dynamic_int8(self.fp32_onnx, self.work / "int8_dynamic.onnx")
-        return self._finish("int8_dynamic", dst, [RuntimeSettings()], "int8 (dynamic)")
+        weights = dynamic_weight_type(self.settings.quant.dynamic_weights)
+        self.log(f"      weights {weights.upper()} (dynamic_weights={self.settings.quant.dynamic_weights}; "
+                 f"this CPU {'has' if 'int8' in native_matrix_units() else 'has no'} VNNI/AMX-INT8)")
+        dst = transforms.dynamic_int8(self.fp32_onnx, self.work / "int8_dynamic.onnx", weights)
+        return self._finish("int8_dynamic", dst, [RuntimeSettings()], "int8 (dynamic)", notes={"weights": weights})
 
     def bf16(self) -> VariantBuild:
         if not cpu_has_bf16_units():

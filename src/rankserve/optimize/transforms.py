@@ -91,11 +91,13 @@ def activation_floats_per_token(model_path: str | Path, matmuls: Sequence[str]) 
     return sum(seen.values())
 
 
-def dynamic_int8(src: str | Path, dst: str | Path) -> Path:
-    """ONNX Runtime dynamic INT8: per-channel weights, activations quantized per batch at run time."""
+def dynamic_int8(src: str | Path, dst: str | Path, weights: str = "s8") -> Path:
+    """ONNX Runtime dynamic INT8: per-channel ``weights`` (``s8`` or ``u8``), activations quantized
+    to U8 per batch at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+    weight_type = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}[weights]
+    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=weight_type,
                      use_external_data_format=onnx_files.needs_external_data(src))
     return onnx_files.normalize(dst)
 
