@@ -532,8 +532,9 @@ class TrainSettings:
     """The embeddings and this many bottom encoder layers stay as pre-trained (the word vectors
     always do): the backward pass stops above them."""
     dropout: bool = False
-    """Keep the encoder's dropout while training. Off: its random masks took 22% of each step on
-    2 cores for no held-out gain (measured)."""
+    """Keep the encoder's dropout while training. Off by default: its random masks took 22% of each
+    step on 2 cores. Measured cost of the faster defaults together (no dropout, one frozen layer):
+    held-out NDCG@10 0.9853 against 0.9876, and dynamic INT8 a little further from FP32."""
     length_chunk: int = 16
     """Each step's pairs run sorted by length, this many at a time, each chunk padded to its own
     longest pair (0 = one padded batch)."""
