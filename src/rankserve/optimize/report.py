@@ -26,8 +26,9 @@ LARGE_PARAMETERS = 100e6
 
 
 def gemm_ceilings(n: int = 2048, threads: int = 0) -> dict[str, float]:
-    """Measured dense matrix-multiply ceilings in GFLOP/s: the better of PyTorch and OpenVINO (oneDNN),
-    best of 7 runs each, for FP32, BF16 and INT8 where present. PyTorch's BF16 and INT8 products are
+    """Measured dense matrix-multiply ceilings in GFLOP/s: the best of PyTorch, OpenVINO (oneDNN) and,
+    for INT8, ONNX Runtime's ``MatMulInteger`` (MLAS), best of 7 runs each, for FP32, BF16 and INT8
+    where present. PyTorch's BF16 and INT8 products are
     timed only where the CPU has the units for them (AVX512-BF16/AMX, VNNI/AMX): elsewhere PyTorch
     emulates them (measured on an AVX2-only EPYC: 2.5 s for one 1024^3 BF16 product, 1.1 s INT8),
     which is no ceiling and took the report past ten minutes; OpenVINO falls back on its own."""
@@ -59,7 +60,42 @@ def gemm_ceilings(n: int = 2048, threads: int = 0) -> dict[str, float]:
         best = _openvino_gemm(n, name, threads)
         if best is not None:
             out[name] = max(out.get(name, 0.0), best)
+    best = _onnxruntime_int8_gemm(n, threads)  # the kernel int8_dynamic runs; without VNNI it beat oneDNN's
+    if best is not None:
+        out["int8"] = max(out.get("int8", 0.0), best)
     return out
+
+
+def _onnxruntime_int8_gemm(n: int, threads: int = 0) -> float | None:
+    """GFLOP/s of an ``n``^3 ``MatMulInteger`` (MLAS; the kernels ``int8_dynamic`` runs): U8
+    activations with S8 and with U8 weights, the faster of the two (without VNNI, U8S8 is the faster
+    and the one that saturates: ``QuantSettings.dynamic_weights``)."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, n)).astype(np.uint8)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    best = 0.0
+    for w in (rng.integers(-127, 128, (n, n)).astype(np.int8), rng.integers(0, 256, (n, n)).astype(np.uint8)):
+        graph = helper.make_graph(
+            [helper.make_node("MatMulInteger", ["X", "W"], ["Y"])], "gemm",
+            [helper.make_tensor_value_info("X", TensorProto.UINT8, [n, n])],
+            [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])], [numpy_helper.from_array(w, "W")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session.run(None, {"X": x})
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            session.run(None, {"X": x})
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * n**3 / min(times) / 1e9)
+    return best
 
 
 def _openvino_gemm(n: int, precision: str, threads: int = 0) -> float | None:
@@ -267,7 +303,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         "# Optimization report", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags']) or 'none of avx512/vnni/amx'}.",
-        f"Measured GEMM ceilings (2048^3 matmul, the better of PyTorch and OpenVINO/oneDNN, best of 7): {ceilings}.",
+        f"Measured GEMM ceilings (2048^3 matmul, the best of PyTorch, OpenVINO/oneDNN and, for INT8, ONNX Runtime's MatMulInteger; best of 7): {ceilings}.",
         f"Default `ranker` variant: **{report['default_variant']}**. Each variant measured in a fresh process, one after another in one run.",
         "",
         "## Quality and speed", "",
