@@ -144,9 +144,12 @@ def test_deadline_stage_refuses_bad_input_at_once_overload_as_triton_does_and_ke
         long, short = _long_and_short(dataset)
         outcomes = []
         lock = threading.Lock()
+        senders = 24
+        together = threading.Barrier(senders)  # all at once: a trickle can be served faster than it queues
 
         def call():
             with RankerClient(f"http://{server.http_url}", retries=0) as client:
+                together.wait(timeout=30)
                 try:
                     client.rank(*long)
                     outcome = "ok"
@@ -155,7 +158,7 @@ def test_deadline_stage_refuses_bad_input_at_once_overload_as_triton_does_and_ke
             with lock:
                 outcomes.append(outcome)
 
-        threads = [threading.Thread(target=call) for _ in range(14)]
+        threads = [threading.Thread(target=call) for _ in range(senders)]
         for t in threads:
             t.start()
         for t in threads:

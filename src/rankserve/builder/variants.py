@@ -193,9 +193,10 @@ class VariantBuilder:
         return self._int8_ladder("int8", self.fp32_onnx, self.ranker, pruned=False)
 
     def int8_dynamic(self) -> VariantBuild:
-        weights = dynamic_weight_type(self.settings.quant.dynamic_weights)
+        units = native_matrix_units()
+        weights = dynamic_weight_type(self.settings.quant.dynamic_weights, units)
         self.log(f"      weights {weights.upper()} (dynamic_weights={self.settings.quant.dynamic_weights}; "
-                 f"this CPU {'has' if 'int8' in native_matrix_units() else 'has no'} VNNI/AMX-INT8)")
+                 f"this CPU {'has' if 'int8' in units else 'has no'} VNNI/AMX-INT8)")
         dst = transforms.dynamic_int8(self.fp32_onnx, self.work / "int8_dynamic.onnx", weights)
         return self._finish("int8_dynamic", dst, [RuntimeSettings()], "int8 (dynamic)", notes={"weights": weights})
 
