@@ -34,11 +34,11 @@ SPEED_BATCH = 32
 FP16_ATOL = 2e-2
 
 
-def dynamic_weight_type(setting: str, units: set[str] | None = None) -> str:
-    """``s8`` or ``u8`` for ``int8_dynamic`` (see :attr:`QuantSettings.dynamic_weights`)."""
+def dynamic_weight_type(setting: str, units: set[str]) -> str:
+    """``s8`` or ``u8`` for ``int8_dynamic`` on a CPU with ``units`` (see :attr:`QuantSettings.dynamic_weights`)."""
     if setting != "auto":
         return setting
-    return "s8" if "int8" in (native_matrix_units() if units is None else units) else "u8"
+    return "s8" if "int8" in units else "u8"
 
 
 def cpu_has_bf16_units() -> bool:

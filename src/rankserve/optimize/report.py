@@ -47,13 +47,7 @@ def gemm_ceilings(n: int = 2048, threads: int = 0) -> dict[str, float]:
         if mm is None or name not in units:
             continue
         try:
-            mm(x, x)
-            times = []
-            for _ in range(7):
-                t0 = time.perf_counter()
-                mm(x, x)
-                times.append(time.perf_counter() - t0)
-            out[name] = 2 * n**3 / min(times) / 1e9  # a ceiling: the best of 7 on a shared machine
+            out[name] = _best_gflops(n, lambda: mm(x, x))
         except RuntimeError:
             continue
     for name in ("fp32", "bf16", "int8"):  # oneDNN through OpenVINO often beats PyTorch's GEMM here
@@ -64,6 +58,17 @@ def gemm_ceilings(n: int = 2048, threads: int = 0) -> dict[str, float]:
     if best is not None:
         out["int8"] = max(out.get("int8", 0.0), best)
     return out
+
+
+def _best_gflops(n: int, run) -> float:
+    """GFLOP/s of an ``n``^3 product ``run()``: one warm-up, then the best of 7 (a ceiling on a shared machine)."""
+    run()
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times) / 1e9
 
 
 def _onnxruntime_int8_gemm(n: int, threads: int = 0) -> float | None:
@@ -88,13 +93,7 @@ def _onnxruntime_int8_gemm(n: int, threads: int = 0) -> float | None:
             [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])], [numpy_helper.from_array(w, "W")])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        session.run(None, {"X": x})
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            session.run(None, {"X": x})
-            times.append(time.perf_counter() - t0)
-        best = max(best, 2 * n**3 / min(times) / 1e9)
+        best = max(best, _best_gflops(n, lambda: session.run(None, {"X": x})))
     return best
 
 
@@ -127,13 +126,7 @@ def _openvino_gemm(n: int, precision: str, threads: int = 0) -> float | None:
     except Exception:  # noqa: BLE001 - a precision this CPU cannot run
         return None
     x = rng.standard_normal((n, n)).astype(np.float32)
-    request.infer({0: x})
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        request.infer({0: x})
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times) / 1e9
+    return _best_gflops(n, lambda: request.infer({0: x}))
 
 
 def flops_per_pair(config: dict, layers: int, length: float) -> float:
