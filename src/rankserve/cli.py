@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from rankserve.errors import RankserveError
-from rankserve.settings import CALIBRATION_METHODS, CPU_VARIANTS, DYNAMIC_WEIGHTS, GPU_VARIANTS, HARDWARE_COMPATIBILITY, SCHEDULING, TAIL_REFERENCES, DataSettings, LoadTestSettings, ServeSettings, TrainSettings, preset
+from rankserve.settings import CALIBRATION_METHODS, CPU_VARIANTS, DYNAMIC_WEIGHTS, GPU_VARIANTS, SMOOTH_ALPHA, HARDWARE_COMPATIBILITY, SCHEDULING, TAIL_REFERENCES, DataSettings, LoadTestSettings, ServeSettings, TrainSettings, preset
 
 
 def _data(args) -> None:
@@ -27,6 +27,15 @@ def _train(args) -> None:
     settings = TrainSettings(epochs=args.epochs, seed=args.seed, frozen_layers=args.frozen_layers, dropout=args.dropout)
     report = train_ranker(Dataset.load(args.data), args.out, settings, args.base)
     print(format_report(report))
+
+
+def _alpha_or_none(text: str) -> float | str:
+    if text == "none":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or 'none', got {text!r}") from None
 
 
 def _gate_settings(gate, args):
@@ -47,6 +56,8 @@ def _build(args) -> None:
     quant = dataclasses.replace(settings.quant, **{k: v for k, v in (("method", args.calibration_method),
                                                                     ("calibration_pairs", args.calibration_pairs),
                                                                     ("dynamic_weights", args.dynamic_weights)) if v})
+    if args.smooth_alpha is not None:
+        quant = dataclasses.replace(quant, smooth_alpha=None if args.smooth_alpha == "none" else args.smooth_alpha)
     gate = _gate_settings(settings.gate, args)
     engine = dataclasses.replace(settings.engine, **{k: v for k, v in (
         ("version_compatible", None if args.version_compatible is None else args.version_compatible == "true"),
@@ -350,7 +361,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration-method", choices=CALIBRATION_METHODS, help="INT8 calibration (default percentile)")
     s.add_argument("--calibration-pairs", type=int, help="real pairs used to calibrate INT8 (default 512)")
     s.add_argument("--dynamic-weights", choices=DYNAMIC_WEIGHTS,
-                   help="int8_dynamic's weights: s8, u8, or auto (default: s8 where this CPU has VNNI/AMX-INT8, else u8)")
+                   help="int8_dynamic's weights: s8, s7 (7-bit values, no 16-bit saturation without VNNI), u8, or auto "
+                        "(default: s8 where this CPU has VNNI/AMX-INT8, else s7)")
+    s.add_argument("--smooth-alpha", type=_alpha_or_none, help=f"int8_dynamic's SmoothQuant strength in (0, 1), or 'none' (default {SMOOTH_ALPHA})")
     s.add_argument("--max-ndcg-drop", type=float, help="accuracy gate: largest relative NDCG@10 drop (default 0.01)")
     s.add_argument("--min-top-k-overlap", type=float, help="strict gate of the default ranker: least top-10 overlap with FP32 (default 0.95)")
     s.add_argument("--require-batch-invariance", action="store_true",

@@ -51,5 +51,5 @@ def test_the_default_must_be_a_cpu_variant():
 
 def test_dynamic_int8_weights_follow_the_cpu_unless_named():
     assert dynamic_weight_type("auto", {"fp32", "int8"}) == "s8"  # VNNI/AMX: no saturation
-    assert dynamic_weight_type("auto", {"fp32"}) == "u8" and dynamic_weight_type("auto", {"fp32", "bf16"}) == "u8"
+    assert dynamic_weight_type("auto", {"fp32"}) == "s7" and dynamic_weight_type("auto", {"fp32", "bf16"}) == "s7"
     assert dynamic_weight_type("s8", {"fp32"}) == "s8" and dynamic_weight_type("u8", {"fp32", "int8"}) == "u8"

@@ -29,6 +29,7 @@ def test_presets_are_valid_and_named():
         (lambda: BuildSettings(tokenize=TokenizeSettings(max_length=32)), "check length"),
         (lambda: ServeSettings(http_port=9000, grpc_port=9000), "must differ"),
         (lambda: QuantSettings(dynamic_weights="u4"), "dynamic_weights must be one of"),
+        (lambda: QuantSettings(smooth_alpha=1.0), "smooth_alpha must be in"),
         (lambda: TrainSettings(frozen_layers=-1), "frozen_layers"),
         (lambda: TrainSettings(length_chunk=-1), "length_chunk"),
     ],

@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 
 from conftest import TINY
@@ -62,7 +63,6 @@ def test_calibration_is_sliced_when_all_batches_would_not_fit_in_memory():
 
 @pytest.mark.parametrize("method", ["minmax", "percentile"])
 def test_sliced_calibration_gives_the_scales_of_calibrating_at_once(exported, dataset, tmp_path, monkeypatch, method):
-    from onnx import numpy_helper
 
     from rankserve.optimize import calibration
 
@@ -86,8 +86,9 @@ def test_sliced_calibration_gives_the_scales_of_calibrating_at_once(exported, da
 
 
 def test_dynamic_int8_weight_types_and_saturation_without_vnni(exported, tmp_path):
-    """U8 weights store as UINT8 and S8 as INT8; without VNNI, ONNX Runtime's U8S8 kernel
-    (VPMADDUBSW, 16-bit sums) saturates on the tiny model's large random weights and U8U8 does not."""
+    """U8 weights store as UINT8, S8 and S7 as INT8 (S7 within [-64, 64]: 255 x 64 x 2 fits a 16-bit sum); without VNNI, ONNX Runtime's
+    U8S8 kernel (VPMADDUBSW, 16-bit sums) saturates on the tiny model's large random weights with S8;
+    U8U8 does not, and 7-bit weights (no saturation, one bit less) still beat S8."""
     from rankserve.optimize.report import native_matrix_units
 
     ranker, fp32 = exported
@@ -95,12 +96,16 @@ def test_dynamic_int8_weight_types_and_saturation_without_vnni(exported, tmp_pat
     feeds = {k: feeds[k].astype(np.int64) for k in ranker.input_names}
     reference = create_ranker(fp32, RuntimeSettings(), OrtSettings()).score(feeds)
     error = {}
-    for weights, dtype in (("s8", onnx.TensorProto.INT8), ("u8", onnx.TensorProto.UINT8)):
+    for weights, dtype in (("s8", onnx.TensorProto.INT8), ("s7", onnx.TensorProto.INT8), ("u8", onnx.TensorProto.UINT8)):
         out = transforms.dynamic_int8(fp32, tmp_path / f"{weights}.onnx", weights)
         graph = onnx.load(str(out)).graph
         matmul_weights = {n.input[1] for n in graph.node if n.op_type == "MatMulInteger"}
-        assert matmul_weights and {i.data_type for i in graph.initializer if i.name in matmul_weights} == {dtype}
+        stored = [i for i in graph.initializer if i.name in matmul_weights]
+        assert matmul_weights and {i.data_type for i in stored} == {dtype}
+        values = np.concatenate([numpy_helper.to_array(i).ravel().astype(np.int32) for i in stored])
+        assert (np.abs(values).max() <= 64) == (weights == "s7"), (weights, values.min(), values.max())
         error[weights] = float(np.abs(create_ranker(out, RuntimeSettings(), OrtSettings()).score(feeds) - reference).max())
     assert max(error.values()) < 0.5, error
     if "int8" not in native_matrix_units():
         assert error["u8"] < 0.5 * error["s8"], error
+        assert error["s7"] < error["s8"], error  # one bit less precision, but no saturated sums (0.085 vs 0.145 here)

@@ -21,7 +21,7 @@ import numpy as np
 from rankserve.builder.export import LoadedRanker, check_onnx, export_onnx, load_ranker
 from rankserve.data.catalog import Dataset
 from rankserve.errors import BuildError
-from rankserve.optimize import transforms
+from rankserve.optimize import smoothquant, transforms
 from rankserve.optimize.bench import pairs_per_second, workload_batches
 from rankserve.optimize.calibration import calibration_pairs, fixed_length_batches
 from rankserve.optimize.gate import GateResult, gate, require
@@ -35,10 +35,19 @@ FP16_ATOL = 2e-2
 
 
 def dynamic_weight_type(setting: str, units: set[str]) -> str:
-    """``s8`` or ``u8`` for ``int8_dynamic`` on a CPU with ``units`` (see :attr:`QuantSettings.dynamic_weights`)."""
+    """``s8``, ``s7`` or ``u8`` for ``int8_dynamic`` on a CPU with ``units`` (see :attr:`QuantSettings.dynamic_weights`)."""
     if setting != "auto":
         return setting
-    return "s8" if "int8" in units else "u8"
+    return "s8" if "int8" in units else "s7"
+
+
+def _head_matmuls(onnx_path: Path) -> list[str]:
+    """The head's MatMuls: quantize_dynamic leaves Gemm (BERT's head) alone but quantizes a MatMul
+    head, so SmoothQuant leaves those alone too (the head's one logit stays FP32 where it can)."""
+    import onnx
+
+    return [n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node
+            if n.op_type == "MatMul" and transforms.HEAD.search(n.name)]
 
 
 def cpu_has_bf16_units() -> bool:
@@ -193,12 +202,22 @@ class VariantBuilder:
         return self._int8_ladder("int8", self.fp32_onnx, self.ranker, pruned=False)
 
     def int8_dynamic(self) -> VariantBuild:
+        q = self.settings.quant
         units = native_matrix_units()
-        weights = dynamic_weight_type(self.settings.quant.dynamic_weights, units)
-        self.log(f"      weights {weights.upper()} (dynamic_weights={self.settings.quant.dynamic_weights}; "
+        weights = dynamic_weight_type(q.dynamic_weights, units)
+        self.log(f"      weights {weights.upper()} (dynamic_weights={q.dynamic_weights}; "
                  f"this CPU {'has' if 'int8' in units else 'has no'} VNNI/AMX-INT8)")
-        dst = transforms.dynamic_int8(self.fp32_onnx, self.work / "int8_dynamic.onnx", weights)
-        return self._finish("int8_dynamic", dst, [RuntimeSettings()], "int8 (dynamic)", notes={"weights": weights})
+        src, notes = self.fp32_onnx, {"weights": weights, "smoothquant": None}
+        if q.smooth_alpha is not None:
+            src = self.work / "int8_dynamic_smoothed.onnx"
+            stats = smoothquant.smooth(self.fp32_onnx, src, self._calibration_batches(self.ranker), q.smooth_alpha,
+                                       exclude=_head_matmuls(self.fp32_onnx))
+            notes["smoothquant"] = stats
+            self.log(f"      SmoothQuant alpha {q.smooth_alpha} on {stats['groups']} MatMul inputs ({q.calibration_pairs} "
+                     f"calibration pairs): activation max/mean channel {stats['activation_max_over_mean']['before']} -> "
+                     f"{stats['activation_max_over_mean']['after']} (median)")
+        dst = transforms.dynamic_int8(src, self.work / "int8_dynamic.onnx", weights)
+        return self._finish("int8_dynamic", dst, [RuntimeSettings()], "int8 (dynamic)", notes=notes)
 
     def bf16(self) -> VariantBuild:
         if not cpu_has_bf16_units():

@@ -91,14 +91,18 @@ def activation_floats_per_token(model_path: str | Path, matmuls: Sequence[str]) 
     return sum(seen.values())
 
 
+DYNAMIC_WEIGHT_TYPES = {"s8": ("QInt8", False), "s7": ("QInt8", True), "u8": ("QUInt8", False)}
+"""``int8_dynamic`` weights: ONNX Runtime quant type and ``reduce_range`` (7-bit values in INT8 storage)."""
+
+
 def dynamic_int8(src: str | Path, dst: str | Path, weights: str = "s8") -> Path:
-    """ONNX Runtime dynamic INT8: per-channel ``weights`` (``s8`` or ``u8``), activations quantized
-    to U8 per batch at run time."""
+    """ONNX Runtime dynamic INT8: per-channel ``weights`` (``s8``, ``s7``: S8 holding 7-bit values, or
+    ``u8``), activations quantized to U8 per batch at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    weight_type = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}[weights]
-    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=weight_type,
-                     use_external_data_format=onnx_files.needs_external_data(src))
+    quant_type, reduce_range = DYNAMIC_WEIGHT_TYPES[weights]
+    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=getattr(QuantType, quant_type),
+                     reduce_range=reduce_range, use_external_data_format=onnx_files.needs_external_data(src))
     return onnx_files.normalize(dst)
 
 
