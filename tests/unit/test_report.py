@@ -42,6 +42,9 @@ def test_report_measures_every_served_variant_and_the_pytorch_baseline(tiny_vari
         assert r["load_s"] > 0 and r["model_peak_mb"] > 0 and r["peak_rss_mb"] > r["model_peak_mb"] and r["latency_b1_ms"] > 0
         assert all(r["throughput_fixed"][b] > 0 and r["throughput_workload"][b] > 0 for b in (8, 32, 64))
     assert report["variants"][0]["speedup_vs_pytorch_b32_len64"] == pytest.approx(1.0)
+    for r in report["variants"]:  # the distance to the ceiling at the workload's real lengths (issue 15's target) and at length 64
+        assert r["achieved_gflops_b32_workload"] == pytest.approx(r["gflop_per_pair_workload"] * r["throughput_workload"][32])
+        assert r["fraction_of_ceiling_workload"] == pytest.approx(r["achieved_gflops_b32_workload"] / report["machine"]["gemm_gflops"][r["ceiling"]])
     # each variant as Triton serves it: ready on a new host, cold and warm, through the runtime
     # cache its first load filled; the rank stub's memory within its estimate
     assert report["server_ready_s"] > 0 and report["page_cache_evicted"]
@@ -59,6 +62,7 @@ def test_report_measures_every_served_variant_and_the_pytorch_baseline(tiny_vari
     for name in ("report.md", "report.json", "speed_vs_ndcg.png", "throughput_vs_batch.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     md = (tmp_path / "report" / "report.md").read_text()
+    assert "| fraction, workload |" in md and "| pytorch_fp32_eager | fp32 |" in md
     assert "| int8 |" in md and "## Ready time and memory as Triton serves each variant" in md
     # the INT8 QDQ models side by side: the ONNX Runtime ladder (CPU) and ModelOpt's (TensorRT)
     assert [r["variant"] for r in report["int8"]] == [n for n in manifest["variants"] if n in ("int8", "pruned_int8", "int8_trt")]
