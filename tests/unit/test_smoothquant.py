@@ -62,3 +62,17 @@ def test_dynamic_int8_of_the_smoothed_model(exported, tmp_path):
         assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops or "DynamicQuantizeMatMul" in ops, ops
         score = create_ranker(out, RuntimeSettings(), OrtSettings()).score(batches[0])
         assert score.shape == (16,) and np.isfinite(score).all()
+
+
+def test_a_model_with_a_weights_file_is_smoothed_in_place_of_its_directory(exported, tmp_path):
+    """Large rankers keep their weights in ``<name>.data``: the statistics probe must read it from
+    the model's own directory (ONNX Runtime refuses data paths leaving it) and leave nothing behind."""
+    fp32, batches = exported
+    src = tmp_path / "large" / "fp32.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.load(str(fp32)), str(src), save_as_external_data=True, location="fp32.onnx.data", size_threshold=0)
+    out = tmp_path / "smooth.onnx"
+    smoothquant.smooth(src, out, batches[:2], alpha=0.9)
+    assert sorted(p.name for p in src.parent.iterdir()) == ["fp32.onnx", "fp32.onnx.data"]
+    before = create_ranker(fp32, RuntimeSettings(), OrtSettings())
+    np.testing.assert_allclose(create_ranker(out, RuntimeSettings(), OrtSettings()).score(batches[2]), before.score(batches[2]), atol=1e-4)

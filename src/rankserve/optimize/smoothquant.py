@@ -59,16 +59,19 @@ def activation_absmax(model_path: str | Path, batches: Iterable[Mapping[str, np.
     model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
                               for t in tensors if t not in outputs)
     out: dict[str, np.ndarray] = {}
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # beside the weights file it refers to
-        probe = Path(tmp) / path.name
+    # beside the model: its external weights must sit in the probe's own directory (ONNX Runtime
+    # refuses data paths that leave it, symbolic links included)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}-probe-", suffix=".onnx", delete=False) as f:
+        probe = Path(f.name)
+    try:
         onnx.save(model, str(probe))
-        for loc in onnx_files.external_locations(path):
-            (Path(tmp) / loc).symlink_to((path.parent / loc).resolve())
         session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
         for batch in batches:
             for name, value in zip(tensors, session.run(list(tensors), dict(batch))):
                 m = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
                 out[name] = np.maximum(out[name], m) if name in out else m
+    finally:
+        probe.unlink(missing_ok=True)
     return out
 
 
