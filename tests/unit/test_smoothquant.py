@@ -39,6 +39,7 @@ def test_smoothed_model_scores_as_the_original(exported, tmp_path):
     assert sum(len(g.matmuls) for g in groups) == len([n for n in model.graph.node if n.op_type == "MatMul"
                                                         and n.input[1] in {i.name for i in model.graph.initializer}])
     assert any(len(g.matmuls) == 3 for g in groups)  # Q, K and V read one activation: one scale
+    assert [g.matmuls for g in smoothquant.matmul_groups(model, only=groups[0].matmuls[:1])] == [groups[0].matmuls[:1]]
     out = tmp_path / "smooth.onnx"
     stats = smoothquant.smooth(fp32, out, batches[:2], alpha=0.8)
     assert stats["groups"] == len(groups)
@@ -55,7 +56,7 @@ def test_smoothed_model_scores_as_the_original(exported, tmp_path):
 def test_dynamic_int8_of_the_smoothed_model(exported, tmp_path):
     fp32, batches = exported
     smooth = tmp_path / "smooth.onnx"
-    smoothquant.smooth(fp32, smooth, batches[:2], alpha=0.8, exclude=transforms.weight_matmuls(fp32)[:1])
+    smoothquant.smooth(fp32, smooth, batches[:2], alpha=0.8, only=transforms.weight_matmuls(fp32)[1:])
     for weights in ("s8", "s7", "u8"):
         out = transforms.dynamic_int8(smooth, tmp_path / f"{weights}.onnx", weights)
         ops = {n.op_type for n in onnx.load(str(out)).graph.node}

@@ -41,15 +41,6 @@ def dynamic_weight_type(setting: str, units: set[str]) -> str:
     return "s8" if "int8" in units else "s7"
 
 
-def _head_matmuls(onnx_path: Path) -> list[str]:
-    """The head's MatMuls: quantize_dynamic leaves Gemm (BERT's head) alone but quantizes a MatMul
-    head, so SmoothQuant leaves those alone too (the head's one logit stays FP32 where it can)."""
-    import onnx
-
-    return [n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node
-            if n.op_type == "MatMul" and transforms.HEAD.search(n.name)]
-
-
 def cpu_has_bf16_units() -> bool:
     """True where OpenVINO reports native BF16 support (AMX or AVX512-BF16)."""
     try:
@@ -211,7 +202,7 @@ class VariantBuilder:
         if q.smooth_alpha is not None:
             src = self.work / "int8_dynamic_smoothed.onnx"
             stats = smoothquant.smooth(self.fp32_onnx, src, self._calibration_batches(self.ranker), q.smooth_alpha,
-                                       exclude=_head_matmuls(self.fp32_onnx))
+                                       only=transforms.weight_matmuls(self.fp32_onnx))  # the head stays as it is
             notes["smoothquant"] = stats
             self.log(f"      SmoothQuant alpha {q.smooth_alpha} on {stats['groups']} MatMul inputs ({q.calibration_pairs} "
                      f"calibration pairs): activation max/mean channel {stats['activation_max_over_mean']['before']} -> "

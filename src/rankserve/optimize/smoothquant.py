@@ -31,15 +31,15 @@ class SmoothGroup:
     """Each MatMul's weight initializer (``[in, out]``)."""
 
 
-def matmul_groups(model, exclude: Iterable[str] = ()) -> list[SmoothGroup]:
-    """Weight MatMuls grouped by the activation they read, those named in ``exclude`` left out, and
+def matmul_groups(model, only: Iterable[str] | None = None) -> list[SmoothGroup]:
+    """Weight MatMuls (those named in ``only``, if given) grouped by the activation they read, less
     groups whose weights something else reads too (tied weights: scaling them would change that)."""
     initializers = {i.name for i in model.graph.initializer}
-    skip, found, readers = set(exclude), {}, {}
+    wanted, found, readers = None if only is None else set(only), {}, {}
     for node in model.graph.node:
         for name in node.input:
             readers.setdefault(name, set()).add(node.name)
-        if (node.op_type == "MatMul" and node.name not in skip and node.input[1] in initializers
+        if (node.op_type == "MatMul" and (wanted is None or node.name in wanted) and node.input[1] in initializers
                 and node.input[0] not in initializers):
             found.setdefault(node.input[0], []).append(node)
     return [SmoothGroup(a, tuple(n.name for n in ns), tuple(n.input[1] for n in ns)) for a, ns in found.items()
@@ -83,20 +83,19 @@ def smoothing_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) 
     return np.clip(scales, *SCALE_LIMITS).astype(np.float32)
 
 
-def smooth(src: str | Path, dst: str | Path, batches: list, alpha: float, exclude: Iterable[str] = ()) -> dict:
-    """Write the smoothed FP32 model (same outputs as ``src`` up to rounding) to ``dst``; returns
+def smooth(src: str | Path, dst: str | Path, batches: list, alpha: float, only: Iterable[str] | None = None) -> dict:
+    """Write the model with the MatMuls named in ``only`` (default: every weight MatMul) smoothed
+    (same outputs as ``src`` up to rounding) to ``dst``; returns
     figures: groups smoothed and the median, over groups, of the activation's max/mean channel range
     before and after."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(src))
-    groups = matmul_groups(model, exclude)
+    groups = matmul_groups(model, only)
     act = activation_absmax(src, batches, [g.activation for g in groups])
     init = {i.name: i for i in model.graph.initializer}
-    consumers = {}
-    for node in model.graph.node:
-        consumers.setdefault(node.name, node)
+    by_name = {node.name: node for node in model.graph.node}
     spread_before, spread_after, muls = [], [], {}
     for k, g in enumerate(groups):
         weights = [numpy_helper.to_array(init[w]) for w in g.weights]
@@ -107,7 +106,7 @@ def smooth(src: str | Path, dst: str | Path, batches: list, alpha: float, exclud
         model.graph.initializer.append(numpy_helper.from_array((1.0 / scales).astype(np.float32), scale_name))
         muls[g.matmuls[0]] = onnx.helper.make_node("Mul", [g.activation, scale_name], [smoothed], name=f"/smoothquant/{k}/Mul")
         for m in g.matmuls:
-            consumers[m].input[0] = smoothed
+            by_name[m].input[0] = smoothed
         spread_before.append(float(act[g.activation].max() / max(act[g.activation].mean(), 1e-12)))
         after = act[g.activation] / scales
         spread_after.append(float(after.max() / max(after.mean(), 1e-12)))
