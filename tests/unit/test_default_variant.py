@@ -49,6 +49,14 @@ def test_the_default_must_be_a_cpu_variant():
         BuildSettings(default_variant="int8_trt")
 
 
+def test_every_dynamic_weight_setting_names_a_quantizer_setting():
+    from rankserve.optimize.transforms import DYNAMIC_WEIGHT_TYPES
+    from rankserve.settings import DYNAMIC_WEIGHTS
+
+    assert set(DYNAMIC_WEIGHTS) == {"auto"} | set(DYNAMIC_WEIGHT_TYPES)
+    assert {dynamic_weight_type("auto", units) for units in ({"fp32"}, {"fp32", "int8"})} <= set(DYNAMIC_WEIGHT_TYPES)
+
+
 def test_dynamic_int8_weights_follow_the_cpu_unless_named():
     assert dynamic_weight_type("auto", {"fp32", "int8"}) == "s8"  # VNNI/AMX: no saturation
     assert dynamic_weight_type("auto", {"fp32"}) == "s7" and dynamic_weight_type("auto", {"fp32", "bf16"}) == "s7"

@@ -84,10 +84,9 @@ def smoothing_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) 
 
 
 def smooth(src: str | Path, dst: str | Path, batches: list, alpha: float, only: Iterable[str] | None = None) -> dict:
-    """Write the model with the MatMuls named in ``only`` (default: every weight MatMul) smoothed
-    (same outputs as ``src`` up to rounding) to ``dst``; returns
-    figures: groups smoothed and the median, over groups, of the activation's max/mean channel range
-    before and after."""
+    """Write ``src`` with the MatMuls named in ``only`` (default: every weight MatMul) smoothed to
+    ``dst`` (the same outputs up to rounding). Returns the groups smoothed and the median over groups
+    of each activation's max/mean channel range, before and after."""
     import onnx
     from onnx import numpy_helper
 
