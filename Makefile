@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS := build,serve,client,loadtest,bench,dev
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast build serve report ts checkov modelopt loadtest loadtest-half loadtest-cache soak gpu-check bench clean
+.PHONY: venv system demo test test-fast build serve report ts checkov modelopt loadtest loadtest-half loadtest-cache soak gpu-check bench clean
 
 # (Re)create the venv and install the package with its extras whenever pyproject.toml changes.
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -23,12 +23,23 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/rankserve demo
 
+# Real servers the tests start (deploy/debian-packages.txt), from Debian's archive, when missing.
+# Needs root and apt-get (CI has both); elsewhere it names what to install and their tests skip.
+SYSTEM_PACKAGES := $(shell sed 's/\#.*//' deploy/debian-packages.txt)
+system:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else echo "missing Debian packages:$$missing (as root: apt-get install$$missing); the tests that need them will be skipped"; fi
+
 # The TypeScript SDK: built with the npm toolchain, tested by pytest against the real server.
 ts:
 	@if command -v npm >/dev/null; then cd clients/typescript && npm ci --no-audit --no-fund --silent && npm run --silent build; \
 	else echo "npm not found: the TypeScript SDK tests will be skipped"; fi
 
-test: venv ts checkov modelopt
+test: venv ts checkov modelopt system
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Tools in venvs of their own, from a requirements file: their pins would fight the serving stack's.
