@@ -10,6 +10,8 @@ COPY model_repository /opt/rankserve/model_repository
 # the GPU tests run here, on the build's ONNX files (`make gpu-check`): tensorrt is in this image, torch is not needed
 COPY tests/gpu /opt/rankserve/tests/gpu
 RUN pip install --no-cache-dir "/opt/rankserve[gpu-build]"
+# the engines Job builds a release's engines in a staging copy and publishes it whole
+COPY --chmod=0755 deploy/docker/publish.sh /usr/local/bin/rankserve-publish
 
 RUN useradd --create-home --uid 10001 rankserve
 USER rankserve

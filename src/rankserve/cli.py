@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 from pathlib import Path
@@ -96,11 +97,14 @@ def _budget(text: str | None) -> int:
 
 def _check_engines(args) -> None:
     from rankserve.builder.engine import check_repository_engines, library_tensorrt_version, local_gpus
-    from rankserve.builder.repository import verify_repository
+    from rankserve.builder.repository import verify_repository, wait_for_manifest
 
     server_args = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
-    lines = check_repository_engines(verify_repository(args.model_repository), library_tensorrt_version(), local_gpus(),
-                                     server_args if args.server_args else None)
+    if args.wait:
+        wait_for_manifest(args.model_repository, args.wait)
+    manifest = verify_repository(args.model_repository)
+    lines = check_repository_engines(manifest, library_tensorrt_version(), local_gpus(),
+                                     server_args if args.server_args else None, require=args.require_engines)
     print("\n".join(lines) if lines else "no TensorRT engines in the repository: nothing to check")
 
 
@@ -421,7 +425,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("health", help="probe for containers: the server is live and every Python-backend stub runs")
     s.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP endpoint")
-    s.add_argument("--model-repository", default="/models", help="the repository it serves (for the expected stubs)")
+    s.add_argument("--model-repository", default=os.environ.get("RANKSERVE_MODEL_REPOSITORY", "/models"),
+                   help="the repository it serves, for the expected stubs (default: $RANKSERVE_MODEL_REPOSITORY, else /models)")
     s.add_argument("--model", help="also require this model to be ready (a readiness check, e.g. ranker)")
     s.set_defaults(func=_health)
 
@@ -436,7 +441,12 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_rank)
 
     s = sub.add_parser("check-engines", help="refuse, with the reason, TensorRT engines this server's TensorRT or GPUs cannot run (run before tritonserver)")
-    s.add_argument("--model-repository", default="model_repository")
+    s.add_argument("--model-repository", default=os.environ.get("RANKSERVE_MODEL_REPOSITORY", "model_repository"),
+                   help="default: $RANKSERVE_MODEL_REPOSITORY, else model_repository")
+    s.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="first wait this long for the repository's manifest (a release still being published)")
+    s.add_argument("--require-engines", action="store_true",
+                   help="refuse a repository without TensorRT engines (GPU replicas)")
     s.add_argument("server_args", nargs=argparse.REMAINDER,
                    help="after --: the tritonserver arguments (checked for the flags the engines need)")
     s.set_defaults(func=_check_engines)

@@ -144,6 +144,9 @@ def test_repository_engines_checked_before_serving():
 
     manifest = {"engines": {"fp16": [_record(A10G), _record(H200)], "int8": [_record(A10G)]}}
     assert check_repository_engines({"models": {}}, None, []) == []  # a CPU repository: nothing to check
+    with pytest.raises(BuildError, match="lists no TensorRT engines"):  # a GPU replica must not serve it
+        check_repository_engines({"models": {}}, "10.5.0.18", [A10G], require=True)
+    assert check_repository_engines({"engines": {"fp16": manifest["engines"]["fp16"]}}, "10.5.0.18", [A10G], require=True)
     lines = check_repository_engines({"engines": {"fp16": manifest["engines"]["fp16"]}}, "10.5.0.18", [A10G, H200])
     assert len(lines) == 2 and "model.sm90.plan runs on NVIDIA H200" in lines[1]
     with pytest.raises(BuildError, match="no engine can run here"):

@@ -47,6 +47,41 @@ def _compose():
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
+REGISTRY = "registry.invalid"  # RFC 6761: never resolves, so an image not pushed and set fails to pull, loudly
+
+
+def _env(container: dict) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: ``$(NAME)`` in a value expands only to a
+    variable listed *before* it (else it stays as written); values from ConfigMaps are looked up in
+    the rendered ConfigMaps of ``docs`` (``container["_configmaps"]``)."""
+    env: dict[str, str] = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            value = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"])
+        elif "configMapKeyRef" in var["valueFrom"]:
+            ref = var["valueFrom"]["configMapKeyRef"]
+            value = container["_configmaps"][ref["name"]][ref["key"]]
+        else:  # a Secret: not in the manifests
+            value = f"<{var['name']}>"
+        env[var["name"]] = value
+    return env
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+def _pod_containers(docs, kind, name) -> list[dict]:
+    """A workload's containers (init first), each with the rendered ConfigMaps attached for :func:`_env`."""
+    configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    return [dict(c, _configmaps=configmaps) for c in _containers(_find(docs, kind, name))]
+
+
+def _release(docs) -> str:
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rankserve-release-")]
+    return cm["data"]["RANKSERVE_RELEASE"]
+
+
 def _ngc_release() -> str:
     return re.search(r"^NGC_RELEASE=(\S+)$", (ROOT / ".env").read_text(), re.M).group(1)
 
@@ -58,15 +93,16 @@ def test_every_rendered_object_validates_against_the_kubernetes_schemas(rendered
 
     for doc in rendered[target]:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)  # raises on any error
-    assert {d["metadata"].get("namespace") for d in rendered[target] if d["kind"] != "Namespace"} == {"rankserve"}
+    cluster_wide = ("Namespace", "PriorityClass")
+    assert {d["metadata"].get("namespace") for d in rendered[target] if d["kind"] not in cluster_wide} == {"rankserve"}
 
 
 @needs_kubectl
 def test_images_are_pinned_to_the_compose_release(rendered):
     release = _ngc_release()
     images = {c["image"] for docs in rendered.values() for d in docs for c in _containers(d)}
-    assert f"rankserve/triton:{release}" in images and f"rankserve/trt-build:{release}" in images
-    assert all(":" in image for image in images), images  # every image tagged
+    assert f"{REGISTRY}/rankserve/triton:{release}" in images and f"{REGISTRY}/rankserve/trt-build:{release}" in images
+    assert all(":" in image.rsplit("/", 1)[-1] for image in images), images  # every image tagged
     compose = _compose()
     assert compose["x-triton"]["image"].startswith("rankserve/triton:${NGC_RELEASE")
 
@@ -87,14 +123,8 @@ def test_triton_pod_matches_compose_and_the_server_settings(rendered, target):
     assert python_backend in triton["args"] and python_backend in _compose()["x-triton"]["command"]
     assert "$(TRITON_ADMIN_KEY)" in flags["--http-restricted-api"] and "$(TRITON_ADMIN_KEY)" in flags["--grpc-restricted-protocol"]
     assert {p["containerPort"] for p in triton["ports"]} == {8000, 8001, 8002}
-    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/models/ranker/ready"
-    compose_health = _compose()["x-triton"]["healthcheck"]["test"]
-    assert compose_health[compose_health.index("--model") + 1] == "ranker"  # compose checks the same model's readiness
-    live = triton["livenessProbe"]["exec"]["command"]
-    assert live[:2] == ["rankserve", "health"]
-    args = build_parser().parse_args(live[1:])  # the real CLI accepts it
     repo = flags["--model-repository"].split("=", 1)[1]
-    assert args.model_repository == repo and args.url == "http://127.0.0.1:8000"
+    assert repo == "$(RANKSERVE_MODEL_REPOSITORY)"  # the probes' `rankserve health` reads the same variable
     exit_timeout = int(flags["--exit-timeout-secs"].split("=")[1])
     pre_stop = int(triton["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] > exit_timeout + pre_stop
@@ -113,6 +143,131 @@ def test_triton_pod_matches_compose_and_the_server_settings(rendered, target):
 
 
 @needs_kubectl
+@pytest.mark.parametrize("target", ["gpu", "cpu"])
+def test_probes_check_every_stub_and_give_a_busy_replica_room(rendered, target, monkeypatch):
+    """Readiness: Triton's /v2/models/ranker/ready stays 200 after a stub died (tests/e2e/test_faults.py),
+    so readiness is the check compose runs, `rankserve health --model ranker`; liveness leaves a
+    saturated pod time to start a Python probe before it restarts the busiest replica."""
+    (triton,) = [c for c in _pod_containers(rendered[target], "Deployment", "rankserve-triton") if c["name"] == "triton"]
+    monkeypatch.setenv("RANKSERVE_MODEL_REPOSITORY", _env(triton)["RANKSERVE_MODEL_REPOSITORY"])
+    compose = build_parser().parse_args(_compose()["x-triton"]["healthcheck"]["test"][2:])
+    ready, live = triton["readinessProbe"], triton["livenessProbe"]
+    for probe in (ready, live):
+        assert probe["exec"]["command"][:2] == ["rankserve", "health"]
+        args = build_parser().parse_args(probe["exec"]["command"][1:])  # the real CLI, with the pod's environment
+        assert args.url == "http://127.0.0.1:8000" and args.model_repository == _env(triton)["RANKSERVE_MODEL_REPOSITORY"]
+    assert build_parser().parse_args(ready["exec"]["command"][1:]).model == compose.model == "ranker"
+    assert build_parser().parse_args(live["exec"]["command"][1:]).model is None  # a busy ranker is alive
+    assert live["timeoutSeconds"] >= 10 and live["periodSeconds"] * live["failureThreshold"] >= 60
+    assert ready["timeoutSeconds"] >= 5
+
+
+@needs_kubectl
+def test_the_autoscaler_owns_the_replica_count(rendered):
+    """`replicas:` next to an HPA resets a scaled-out Deployment to that number on every apply."""
+    for docs in rendered.values():
+        for hpa in (d for d in docs if d["kind"] == "HorizontalPodAutoscaler"):
+            target = _find(docs, hpa["spec"]["scaleTargetRef"]["kind"], hpa["spec"]["scaleTargetRef"]["name"])
+            assert "replicas" not in target["spec"], target["metadata"]["name"]
+
+
+@needs_kubectl
+def test_images_name_a_registry_and_fail_loudly_until_it_is_set(rendered):
+    """An unqualified name (rankserve/triton) is a Docker Hub namespace this project does not own."""
+    for docs in rendered.values():
+        for d in docs:
+            for c in _containers(d):
+                registry = c["image"].split("/", 1)[0]
+                assert "." in registry or ":" in registry, c["image"]  # a registry host, not a Docker Hub path
+                assert registry == REGISTRY, c["image"]  # one placeholder, set in the kustomizations' images[]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target,flavour", [("cpu", ""), ("gpu", "-gpu")])
+def test_replicas_serve_a_whole_published_release(rendered, target, flavour):
+    """The server, its probes and the init check all read releases/<release>[-gpu], the folder the
+    publish (or engines) Job renames into place whole; nothing reads the volume's top level."""
+    docs = rendered[target]
+    release = _release(docs)
+    expected = f"/models/releases/{release}{flavour}/model_repository"
+    containers = _pod_containers(docs, "Deployment", "rankserve-triton")
+    (triton,) = [c for c in containers if c["name"] == "triton"]
+    (check,) = [c for c in containers if c["name"] == "check-repository"]
+    for c in (triton, check):
+        assert _env(c)["RANKSERVE_MODEL_REPOSITORY"] == expected, c["name"]  # fully expanded, in the kubelet's order
+    flags = dict(f.split("=", 1) for f in triton["args"] if "=" in f)
+    assert _expand(flags["--model-repository"], _env(triton)) == expected
+    args = build_parser().parse_args(check["command"][1:])
+    assert args.func.__name__ == "_check_engines" and args.wait >= 600
+    assert args.require_engines is (target == "gpu")  # GPU replicas wait for the engines, and refuse a release without them
+    # the release is the models image's tag, and its publish Job is that release's own
+    models = {c["image"] for d in docs for c in _containers(d) if "/rankserve/models:" in c["image"]}
+    assert models == {f"{REGISTRY}/rankserve/models:{release}"}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", ["gpu", "cpu"])
+def test_each_release_is_published_by_its_own_idempotent_job(rendered, target):
+    """Jobs publish next to the live releases, never onto them; a Job's template cannot change, so
+    each release has its own; finished Jobs are kept, so a sync does not run them again."""
+    docs = rendered[target]
+    release = _release(docs)
+    jobs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Job"}
+    expected = {f"rankserve-publish-{release}"} | ({f"rankserve-engines-{release}"} if target == "gpu" else set())
+    assert set(jobs) == expected
+    for name, job in jobs.items():
+        assert "ttlSecondsAfterFinished" not in job["spec"], name
+        (c,) = [dict(c, _configmaps={d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"})
+                for c in job["spec"]["template"]["spec"]["containers"]]
+        command = [_expand(word, _env(c)) for word in c["command"]]
+        assert command[0] == "rankserve-publish", name
+        image = c["image"].split("/", 1)[1].rsplit(":", 1)[0]
+        dockerfile = {"rankserve/models": "models.Dockerfile", "rankserve/trt-build": "trt-build.Dockerfile"}[image]
+        text = (ROOT / "deploy" / "docker" / dockerfile).read_text()
+        assert re.search(r"^COPY --chmod=0755 deploy/docker/publish.sh /usr/local/bin/rankserve-publish$", text, re.M), dockerfile
+        if name.startswith("rankserve-publish"):
+            assert command[1:4] == [release, "/bundle", "/shared"]
+        else:  # the engines: built in a copy of the release, published whole as <release>-gpu
+            assert command[1:4] == [f"{release}-gpu", f"/models/releases/{release}", "/models"] and command[4] == "--"
+            assert command[5] == "rankserve"
+            args = build_parser().parse_args(command[6:] + c["args"])
+            assert args.target == "gpu" and not Path(args.out).is_absolute() and args.out == "model_repository"
+            assert int(_env(c)["RANKSERVE_WAIT_S"]) >= 600  # it may start before the publish Job is done
+
+
+@needs_kubectl
+def test_gpu_rollouts_leave_the_engines_job_a_gpu(rendered):
+    docs = rendered["gpu"]
+    deployment = _find(docs, "Deployment", "rankserve-triton")
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0  # no surge pod holding a GPU
+    job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"].startswith("rankserve-engines-"))
+    priority = _find(docs, "PriorityClass", job["spec"]["template"]["spec"]["priorityClassName"])
+    assert priority["value"] > deployment["spec"]["template"]["spec"].get("priority", 0)
+    assert priority["preemptionPolicy"] == "PreemptLowerPriority" and not priority.get("globalDefault")
+    assert "priorityClassName" not in deployment["spec"]["template"]["spec"]
+
+
+@needs_kubectl
+def test_the_model_claim_asks_for_a_shared_class_writable_by_the_jobs(rendered):
+    import kubernetes_validate
+
+    claim = _find(rendered["cpu"], "PersistentVolumeClaim", "rankserve-models")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"] == "rankserve-rwx"
+    uids = {d["spec"]["template"]["spec"]["securityContext"]["runAsUser"] for docs in rendered.values() for d in docs
+            if d["kind"] == "Job" and d["metadata"]["name"].startswith("rankserve-")}
+    assert uids == {10001}
+    examples = [d for d in yaml.safe_load_all((K8S / "storage-classes.yaml").read_text()) if d]
+    assert {d["provisioner"] for d in examples} == {"efs.csi.aws.com", "file.csi.azure.com"}
+    for d in examples:
+        kubernetes_validate.validate(d, KUBERNETES_VERSION, strict=True)
+        assert d["metadata"]["name"] == "rankserve-rwx"
+        owner = (d.get("parameters", {}).get("uid"), d.get("parameters", {}).get("gid"))
+        if owner == (None, None):
+            owner = tuple(o.split("=")[1] for o in d["mountOptions"] if o.startswith(("uid=", "gid=")))
+        assert owner == ("10001", "10001"), d["provisioner"]  # NFS-type volumes ignore fsGroup
+
+
+@needs_kubectl
 def test_gpu_overlay_builds_engines_and_checks_them_before_serving(rendered):
     docs = rendered["gpu"]
     pod = _find(docs, "Deployment", "rankserve-triton")["spec"]["template"]["spec"]
@@ -120,18 +275,17 @@ def test_gpu_overlay_builds_engines_and_checks_them_before_serving(rendered):
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     (check,) = pod["initContainers"]
     assert build_parser().parse_args(check["command"][1:]).func.__name__ == "_check_engines"
-    job = _find(docs, "Job", "rankserve-engines")
+    assert check["resources"]["limits"]["nvidia.com/gpu"] == 1  # it checks the engines against this node's GPU
+    job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"].startswith("rankserve-engines-"))
     (build,) = job["spec"]["template"]["spec"]["containers"]
-    args = build_parser().parse_args(["build", "--target", "gpu", *build["args"]])  # the image's entrypoint adds these
-    assert args.out == "/models/model_repository" and args.work_dir and args.data
+    assert build["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert job["spec"]["template"]["spec"]["nodeSelector"] == pod["nodeSelector"]  # engines for the GPU type that serves them
-    assert _find(docs, "Job", "rankserve-publish")
 
 
 @needs_kubectl
 def test_cpu_overlay_has_no_gpu_and_no_engines(rendered):
     text = json.dumps(rendered["cpu"])
-    assert "nvidia.com/gpu" not in text and "rankserve-engines" not in text and "check-engines" not in text
+    assert "nvidia.com/gpu" not in text and "rankserve-engines" not in text and "--require-engines" not in text
 
 
 @needs_kubectl
@@ -175,8 +329,18 @@ def test_distributed_locust_targets_the_service_with_the_users_settings(rendered
     master = _find(docs, "Job", "locust-master")
     command = master["spec"]["template"]["spec"]["containers"][0]["command"][-1]
     assert "--master --headless" in command and "rankserve loadtest-summary" in command
-    worker = _find(docs, "Deployment", "locust-worker")["spec"]["template"]["spec"]["containers"][0]["command"]
+    workers = _find(docs, "Job", "locust-worker")  # a Job: the workers end with the run
+    worker = workers["spec"]["template"]["spec"]["containers"][0]["command"]
     assert worker[worker.index("--master-host") + 1] == "locust-master"
+    expected = {e["name"]: e.get("value") for e in master["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert workers["spec"]["completions"] == workers["spec"]["parallelism"] == int(expected["LOCUST_WORKERS"])
+    assert workers["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+    assert float(scenario["RANKSERVE_LOADTEST_RATE_PER_USER"]) > 0  # open loop (Poisson), not closed loop on a bounded queue
+    (reports,) = [v for v in master["spec"]["template"]["spec"]["volumes"] if v["name"] == "reports"]
+    claim = _find(docs, "PersistentVolumeClaim", reports["persistentVolumeClaim"]["claimName"])  # kept after the Job
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    for job in (master, workers):
+        assert "ttlSecondsAfterFinished" not in job["spec"]  # a sync must not start another load test
 
 
 CHECKOV = ROOT / ".venv-checkov" / "bin" / "checkov"

@@ -188,14 +188,18 @@ VERSION_COMPATIBLE_FLAG = "--backend-config=tensorrt,version-compatible=true"
 
 
 def check_repository_engines(manifest: dict, tensorrt: str | None, gpus: Sequence[GpuFacts],
-                             server_args: Sequence[str] | None = None) -> list[str]:
+                             server_args: Sequence[str] | None = None, require: bool = False) -> list[str]:
     """Before serving: every engine family in the manifest must have an engine this server's
     TensorRT and every one of its GPUs can run, and version-compatible engines need the server flag
     that lets Triton's TensorRT backend load them (checked when ``server_args``, tritonserver's
     arguments, are given). Returns one line per (precision, GPU) that can run; raises
-    ``BuildError`` naming what cannot."""
+    ``BuildError`` naming what cannot. With ``require`` (GPU replicas), a repository without
+    engines is refused too: served as it is, it would never offer the TensorRT models."""
     engines = manifest.get("engines", {})
     if not engines:
+        if require:
+            raise BuildError("the repository lists no TensorRT engines: serve a release whose engines are built "
+                             "(the engines Job publishes it as <release>-gpu)")
         return []
     if tensorrt is None:
         raise BuildError("the repository holds TensorRT engines but no TensorRT runtime (libnvinfer) loads on this server")

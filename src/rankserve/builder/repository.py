@@ -269,6 +269,25 @@ def model_entry(repo: Path, name: str) -> dict:
     return {"config": f"{name}/config.pbtxt", "files": {str(p.relative_to(repo)): sha256(p) for p in files}}
 
 
+def wait_for_manifest(repo: str | Path, timeout_s: float, poll_s: float = 5.0, log=print) -> Path:
+    """Wait up to ``timeout_s`` for ``repo``'s manifest to appear (a release another Job is still
+    publishing), saying so every minute; returns its path, or raises ``BuildError`` at the timeout."""
+    path = Path(repo) / MANIFEST
+    start = last = time.monotonic()
+    if not path.exists():
+        log(f"waiting up to {timeout_s:.0f} s for {path}")
+    while not path.exists():
+        waited = time.monotonic() - start
+        if waited >= timeout_s:
+            raise BuildError(f"{path} did not appear within {timeout_s:.0f} s: is the release published "
+                             "(and, on GPU nodes, are its engines built)?")
+        if time.monotonic() - last >= 60:
+            log(f"still waiting for {path} ({waited:.0f} of {timeout_s:.0f} s)")
+            last = time.monotonic()
+        time.sleep(min(poll_s, max(timeout_s - waited, 0.01)))
+    return path
+
+
 def verify_repository(repo: str | Path) -> dict:
     """Check that every file the manifest lists is present with its checksum; returns the manifest."""
     repo = Path(repo)
