@@ -122,9 +122,10 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_leaves_nothing
     assert serve.leftover_shm() == set()
 
 
-def _rankserve(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+def _rankserve(*args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "rankserve", *args], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "rankserve", *args], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env} if env else None)
     return out, time.monotonic() - started
 
 
@@ -200,6 +201,9 @@ def test_health_probe_sees_a_dead_stub_that_triton_still_reports_ready(tiny_repo
         with urllib.request.urlopen(f"{url}/v2/models/ranker/ready", timeout=5) as r:
             assert r.status == 200  # Triton 2.51: still "ready" (measured), hence the stub check
         sick, _ = _rankserve("health", "--url", url, "--model-repository", str(repo))
+        # the Kubernetes readiness probe's form (compose's health check): not ready either
+        not_ready, _ = _rankserve("health", "--url", url, "--model", "ranker", env={"RANKSERVE_MODEL_REPOSITORY": str(repo)})
+    assert not_ready.returncode == 2 and "model tokenize: 0 of 1 Python-backend stubs running" in not_ready.stderr
     assert sick.returncode == 2 and "model tokenize: 0 of 1 Python-backend stubs running" in sick.stderr, sick.stderr
     down, _ = _rankserve("health", "--url", url, "--model-repository", str(repo))
     assert down.returncode == 2 and "is not live" in down.stderr

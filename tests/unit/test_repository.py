@@ -167,3 +167,33 @@ def test_the_default_is_the_fastest_strict_variant_unless_one_is_named(tiny_rank
     assert manifest["default_variant"] == "int8_dynamic" and manifest["default_rule"] == "named"
     alone = _cli("build", *common, "--out", str(tmp_path / "alone"), "--variants", "int8_dynamic")
     assert alone.returncode != 0 and "passes the strict gate" in alone.stderr and not (tmp_path / "alone").exists()
+
+
+def test_check_engines_waits_for_a_release_being_published_then_verifies_it(tiny_repo, tmp_path):
+    """The replicas' init container: `rankserve check-engines --wait S` until the publish Job has
+    renamed the release into place; then the same checks as before (checksums, engines)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import threading
+
+    from rankserve.builder.repository import wait_for_manifest
+
+    release = tmp_path / "releases" / "0.1.0" / "model_repository"
+    with pytest.raises(BuildError, match="did not appear within 0 s"):
+        wait_for_manifest(release, 0.0)
+    publisher = threading.Timer(0.5, lambda: shutil.copytree(tiny_repo, release))
+    publisher.start()
+    assert wait_for_manifest(release, 30, poll_s=0.1, log=lambda _m: None) == release / MANIFEST
+    publisher.join()
+
+    def check(*args, **env):
+        return subprocess.run([sys.executable, "-m", "rankserve", "check-engines", *args], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, **env})
+    ok = check("--wait", "5", RANKSERVE_MODEL_REPOSITORY=str(release))  # the pod's environment names the release
+    assert ok.returncode == 0 and "no TensorRT engines" in ok.stdout, ok.stderr
+    gpu = check("--wait", "5", "--require-engines", "--model-repository", str(release))
+    assert gpu.returncode == 2 and "lists no TensorRT engines" in gpu.stderr and "Traceback" not in gpu.stderr
+    missing = check("--wait", "1", "--model-repository", str(tmp_path / "releases" / "0.2.0" / "model_repository"))
+    assert missing.returncode == 2 and "did not appear within 1 s" in missing.stderr
