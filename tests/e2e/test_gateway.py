@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,26 @@ def test_typescript_sdk_over_https_through_the_gateway(gateway, certs, token):
                               "RANKSERVE_CA": str(certs.ca), "RANKSERVE_OTHER_CA": str(certs.other_ca)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "# pass 3" in out.stdout and "# fail 0" in out.stdout and "# skipped 0" in out.stdout
+
+
+def test_the_rank_command_through_the_gateway_and_over_mutual_tls(gateway, mtls_server, certs, token, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+
+    def rank(*args, **env):
+        return subprocess.run([sys.executable, "-m", "rankserve", "rank", "--query", "salon chair", "--texts-file", str(texts),
+                               "--top-k", "2", *args], capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+
+    via_gateway = ("--url", f"https://127.0.0.1:{gateway.https_port}", "--ca-file", str(certs.ca))
+    out = rank(*via_gateway, "--token-env", "GATEWAY_TOKEN", GATEWAY_TOKEN=token)
+    assert out.returncode == 0, out.stderr
+    assert "4 candidates" in out.stdout and len(out.stdout.strip().splitlines()) == 3
+    out = rank(*via_gateway, "--header", f"Authorization: Bearer {token}", "--header", "X-Request-Tag: cli")
+    assert out.returncode == 0, out.stderr
+    out = rank(*via_gateway)
+    assert out.returncode == 2 and "Unauthenticated" in out.stderr and "Traceback" not in out.stderr
+    out = rank("--url", f"grpcs://{mtls_server.grpc_url}", "--ca-file", str(certs.ca), "--cert-file", str(certs.client_cert),
+               "--key-file", str(certs.client_key))
+    assert out.returncode == 0, out.stderr
+    out = rank("--url", f"http://127.0.0.1:{gateway.https_port}", "--ca-file", str(certs.ca))
+    assert out.returncode == 2 and "https:// or grpcs://" in out.stderr and "Traceback" not in out.stderr
