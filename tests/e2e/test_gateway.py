@@ -46,18 +46,36 @@ def gateway(server, certs, token, tmp_path_factory):
     nginx.stop()
 
 
-@pytest.fixture(scope="module")
-def mtls_server(tiny_repo, certs, tmp_path_factory):
-    """The tiny ranker on a tritonserver whose gRPC endpoint speaks TLS and wants a client certificate."""
+def _tls_triton(tiny_repo, certs, log, mutual: bool):
+    """The tiny ranker on a tritonserver whose gRPC endpoint speaks TLS (and with ``mutual`` wants a client certificate)."""
     from rankserve.server.embedded import EmbeddedServer, server_command
 
     settings = free_serve_settings()
-    tls = ["--grpc-use-ssl=true", "--grpc-use-ssl-mutual=true", f"--grpc-server-cert={certs.server_cert}",
-           f"--grpc-server-key={certs.server_key}", f"--grpc-root-cert={certs.ca}"]
-    log = tmp_path_factory.mktemp("triton_mtls") / "tritonserver.log"
-    with EmbeddedServer(tiny_repo, settings, log, argv=lambda install, backends: [
-            *server_command(install, Path(tiny_repo).resolve(), backends, settings), *tls]) as srv:
+    tls = ["--grpc-use-ssl=true", f"--grpc-server-cert={certs.server_cert}", f"--grpc-server-key={certs.server_key}",
+           f"--grpc-root-cert={certs.ca}", *(["--grpc-use-ssl-mutual=true"] if mutual else [])]
+    return EmbeddedServer(tiny_repo, settings, log, argv=lambda install, backends: [
+        *server_command(install, Path(tiny_repo).resolve(), backends, settings), *tls])
+
+
+@pytest.fixture(scope="module")
+def mtls_server(tiny_repo, certs, tmp_path_factory):
+    with _tls_triton(tiny_repo, certs, tmp_path_factory.mktemp("triton_mtls") / "tritonserver.log", mutual=True) as srv:
         yield srv
+
+
+def test_tritons_own_grpc_tls(server, tiny_repo, certs, tmp_path):
+    """Server-side TLS only: the CA is enough; trusting another CA or speaking plain gRPC is not."""
+    direct = RankerClient(f"http://{server.http_url}").rank("salon chair", ITEMS)
+    with _tls_triton(tiny_repo, certs, tmp_path / "tritonserver.log", mutual=False) as tls_server:
+        url = f"grpcs://{tls_server.grpc_url}"
+        with RankerClient(url, ca_file=str(certs.ca), headers={"x-request-tag": "tls"}) as client:
+            _same_ranking(client.rank("salon chair", ITEMS), direct)
+        with RankerClient(tls_server.grpc_url, "grpc", tls=True, ca_file=str(certs.ca)) as bare:  # host:port with tls=True
+            _same_ranking(bare.rank("salon chair", ITEMS), direct)
+        with pytest.raises(TlsError, match="ca_file"):
+            RankerClient(url, ca_file=str(certs.other_ca), timeout=5)
+        with pytest.raises(Unavailable):
+            RankerClient(f"grpc://{tls_server.grpc_url}", timeout=5, retries=0)
 
 
 def _gateway_url(gateway, protocol: str) -> str:
