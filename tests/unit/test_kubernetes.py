@@ -16,7 +16,8 @@ from rankserve.settings import LoadTestSettings, ServeSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
-TARGETS = {"gpu": K8S / "overlays" / "gpu", "cpu": K8S / "overlays" / "cpu", "loadtest": K8S / "loadtest"}
+TARGETS = {"gpu": K8S / "overlays" / "gpu", "cpu": K8S / "overlays" / "cpu", "loadtest": K8S / "loadtest",
+           "cpu-gateway": K8S / "overlays" / "cpu-gateway"}
 KUBERNETES_VERSION = "1.33.0"
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with its built-in kustomize) is not installed")
@@ -341,6 +342,41 @@ def test_distributed_locust_targets_the_service_with_the_users_settings(rendered
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     for job in (master, workers):
         assert "ttlSecondsAfterFinished" not in job["spec"]  # a sync must not start another load test
+
+
+@needs_kubectl
+def test_the_gateway_component_serves_the_tested_template_and_only_it_reaches_triton(rendered):
+    """overlays/cpu-gateway: nginx with the very template tests/e2e/test_gateway.py runs, every
+    variable of it set, Triton's HTTP and gRPC open to the gateway's pods only."""
+    from tls_gateway import TEMPLATE, TEMPLATE_VARIABLES
+
+    docs = rendered["cpu-gateway"]
+    template = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rankserve-gateway-template"))
+    assert template["data"] == {"rankserve.conf.template": TEMPLATE.read_text()}  # the copy in the component equals the tested one
+    deployment = _find(docs, "Deployment", "rankserve-gateway")
+    pod = deployment["spec"]["template"]["spec"]
+    (nginx,) = pod["containers"]
+    env = {e["name"]: e for e in nginx["env"]}
+    assert set(env) == set(TEMPLATE_VARIABLES)
+    assert env["GATEWAY_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "rankserve-gateway-token", "key": "token"}
+    http_service = _find(docs, "Service", "rankserve")
+    ports = {p["name"]: p["port"] for p in http_service["spec"]["ports"]}
+    assert env["TRITON_HTTP"]["value"] == f"rankserve:{ports['http']}" and env["TRITON_GRPC"]["value"] == f"rankserve:{ports['grpc']}"
+    container_ports = {p["name"]: p["containerPort"] for p in nginx["ports"]}
+    assert (int(env["GATEWAY_HTTPS_PORT"]["value"]), int(env["GATEWAY_GRPC_PORT"]["value"])) == (container_ports["https"], container_ports["grpcs"])
+    mounts = {m["mountPath"]: m["name"] for m in nginx["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/etc/nginx/templates"]]["configMap"]["name"] == template["metadata"]["name"]
+    tls_dir = env["GATEWAY_TLS_CERT"]["value"].rsplit("/", 1)[0]
+    assert volumes[mounts[tls_dir]]["secret"]["secretName"] == "rankserve-gateway-tls"
+    assert {env["GATEWAY_TLS_CERT"]["value"], env["GATEWAY_TLS_KEY"]["value"]} == {f"{tls_dir}/tls.crt", f"{tls_dir}/tls.key"}
+    assert nginx["readinessProbe"]["httpGet"]["path"] == "/gateway/healthz" and "location = /gateway/healthz" in TEMPLATE.read_text()
+    policy = _find(docs, "NetworkPolicy", "rankserve-triton")
+    gateway_only = [r for r in policy["spec"]["ingress"] if r.get("from")]
+    assert [sorted(p["port"] for p in r["ports"]) for r in gateway_only] == [[8000, 8001]]
+    assert gateway_only[0]["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "rankserve-gateway"}}}]
+    assert all("from" in r or {p["port"] for p in r["ports"]} == {8002} for r in policy["spec"]["ingress"])  # only metrics stay open
+    assert "rankserve-gateway" not in json.dumps(rendered["cpu"])  # optional: the plain overlays lack it
 
 
 CHECKOV = ROOT / ".venv-checkov" / "bin" / "checkov"
