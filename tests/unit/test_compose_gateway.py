@@ -50,7 +50,7 @@ def test_the_same_image_as_the_kubernetes_component():
     component = yaml.safe_load((ROOT / "deploy/kubernetes/components/gateway/kustomization.yaml").read_text())
     (image,) = component["images"]
     compose = yaml.safe_load((ROOT / "deploy/gateway/compose.yml").read_text().replace("!override", ""))
-    assert compose["services"]["gateway"]["image"] == f"{image['name']}:{image['newTag']}"
+    assert compose["services"]["gateway"]["image"] == f"{image['newName']}:{image['newTag']}"
 
 
 def test_no_token_or_certificates_no_gateway():
