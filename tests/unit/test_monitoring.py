@@ -2,7 +2,7 @@
 scrape config, the Kubernetes objects (PodMonitor, PrometheusRule, dashboard ConfigMap) against the
 prometheus-operator CRD schemas, and what the pieces say about each other (rate windows against
 scrape intervals, the HPA's metrics against the adapter's rules and the queue bound, the dashboard's
-data source). tests/e2e/test_monitoring.py evaluates the same rules on a real server's metrics."""
+data source). tests/e2e/test_prometheus.py evaluates the same rules on a real server's metrics."""
 
 import json
 import re
