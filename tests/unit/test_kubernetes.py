@@ -93,6 +93,8 @@ def test_every_rendered_object_validates_against_the_kubernetes_schemas(rendered
     import kubernetes_validate
 
     for doc in rendered[target]:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # prometheus-operator kinds: their CRD schemas, tests/unit/test_monitoring.py
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)  # raises on any error
     cluster_wide = ("Namespace", "PriorityClass")
     assert {d["metadata"].get("namespace") for d in rendered[target] if d["kind"] not in cluster_wide} == {"rankserve"}
@@ -140,7 +142,6 @@ def test_triton_pod_matches_compose_and_the_server_settings(rendered, target):
         assert service["spec"]["selector"].items() <= labels.items()
     headless = _find(docs, "Service", "rankserve-grpc")
     assert headless["spec"]["clusterIP"] == "None" and [p["port"] for p in headless["spec"]["ports"]] == [8001]
-    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "8002"
 
 
 @needs_kubectl
@@ -310,13 +311,10 @@ def test_autoscaling_reads_the_metric_the_adapter_serves(rendered):
     hpa = _find(rendered["cpu"], "HorizontalPodAutoscaler", "rankserve-triton")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "rankserve-triton"
     (metric,) = hpa["spec"]["metrics"]
-    rule = yaml.safe_load((K8S / "prometheus-adapter.yaml").read_text())["rules"]["custom"][0]
-    assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    rules = yaml.safe_load((K8S / "prometheus-adapter.yaml").read_text())["rules"]["custom"]
+    assert metric["pods"]["metric"]["name"] in {rule["name"]["as"] for rule in rules}
     assert float(metric["pods"]["target"]["averageValue"]) > 0
-    pattern = re.search(r'model=~"([^"]+)"', rule["metricsQuery"]).group(1)
-    rank_models = ["rank", "rank_int8", "rank_pruned_int8", "rank_trt_fp16"]
-    assert all(re.fullmatch(pattern, m) for m in rank_models)
-    assert not any(re.fullmatch(pattern, m) for m in ("ranker", "ranker_trt_fp16", "tokenize", "postprocess"))
+    # which models the rule reads, the GPU overlay's target: tests/unit/test_monitoring.py
 
 
 @needs_kubectl
