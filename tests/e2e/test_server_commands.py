@@ -12,6 +12,7 @@ addresses and free ports for the three endpoints (the containers bind 0.0.0.0:80
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -54,13 +55,36 @@ def _serve(repo: Path, tmp_path: Path, argv) -> EmbeddedServer:
     return EmbeddedServer(repo, settings, tmp_path / "tritonserver.log", argv=lambda install, backends: argv(install, backends, settings))
 
 
-def _health(command: list[str], url: str, container_repo: str, repo: Path) -> subprocess.CompletedProcess:
+def _health(command: list[str], url: str, container_repo: str, repo: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """A container's rankserve command (health check, probe, check-engines) as shipped, pointed at
-    this server (its URL) and repository."""
+    this server (its URL) and repository; ``env``: the container's environment, its paths moved too."""
     assert command[0] == "rankserve"
     args = [_on_host(a, container_repo, repo) for a in command[1:]]
     args = [re.sub(r"^http://(localhost|127\.0\.0\.1):8000$", url, a) for a in args]
-    return subprocess.run([sys.executable, "-m", "rankserve", *args], capture_output=True, text=True, timeout=60)
+    moved = {k: _on_host(v, container_repo, repo) for k, v in (env or {}).items()}
+    return subprocess.run([sys.executable, "-m", "rankserve", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **moved})
+
+
+def _container_env(container: dict, docs: list[dict]) -> dict[str, str]:
+    """The environment Kubernetes gives a container: ConfigMap values looked up, ``$(VAR)`` expanded
+    from the variables listed before it (secrets: the test key)."""
+    configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    env: dict[str, str] = {}
+    for var in container.get("env", []):
+        source = var.get("valueFrom", {})
+        if "value" in var:
+            value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"])
+        elif "configMapKeyRef" in source:
+            value = configmaps[source["configMapKeyRef"]["name"]][source["configMapKeyRef"]["key"]]
+        else:
+            value = KEY
+        env[var["name"]] = value
+    return env
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), text)
 
 
 @pytest.mark.parametrize("service", ["triton-cpu", "triton"])
@@ -116,12 +140,19 @@ def test_kubernetes_triton_container_starts_the_real_server_and_its_probes_pass(
     pod = deployment["spec"]["template"]["spec"]
     (triton,) = [c for c in pod["containers"] if c["name"] == "triton"]
     assert triton["command"] == ["tritonserver"]
-    container_repo = next(a for a in triton["args"] if a.startswith("--model-repository=")).split("=", 1)[1]
-    for init in pod.get("initContainers", []):  # the gpu overlay's check-engines, on this repository
-        out = _health(init["command"], "", container_repo, repo)
-        assert out.returncode == 0 and "no TensorRT engines in the repository" in out.stdout, out.stdout + out.stderr
+    env = _container_env(triton, docs)
+    container_repo = _expand(next(a for a in triton["args"] if a.startswith("--model-repository=")).split("=", 1)[1], env)
+    assert container_repo.startswith("/models/releases/") and "$(" not in container_repo
+    for init in pod.get("initContainers", []):  # check-repository: waits for the release, verifies it, checks engines
+        init_env = _container_env(init, docs)
+        assert init_env["RANKSERVE_MODEL_REPOSITORY"] == container_repo  # the release the server will load
+        out = _health(init["command"], "", container_repo, repo, init_env)
+        if overlay == "gpu":  # a GPU replica refuses a release without its engines (this CPU build has none)
+            assert out.returncode == 2 and "lists no TensorRT engines" in out.stderr, out.stdout + out.stderr
+        else:
+            assert out.returncode == 0 and "no TensorRT engines in the repository" in out.stdout, out.stdout + out.stderr
     # Kubernetes expands $(VAR) from the container's env before starting it
-    args = [_on_host(a.replace("$(TRITON_ADMIN_KEY)", KEY), container_repo, repo) for a in triton["args"]]
+    args = [_on_host(_expand(a, env), container_repo, repo) for a in triton["args"]]
 
     def argv(install, backends, s):
         return [str(install.binary), *args, *_host_flags(backends, s)]
@@ -130,5 +161,5 @@ def test_kubernetes_triton_container_starts_the_real_server_and_its_probes_pass(
         url = f"http://{server.http_url}"
         for probe in ("livenessProbe", "readinessProbe"):
             if "exec" in triton.get(probe, {}):
-                out = _health(triton[probe]["exec"]["command"], url, container_repo, repo)
+                out = _health(triton[probe]["exec"]["command"], url, container_repo, repo, env)
                 assert out.returncode == 0, (probe, out.stdout + out.stderr)
