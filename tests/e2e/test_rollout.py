@@ -147,3 +147,52 @@ def test_a_corrupted_release_is_refused_at_promote(two_releases, tmp_path):
     out = _cli("promote", first, "--releases", str(releases))
     assert out.returncode == 2 and "does not match its checksum" in out.stderr
     assert rel.current(releases) is None
+
+
+def test_a_broken_server_is_replaced_by_the_same_switch_without_failing_a_retrying_client(two_releases, tmp_path):
+    """The supervisor's restart in --releases mode: a killed stub makes serve start a fresh server on
+    the same release, switch to it and drain the broken one; SDK clients with retries see no error."""
+    import os
+    import signal
+
+    from rankserve.server.processes import stub_processes
+    from rankserve_client import RankerClient
+
+    root, (first, _second), (scores_first, _) = two_releases
+    releases = tmp_path / "releases"
+    shutil.copytree(root / "releases" / first, releases / first)
+    rel.promote(releases, first)
+    serve = Serve(None, "--releases", str(releases), "--health-interval", "0.2", "--drain-timeout", "3")
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with RankerClient(serve.url, retries=12, backoff=0.1, timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    client.rank(QUERY, TEXTS)
+                    outcomes.append("ok")
+                except Exception as exc:  # noqa: BLE001 - recorded; the test fails on it below
+                    outcomes.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.01)
+
+    try:
+        serve.wait_for("Ctrl-C or SIGTERM stops it.", timeout=180)
+        worker = threading.Thread(target=load)
+        worker.start()
+        time.sleep(1)
+        broken = serve.server_pid()
+        (stub,) = [s for s in stub_processes(broken) if s.model == "rank"]
+        os.kill(stub.pid, signal.SIGKILL)
+        serve.wait_for(f"now serving release {first}", timeout=120)
+        time.sleep(1)
+        stop.set()
+        worker.join(timeout=60)
+        assert "stub died: rank_0_0" in serve.output and "replacing the server" in serve.output
+        assert serve.server_pid() != broken and not Path(f"/proc/{broken}").exists()
+        assert outcomes.count("ok") > 20 and set(outcomes) == {"ok"}, {o for o in outcomes if o != "ok"}
+        assert np.max(np.abs(_probe(serve.url) - scores_first)) <= 1e-3
+    finally:
+        stop.set()
+        code = serve.stop()
+    assert code == 0 and serve.leftover_shm() == set()
