@@ -295,14 +295,29 @@ def _health(args) -> None:
 
 
 def _rank(args) -> None:
+    import os
+
     from rankserve_client import RankerClient, RankerError
 
     texts = [line.strip() for line in Path(args.texts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    headers = {}
+    for header in args.header:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            raise RankserveError(f"--header {header!r}: write it as 'Name: value'")
+        headers[name.strip()] = value.strip()
+    if args.token_env:
+        if not os.environ.get(args.token_env):
+            raise RankserveError(f"--token-env {args.token_env}: that environment variable is not set or empty")
+        headers["Authorization"] = f"Bearer {os.environ[args.token_env]}"
     try:
-        with RankerClient(args.url, args.protocol, model=args.model, timeout=args.timeout) as client:
+        with RankerClient(args.url, args.protocol, model=args.model, timeout=args.timeout, headers=headers,
+                          ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file) as client:
             results = client.rank(args.query, texts, args.top_k)
     except RankerError as exc:
         raise RankserveError(f"{type(exc).__name__}: {exc}") from None
+    except ValueError as exc:  # options the SDK refuses (a CA file for http://, a missing file)
+        raise RankserveError(str(exc)) from None
     print(f"query: {args.query!r}  ({len(texts)} candidates, {client.protocol})")
     for r in results:
         print(f"{r.rank:>4}. {r.score:+8.4f}  [{r.id}] {r.text}")
@@ -537,13 +552,20 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_health)
 
     s = sub.add_parser("rank", help="rank candidate texts for a query through a running server")
-    s.add_argument("--url", default="127.0.0.1:8000", help="host:port, http://host:port or grpc://host:port")
+    s.add_argument("--url", default="127.0.0.1:8000",
+                   help="host:port, http://host:port, grpc://host:port, or over TLS https://host[:port], grpcs://host:port")
     s.add_argument("--protocol", choices=["http", "grpc"], help="when the URL has no scheme (default http)")
     s.add_argument("--model", default="ranker")
     s.add_argument("--query", required=True)
     s.add_argument("--texts-file", required=True, help="one candidate text per line")
     s.add_argument("--top-k", type=int)
     s.add_argument("--timeout", type=float, default=30.0)
+    s.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="sent with the request (HTTP header, gRPC metadata); repeatable")
+    s.add_argument("--token-env", metavar="VAR", help="send Authorization: Bearer $VAR (the gateway's token, kept off the command line)")
+    s.add_argument("--ca-file", help="TLS: the CA bundle that signed the server's certificate (default: the system's)")
+    s.add_argument("--cert-file", help="mutual TLS: the client certificate (PEM), with --key-file")
+    s.add_argument("--key-file", help="mutual TLS: the client certificate's private key (PEM)")
     s.set_defaults(func=_rank)
 
     s = sub.add_parser("check-engines", help="refuse, with the reason, TensorRT engines this server's TensorRT or GPUs cannot run (run before tritonserver)")

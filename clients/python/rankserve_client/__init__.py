@@ -8,10 +8,11 @@
 
 from rankserve_client._common import Item, RankedItem
 from rankserve_client.client import RankerClient
-from rankserve_client.errors import ApiMismatch, BadRequest, Overloaded, RankerError, ServerError, Timeout, Unavailable
+from rankserve_client.errors import (ApiMismatch, BadRequest, Overloaded, PermissionDenied, RankerError, ServerError, Timeout, TlsError,
+                                     Unauthenticated, Unavailable)
 
 __all__ = ["RankerClient", "AsyncRankerClient", "Item", "RankedItem", "RankerError", "BadRequest", "Unavailable",
-           "Overloaded", "Timeout", "ServerError", "ApiMismatch"]
+           "Overloaded", "Timeout", "ServerError", "ApiMismatch", "Unauthenticated", "PermissionDenied", "TlsError"]
 __version__ = "0.1.0"
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import random
+import ssl
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
-from rankserve_client.errors import ApiMismatch, BadRequest, RankerError
+from rankserve_client.errors import ApiMismatch, BadRequest, RankerError, Unavailable
 
 RetryHook = Callable[[RankerError, int, float], None]
 """``on_retry(error, attempt, delay_s)``: attempt 1 is the first retry."""
@@ -57,16 +59,106 @@ def to_items(items: Iterable[ItemLike]) -> list[Item]:
     return out
 
 
-def parse_url(url: str, protocol: str | None) -> tuple[str, str]:
-    """``(protocol, host:port)`` from ``http://h:p``, ``grpc://h:p`` or ``h:p`` plus ``protocol``."""
+SCHEMES = {"http": ("http", False), "https": ("http", True), "grpc": ("grpc", False), "grpcs": ("grpc", True)}
+
+
+def parse_url(url: str, protocol: str | None, tls: bool | None = None) -> tuple[str, str, bool]:
+    """``(protocol, host:port, tls)`` from ``http://``, ``https://``, ``grpc://``, ``grpcs://`` (gRPC over
+    TLS) or a bare ``h:p`` with ``protocol`` (``http`` or ``grpc``) and ``tls``."""
     scheme, sep, rest = url.partition("://")
     if sep:
-        if scheme not in ("http", "grpc"):
-            raise ValueError(f"unsupported URL scheme {scheme!r}: use http:// or grpc://")
-        if protocol and protocol != scheme:
+        if scheme not in SCHEMES:
+            raise ValueError(f"unsupported URL scheme {scheme!r}: use http://, https://, grpc:// or grpcs:// (gRPC over TLS)")
+        proto, secure = SCHEMES[scheme]
+        if protocol and protocol != proto:
             raise ValueError(f"URL scheme {scheme!r} contradicts protocol={protocol!r}")
-        return scheme, rest.rstrip("/")
-    return protocol or "http", url.rstrip("/")
+        if tls is not None and tls != secure:
+            raise ValueError(f"URL scheme {scheme!r} contradicts tls={tls!r}: use {'https:// or grpcs://' if tls else 'http:// or grpc://'}")
+        return proto, rest.rstrip("/"), secure
+    if protocol not in (None, "http", "grpc"):
+        raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+    return protocol or "http", url.rstrip("/"), bool(tls)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for TLS: ``ca_file`` the CA bundle that signs the server's certificate (default: the
+    system's trust store); ``cert_file`` and ``key_file`` the client's certificate for mutual TLS."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: the client certificate and its private key (mutual TLS)")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{name} {path!r} is not a file")
+
+    @property
+    def given(self) -> bool:
+        return any((self.ca_file, self.cert_file, self.key_file))
+
+
+def tls_files(tls: bool, ca_file: str | None, cert_file: str | None, key_file: str | None) -> TlsFiles:
+    files = TlsFiles(ca_file, cert_file, key_file)
+    if files.given and not tls:
+        raise ValueError("ca_file, cert_file and key_file are for TLS: use an https:// or grpcs:// URL (or tls=True)")
+    return files
+
+
+def http_ssl_options(files: TlsFiles) -> dict:
+    """``ssl_options`` of tritonclient's (geventhttpclient's) HTTP client."""
+    options: dict = {}
+    if files.ca_file:
+        options["ca_certs"] = files.ca_file
+    if files.cert_file:
+        options.update(certfile=files.cert_file, keyfile=files.key_file)
+    return options
+
+
+def ssl_context(files: TlsFiles) -> ssl.SSLContext:
+    """An SSL context verifying the server against ``ca_file`` (or the system's CAs), with the client certificate."""
+    context = ssl.create_default_context(cafile=files.ca_file)
+    if files.cert_file:
+        context.load_cert_chain(files.cert_file, files.key_file)
+    return context
+
+
+def grpc_tls_kwargs(tls: bool, files: TlsFiles) -> dict:
+    """The TLS arguments of tritonclient's gRPC clients (paths: it reads the files itself)."""
+    if not tls:
+        return {}
+    return {"ssl": True, "root_certificates": files.ca_file, "private_key": files.key_file, "certificate_chain": files.cert_file}
+
+
+def explain(error: RankerError, tls: bool, files: TlsFiles) -> RankerError:
+    """A closed socket during a TLS handshake without a client certificate: say what it likely means
+    (under TLS 1.3 a server that wants mutual TLS just closes the connection)."""
+    if tls and not files.cert_file and isinstance(error, Unavailable) and "socket closed" in str(error).lower():
+        return type(error)(f"{error} (a server that wants mutual TLS closes the connection of a client without a "
+                           f"certificate: pass cert_file and key_file)")
+    return error
+
+
+Headers = Mapping[str, str]
+
+
+def merge_headers(protocol: str, *layers: Headers | None) -> dict[str, str] | None:
+    """The client's headers updated by the call's (later layers win); gRPC metadata keys are lowercase."""
+    merged: dict[str, str] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if not isinstance(key, str) or not isinstance(value, str) or not key:
+                raise ValueError(f"headers must map non-empty strings to strings, got {key!r}: {value!r}")
+            if any(ch in key + value for ch in "\r\n"):
+                raise ValueError(f"header {key!r} holds a line break")
+            key = key.lower() if protocol == "grpc" else key
+            merged = {k: v for k, v in merged.items() if k.lower() != key.lower()}
+            merged[key] = value
+    return merged or None
 
 
 GRPC_MAX_MESSAGE = 2**31 - 1

@@ -21,8 +21,12 @@ class AsyncRankerClient:
 
     def __init__(self, url: str, protocol: Optional[str] = None, *, model: str = c.DEFAULT_MODEL, timeout: float = 10.0,
                  retries: int = 3, backoff: float = 0.1, chunk_size: int = c.DEFAULT_CHUNK, check_api: bool = True,
-                 on_retry: Optional[c.RetryHook] = None, load_balancing: Optional[str] = None) -> None:
-        self.protocol, self.address = c.parse_url(url, protocol)
+                 on_retry: Optional[c.RetryHook] = None, load_balancing: Optional[str] = None,
+                 headers: Optional[c.Headers] = None, tls: Optional[bool] = None, ca_file: Optional[str] = None,
+                 cert_file: Optional[str] = None, key_file: Optional[str] = None) -> None:
+        self.protocol, self.address, self.tls = c.parse_url(url, protocol, tls)
+        self.tls_files = c.tls_files(self.tls, ca_file, cert_file, key_file)
+        self.headers = c.merge_headers(self.protocol, headers) or {}
         self.model, self.timeout, self.retries, self.backoff, self.chunk_size = model, timeout, retries, backoff, chunk_size
         self.check_api_on_connect = check_api
         self.on_retry = on_retry
@@ -37,10 +41,19 @@ class AsyncRankerClient:
 
     async def connect(self) -> "AsyncRankerClient":
         if self._client is None:
-            self._client = (self._aio.InferenceServerClient(self.target, channel_args=self.channel_args)
-                            if self.protocol == "grpc" else self._aio.InferenceServerClient(self.address))
+            if self.protocol == "grpc":
+                self._client = self._aio.InferenceServerClient(self.target, channel_args=self.channel_args,
+                                                               **c.grpc_tls_kwargs(self.tls, self.tls_files))
+            elif self.tls:
+                self._client = self._aio.InferenceServerClient(self.address, ssl=True, ssl_context=c.ssl_context(self.tls_files))
+            else:
+                self._client = self._aio.InferenceServerClient(self.address)
         if self.check_api_on_connect:
-            await self.check_api()
+            try:
+                await self.check_api()
+            except BaseException:
+                await self.close()  # `async with` does not exit what it failed to enter
+                raise
         return self
 
     async def _call(self, fn: Callable[[object], Awaitable[T]], timeout: Optional[float] = None) -> T:
@@ -54,7 +67,7 @@ class AsyncRankerClient:
             except asyncio.TimeoutError:
                 raise Timeout(f"no answer within {timeout} s") from None
             except Exception as exc:  # noqa: BLE001 - mapped to the SDK's hierarchy below
-                error = map_error(exc)
+                error = c.explain(map_error(exc), self.tls, self.tls_files)
                 if not error.retryable or not delays:
                     raise error from None
                 delay = delays.pop(0)
@@ -62,33 +75,39 @@ class AsyncRankerClient:
                     self.on_retry(error, self.retries - len(delays), delay)
                 await asyncio.sleep(delay)
 
-    async def is_ready(self, model: Optional[str] = None) -> bool:
+    def _headers(self, headers: Optional[c.Headers]) -> Optional[dict]:
+        return c.merge_headers(self.protocol, self.headers, headers)
+
+    async def is_ready(self, model: Optional[str] = None, headers: Optional[c.Headers] = None) -> bool:
         try:
-            return bool(await self._call(lambda cl: cl.is_model_ready(model or self.model)))
+            return bool(await self._call(lambda cl: cl.is_model_ready(model or self.model, headers=self._headers(headers))))
         except RankerError:
             return False
 
-    async def check_api(self, model: Optional[str] = None) -> None:
+    async def check_api(self, model: Optional[str] = None, headers: Optional[c.Headers] = None) -> None:
         model = model or self.model
+        sent = self._headers(headers)
         if self.protocol == "grpc":
-            metadata = await self._call(lambda cl: cl.get_model_metadata(model, as_json=True))
+            metadata = await self._call(lambda cl: cl.get_model_metadata(model, as_json=True, headers=sent))
         else:
-            metadata = await self._call(lambda cl: cl.get_model_metadata(model))
+            metadata = await self._call(lambda cl: cl.get_model_metadata(model, headers=sent))
         c.check_metadata(model, metadata)
 
     async def rank(self, query: str, items: Iterable[c.ItemLike], top_k: Optional[int] = None,
-                   model: Optional[str] = None, timeout: Optional[float] = None) -> list[c.RankedItem]:
+                   model: Optional[str] = None, timeout: Optional[float] = None,
+                   headers: Optional[c.Headers] = None) -> list[c.RankedItem]:
         """Rank ``items`` for ``query``, best first; see :meth:`RankerClient.rank`."""
         all_items = c.to_items(items)
         c.validate(query, all_items, top_k)
         model = model or self.model
+        sent = self._headers(headers)
 
         async def one(start: int, end: int):
             texts = [it.text for it in all_items[start:end]]
             k = None if top_k is None else min(top_k, end - start)
             inputs = c.build_inputs(self._tc, query, texts, k)
             outputs = [self._tc.InferRequestedOutput(name) for name in c.API_OUTPUTS]
-            result = await self._call(lambda cl: cl.infer(model, inputs, outputs=outputs), timeout)
+            result = await self._call(lambda cl: cl.infer(model, inputs, outputs=outputs, headers=sent), timeout)
             return start, result.as_numpy("indices"), result.as_numpy("scores")
 
         parts = await asyncio.gather(*(one(s, e) for s, e in c.chunks(len(all_items), self.chunk_size)))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import http.client
 import socket
+import ssl
 import threading
 import time
 from typing import Callable, Iterable, Optional, TypeVar
 
 from rankserve_client import _common as c
-from rankserve_client.errors import RankerError, Timeout, Unavailable, from_triton
+from rankserve_client.errors import RankerError, Timeout, Unavailable, from_triton, tls_error
 
 T = TypeVar("T")
 
@@ -22,6 +23,8 @@ def map_error(exc: BaseException) -> RankerError:
         return exc
     if isinstance(exc, InferenceServerException):
         return from_triton(exc.status(), exc.message() or str(exc))
+    if isinstance(exc, ssl.SSLError) or any(k.__name__ == "ClientSSLError" for k in type(exc).__mro__):
+        return tls_error(str(exc))
     if isinstance(exc, (socket.timeout, TimeoutError)) or type(exc).__name__ == "Timeout":
         return Timeout(f"no answer in time: {exc}")
     if isinstance(exc, OSError):
@@ -44,15 +47,23 @@ class RankerClient:
     def __init__(self, url: str, protocol: Optional[str] = None, *, model: str = c.DEFAULT_MODEL, timeout: float = 10.0,
                  retries: int = 3, backoff: float = 0.1, chunk_size: int = c.DEFAULT_CHUNK, check_api: bool = True,
                  on_retry: Optional[c.RetryHook] = None, load_balancing: Optional[str] = None,
-                 refresh_s: float = 60.0) -> None:
-        """``url``: ``http://host:8000``, ``grpc://host:8001`` or ``host:port`` with ``protocol``.
+                 refresh_s: float = 60.0, headers: Optional[c.Headers] = None, tls: Optional[bool] = None,
+                 ca_file: Optional[str] = None, cert_file: Optional[str] = None, key_file: Optional[str] = None) -> None:
+        """``url``: ``http://host:8000``, ``grpc://host:8001``, over TLS ``https://host`` or ``grpcs://host:8001``,
+        or ``host:port`` with ``protocol`` (and ``tls=True``).
         ``timeout``: seconds per call; ``retries``: extra attempts when the server is unavailable or
         overloaded (exponential backoff from ``backoff`` s); ``chunk_size``: most candidates per request;
         ``check_api``: fetch the model's metadata now and raise :class:`ApiMismatch` if it is not a ranker;
         ``on_retry(error, attempt, delay_s)``: called before each retry (to count or log them);
         ``load_balancing="round_robin"`` (gRPC): spread requests over every replica behind a headless
-        Service name, re-resolving it every ``refresh_s`` seconds so new replicas get traffic."""
-        self.protocol, self.address = c.parse_url(url, protocol)
+        Service name, re-resolving it every ``refresh_s`` seconds so new replicas get traffic.
+        ``headers``: sent with every call (HTTP headers, gRPC metadata), e.g. ``{"Authorization": "Bearer <token>"}``
+        for a gateway; a call's own ``headers`` add to or replace them. TLS: ``ca_file`` the CA bundle that signed
+        the server's certificate (default: the system's), ``cert_file`` and ``key_file`` a client certificate
+        (mutual TLS)."""
+        self.protocol, self.address, self.tls = c.parse_url(url, protocol, tls)
+        self.tls_files = c.tls_files(self.tls, ca_file, cert_file, key_file)
+        self.headers = c.merge_headers(self.protocol, headers) or {}
         self.model, self.timeout, self.retries, self.backoff, self.chunk_size = model, timeout, retries, backoff, chunk_size
         self.on_retry = on_retry
         if load_balancing and self.protocol != "grpc":
@@ -84,7 +95,8 @@ class RankerClient:
                     self._retired.append(self._grpc)
                     self._grpc = None
                 if self._grpc is None:
-                    self._grpc = self._tc.InferenceServerClient(self.target, channel_args=self.channel_args)
+                    self._grpc = self._tc.InferenceServerClient(self.target, channel_args=self.channel_args,
+                                                                **c.grpc_tls_kwargs(self.tls, self.tls_files))
                     self._grpc_born = now
                     while len(self._retired) > 1:
                         self._retired.pop(0).close()
@@ -93,7 +105,8 @@ class RankerClient:
         if clients is None:
             clients = self._local.clients = {}
         if timeout not in clients:
-            clients[timeout] = self._tc.InferenceServerClient(self.address, connection_timeout=timeout, network_timeout=timeout)
+            tls = {"ssl": True, "ssl_options": c.http_ssl_options(self.tls_files)} if self.tls else {}
+            clients[timeout] = self._tc.InferenceServerClient(self.address, connection_timeout=timeout, network_timeout=timeout, **tls)
             with self._lock:
                 self._all_http.append(clients[timeout])
         return clients[timeout]
@@ -105,7 +118,7 @@ class RankerClient:
             try:
                 return fn(self._client(timeout), timeout)
             except Exception as exc:  # noqa: BLE001 - mapped to the SDK's hierarchy below
-                error = map_error(exc)
+                error = c.explain(map_error(exc), self.tls, self.tls_files)
                 if not error.retryable or not delays:
                     raise error from None
                 delay = delays.pop(0)
@@ -114,32 +127,37 @@ class RankerClient:
                 time.sleep(delay)
 
     # -- API -----------------------------------------------------------------------------------
-    def is_live(self) -> bool:
+    def _headers(self, headers: Optional[c.Headers]) -> Optional[dict]:
+        return c.merge_headers(self.protocol, self.headers, headers)
+
+    def is_live(self, headers: Optional[c.Headers] = None) -> bool:
         try:
-            return bool(self._client(self.timeout).is_server_live())
+            return bool(self._client(self.timeout).is_server_live(headers=self._headers(headers)))
         except Exception:  # noqa: BLE001
             return False
 
-    def is_ready(self, model: Optional[str] = None) -> bool:
+    def is_ready(self, model: Optional[str] = None, headers: Optional[c.Headers] = None) -> bool:
         try:
-            return bool(self._client(self.timeout).is_model_ready(model or self.model))
+            return bool(self._client(self.timeout).is_model_ready(model or self.model, headers=self._headers(headers)))
         except Exception:  # noqa: BLE001
             return False
 
-    def check_api(self, model: Optional[str] = None) -> None:
+    def check_api(self, model: Optional[str] = None, headers: Optional[c.Headers] = None) -> None:
         """Raise :class:`ApiMismatch` unless ``model`` exposes query/texts/top_k -> indices/scores."""
         model = model or self.model
+        sent = self._headers(headers)
 
         def fetch(client, _timeout):
             if self.protocol == "grpc":
-                return client.get_model_metadata(model, as_json=True, client_timeout=_timeout)
-            return client.get_model_metadata(model)
+                return client.get_model_metadata(model, as_json=True, client_timeout=_timeout, headers=sent)
+            return client.get_model_metadata(model, headers=sent)
 
         c.check_metadata(model, self._call(fetch))
 
     def rank(self, query: str, items: Iterable[c.ItemLike], top_k: Optional[int] = None,
-             model: Optional[str] = None, timeout: Optional[float] = None) -> list[c.RankedItem]:
-        """Rank ``items`` for ``query``, best first; at most ``top_k`` results.
+             model: Optional[str] = None, timeout: Optional[float] = None,
+             headers: Optional[c.Headers] = None) -> list[c.RankedItem]:
+        """Rank ``items`` for ``query``, best first; at most ``top_k`` results; ``headers`` add to the client's.
 
         Items are strings (id = position), ``(id, text)`` pairs or objects with ``id`` and ``text``.
         Lists longer than ``chunk_size`` go out in several requests and are merged by score (each
@@ -147,6 +165,7 @@ class RankerClient:
         all_items = c.to_items(items)
         c.validate(query, all_items, top_k)
         model = model or self.model
+        sent = self._headers(headers)
         parts = []
         for start, end in c.chunks(len(all_items), self.chunk_size):
             texts = [it.text for it in all_items[start:end]]
@@ -156,8 +175,8 @@ class RankerClient:
 
             def infer(client, t, inputs=inputs, outputs=outputs):
                 if self.protocol == "grpc":
-                    return client.infer(model, inputs, outputs=outputs, client_timeout=t)
-                return client.infer(model, inputs, outputs=outputs)
+                    return client.infer(model, inputs, outputs=outputs, client_timeout=t, headers=sent)
+                return client.infer(model, inputs, outputs=outputs, headers=sent)
 
             result = self._call(infer, timeout)
             parts.append((start, result.as_numpy("indices"), result.as_numpy("scores")))

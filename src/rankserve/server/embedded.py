@@ -110,6 +110,7 @@ def server_command(install: TritonInstall, repo: Path, backends: Path, s: ServeS
         f"--grpc-port={s.grpc_port}",
         f"--metrics-address={s.host}",
         f"--metrics-port={s.metrics_port}",
+        "--metrics-config=summary_latencies=true",  # latency quantiles per model, as in docker compose
         *response_cache_args(install, s),
     ]
 
