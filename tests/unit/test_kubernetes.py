@@ -419,6 +419,13 @@ def test_the_canary_serves_its_own_release_behind_the_same_services(rendered):
         assert selector.items() <= labels.items()
         for service in (d for d in docs if d["kind"] == "Service"):  # both tracks behind each Service: share = replica share
             assert service["spec"]["selector"].items() <= labels.items(), service["metadata"]["name"]
+    monitor = _find(docs, "PodMonitor", "rankserve-triton")  # both tracks scraped, the track kept as a label for the dashboard
+    assert all(monitor["spec"]["selector"]["matchLabels"].items() <= t[1].items() for t in tracks.values())
+    assert "rankserve.io/track" in monitor["spec"]["podTargetLabels"]
+    dashboard = json.loads((ROOT / "deploy" / "monitoring" / "grafana" / "dashboards" / "rankserve.json").read_text())
+    compared = [p["title"] for p in dashboard["panels"] if all("by (rankserve_io_track" in t["expr"] for t in p["targets"])]
+    assert len(compared) == 3 and any("pairs" in t for t in compared) and any("failed" in t for t in compared) \
+        and any("p95" in t for t in compared)
     assert _find(docs, "HorizontalPodAutoscaler", "rankserve-triton")["spec"]["scaleTargetRef"]["name"] == "rankserve-triton"
     assert _find(docs, "PodDisruptionBudget", "rankserve-triton")["spec"]["selector"]["matchLabels"]["rankserve.io/track"] == "stable"
     # each track reads its own release (its own hashed ConfigMap), published by its own Job
