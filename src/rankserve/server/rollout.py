@@ -99,9 +99,10 @@ class ReleaseServer:
         self.log(f"{why}: starting a server on release {name}")
         try:
             new = self._start_server(name)
-        except RankserveError as exc:
-            self.log(f"release {name} NOT served, still serving {self.release}: {exc}")
-            self.switches.append({"release": name, "ok": False, "error": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - whatever stops the new server, the old one keeps serving
+            detail = str(exc) if isinstance(exc, RankserveError) else f"{type(exc).__name__}: {exc}"
+            self.log(f"release {name} NOT served, still serving {self.release}: {detail}")
+            self.switches.append({"release": name, "ok": False, "error": detail})
             return False
         ready_s = time.monotonic() - started
         old, old_release = self.server, self.release
