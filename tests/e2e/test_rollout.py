@@ -5,6 +5,7 @@ one serving."""
 
 import dataclasses
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -214,3 +215,29 @@ def test_a_broken_server_is_replaced_by_the_same_switch_without_failing_a_retryi
         stop.set()
         code = serve.stop()
     assert code == 0 and len(regions) >= 6 and _left(regions) == set()  # the killed stub's region too
+
+
+def test_serve_releases_gives_up_when_the_restart_budget_is_spent_and_leaves_nothing(two_releases, tmp_path):
+    import os
+    import signal
+
+    from rankserve.server.processes import stub_processes
+
+    root, (first, _second), _ = two_releases
+    releases = tmp_path / "releases"
+    shutil.copytree(root / "releases" / first, releases / first)
+    rel.promote(releases, first)
+    serve = Serve(None, "--releases", str(releases), "--health-interval", "0.2", "--max-restarts", "0")
+    try:
+        serve.wait_for("Ctrl-C or SIGTERM stops it.", timeout=180)
+        regions = _regions(serve, set())
+        (stub,) = [s for s in stub_processes(serve.server_pid()) if s.model == "tokenize"]
+        os.kill(stub.pid, signal.SIGKILL)
+        assert serve.proc.wait(timeout=60) == 2
+    finally:
+        serve.stop()
+    serve.wait_for("gave up: 0 restarts within", timeout=5)
+    assert "Traceback" not in serve.output
+    assert processes_mentioning(str(releases)) == [] and _left(regions) == set()
+    with socket.socket() as s:  # the proxy let its ports go
+        s.bind(("127.0.0.1", serve.settings.http_port))

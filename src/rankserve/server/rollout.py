@@ -118,7 +118,15 @@ class ReleaseServer:
 
     def run(self, stop: threading.Event) -> int | None:
         """Serve until ``stop`` is set: follow the pointer, replace a broken server; the last server's
-        exit code. Raises :class:`ServeError` when the restart budget is spent."""
+        exit code. Raises :class:`ServeError` when the restart budget is spent (the servers and the
+        proxy are stopped either way)."""
+        try:
+            self._follow(stop)
+        finally:
+            code = self.close()
+        return code
+
+    def _follow(self, stop: threading.Event) -> None:
         budget = RestartBudget(self.settings.max_restarts, self.settings.restart_window_s)
         while not stop.wait(self.settings.health_interval_s):
             problem = self.server.health_problem() if self.server is not None else "no server"
@@ -136,7 +144,6 @@ class ReleaseServer:
                 continue
             if not self.switch(wanted, f"{self.releases}/current -> {wanted}"):
                 self.failed = wanted
-        return self.close()
 
     def close(self) -> int | None:
         code = None
