@@ -131,12 +131,13 @@ def variants_server(tiny_variants_repo, tmp_path_factory):
 class Serve:
     """``rankserve serve`` in a subprocess, its output collected line by line."""
 
-    def __init__(self, repo: Path, *extra: str) -> None:
+    def __init__(self, repo: Path | None, *extra: str) -> None:
+        """``repo`` None: no ``--model-repository`` (``extra`` says what to serve, e.g. ``--releases``)."""
         self.settings = free_serve_settings()
         s = self.settings
         self.shm_before = set(os.listdir("/dev/shm"))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rankserve", "serve", "--model-repository", str(repo), "--http-port", str(s.http_port),
+            [sys.executable, "-m", "rankserve", "serve", *(["--model-repository", str(repo)] if repo else []), "--http-port", str(s.http_port),
              "--grpc-port", str(s.grpc_port), "--metrics-port", str(s.metrics_port), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []

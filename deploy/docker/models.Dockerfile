@@ -1,6 +1,8 @@
 # The built model repository as an image, for clusters: the publish Job publishes /bundle as a
 # release on the shared volume (rankserve-publish: deploy/docker/publish.sh). Build after `make build`,
 # tagged with the release name: `docker build -f deploy/docker/models.Dockerfile -t <registry>/rankserve/models:0.1.0 .`
+# and after `rankserve publish --stamp-only --model-repository model_repository`: the publish Job
+# refuses a repository without the stamp it writes once the accuracy gate passed.
 # It carries the ONNX variants and held-out data too: the GPU engines Job builds from them.
 FROM busybox:1.37
 

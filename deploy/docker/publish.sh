@@ -12,6 +12,10 @@
 # (a Job re-run by `kubectl apply` or a GitOps sync is harmless); with another manifest it fails.
 # RANKSERVE_WAIT_S (default 0): how long to wait for SOURCE's manifest to appear (the engines Job
 # starts from the release the publish Job writes, and may be scheduled first).
+# Only a repository whose accuracy gate passed is published: SOURCE/model_repository/gate.sha256,
+# written by `rankserve publish --stamp-only` (or `rankserve publish`) after it checked the gate,
+# must hold the SHA-256 of manifest.json (`sha256sum -c`); the gate results are in that manifest.
+# In a derived release the stamp names source.json, the gated manifest it was made from.
 # Exit status: 0 published (or already there), 1 failed, 2 wrong usage.
 set -eu
 
@@ -30,6 +34,7 @@ esac
 [ ${#name} -le 40 ] || { echo "rankserve-publish: release name '$name' is longer than 40 characters" >&2; exit 2; }
 
 manifest=model_repository/manifest.json
+stamp=model_repository/gate.sha256
 releases=$root/releases
 dest=$releases/$name
 
@@ -41,6 +46,11 @@ while [ ! -f "$source/$manifest" ]; do
     sleep 5
     waited=$((waited + 5))
 done
+
+[ -f "$source/$stamp" ] \
+    || fail "no $source/$stamp: the accuracy gate of this repository was not checked; run \`rankserve publish --stamp-only --model-repository model_repository\` before building the models image (it refuses a repository whose gate failed)"
+(cd "$source/model_repository" && sha256sum -c "${stamp#model_repository/}" >/dev/null 2>&1) \
+    || fail "$source/$stamp does not match its manifest: the repository changed after its gate was checked; run \`rankserve publish --stamp-only\` again"
 
 if [ -e "$dest" ]; then
     cmp -s "$source/$manifest" "$dest/$manifest" 2>/dev/null \
@@ -67,6 +77,7 @@ if [ $# -gt 0 ]; then
     echo "running in $stage: $*"
     (cd "$stage" && "$@") || fail "the command failed in $stage: release $name not published"
     [ -f "$stage/$manifest" ] || fail "the command removed $stage/$manifest: release $name not published"
+    sed -i 's/  manifest\.json$/  source.json/' "$stage/$stamp" || fail "could not rewrite $stage/$stamp"
 fi
 chmod -R a+rX,go-w "$stage"
 mv -T "$stage" "$dest" 2>/dev/null || fail "$dest appeared while publishing (another publisher?): left as it is"

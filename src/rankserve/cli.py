@@ -130,7 +130,8 @@ def _gpu_check(args) -> None:
 def _serve_settings(args) -> ServeSettings:
     return ServeSettings(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                          health_interval_s=args.health_interval, max_restarts=args.max_restarts,
-                         cache_dir=args.cache_dir, response_cache_bytes=_cache_size(args.response_cache, "--response-cache"))
+                         cache_dir=args.cache_dir, response_cache_bytes=_cache_size(args.response_cache, "--response-cache"),
+                         **({"drain_timeout_s": args.drain_timeout} if getattr(args, "drain_timeout", None) is not None else {}))
 
 
 def _cache_size(text: str | None, flag: str) -> int:
@@ -153,6 +154,12 @@ def _serve(args) -> None:
     from rankserve.server.embedded import EmbeddedServer
     from rankserve.server.supervisor import supervise
 
+    if args.releases:
+        if args.model_repository:
+            raise RankserveError("--releases serves DIR/current: no --model-repository with it")
+        _serve_releases(args)
+        return
+    args.model_repository = args.model_repository or "model_repository"
     manifest = verify_repository(args.model_repository)
     _require_budget(args.model_repository, _budget(args.memory_budget) or manifest.get("serving", {}).get("memory_budget_bytes", 0))
     settings = _serve_settings(args)
@@ -188,6 +195,77 @@ def _serve(args) -> None:
 
     code = supervise(make_server, settings, stop, log=lambda msg: print(msg, flush=True), on_ready=ready)
     print(f"stopped (exit code {code})", flush=True)
+
+
+def _serve_releases(args) -> None:
+    import tempfile
+    import threading
+
+    from rankserve import releases
+    from rankserve.server.rollout import ReleaseServer
+
+    settings = _serve_settings(args)
+    name = releases.current(args.releases)
+    if name:
+        repo = releases.check_release(args.releases, name)
+        manifest = releases.read_manifest(repo)
+        _require_budget(str(repo), _budget(args.memory_budget) or manifest.get("serving", {}).get("memory_budget_bytes", 0))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    log_dir = Path(args.log_file).parent if args.log_file else Path(tempfile.mkdtemp(prefix="rankserve-serve-"))
+    server = ReleaseServer(args.releases, settings, log_dir, log=lambda msg: print(msg, flush=True)).start()
+    s = settings
+    print(f"serving release {server.release} of {args.releases} (models {', '.join(server.server.models)})")
+    print(f"  HTTP     http://{s.host}:{s.http_port}  (POST /v2/models/ranker/infer)")
+    print(f"  gRPC     {s.host}:{s.grpc_port}")
+    print(f"  metrics  http://{s.host}:{s.metrics_port}/metrics")
+    print(f"  through a TCP proxy to tritonserver on {server.server.http_url}; logs {log_dir}")
+    print(f"  following {args.releases}/current (rankserve promote / rollback): a new release is started, "
+          "switched to when ready, and the old one drained; a broken server is replaced the same way", flush=True)
+    print("Ctrl-C or SIGTERM stops it.", flush=True)
+    code = server.run(stop)
+    print(f"stopped (exit code {code})", flush=True)
+
+
+def _publish(args) -> None:
+    from rankserve import releases
+
+    if args.stamp_only:
+        print(f"gate passed; stamp written: {releases.write_gate_stamp(args.model_repository)}")
+        return
+    if not args.releases:
+        raise RankserveError("--releases DIR is required (or --stamp-only)")
+    name, new = releases.publish(args.model_repository, args.releases, args.name)
+    where = Path(args.releases) / name
+    print(f"published release {name} at {where}" if new else f"release {name} is already published at {where}: nothing to do")
+
+
+def _promote(args) -> None:
+    from rankserve import releases
+
+    before = releases.promote(args.releases, args.name)
+    print(f"{args.releases}/current -> {args.name}" + (f" (was {before})" if before and before != args.name else
+                                                       " (already current)" if before else ""))
+
+
+def _rollback(args) -> None:
+    from rankserve import releases
+
+    before = releases.current(args.releases)
+    name = releases.rollback(args.releases)
+    print(f"{args.releases}/current -> {name} (was {before})")
+
+
+def _releases(args) -> None:
+    from rankserve import releases
+
+    cur, hist = releases.current(args.releases), releases.history(args.releases)
+    for name in releases.list_releases(args.releases):
+        info = releases.release_info(args.releases, name)
+        print(f"{'*' if name == cur else ' '} {name:<20} {info.get('published_utc', '')}  digest {info.get('digest', '')[:12]}  "
+              f"default {info.get('gate', {}).get('default_variant')}")
+    print(f"history (oldest first): {' '.join(hist) or 'none'}")
 
 
 def _cacheable_models(repo: str) -> list[str]:
@@ -418,7 +496,13 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_build)
 
     s = sub.add_parser("serve", help="run the embedded tritonserver on a model repository")
-    s.add_argument("--model-repository", default="model_repository")
+    s.add_argument("--model-repository", help="the repository to serve (default: model_repository)")
+    s.add_argument("--releases", metavar="DIR",
+                   help="serve the release DIR/current points at, behind a TCP proxy on the public ports, and switch to "
+                        "another release (rankserve promote / rollback) without dropping requests")
+    s.add_argument("--drain-timeout", type=float,
+                   help=f"with --releases: seconds the old release's connections may stay open after a switch "
+                        f"(default {ServeSettings.drain_timeout_s:g})")
     s.add_argument("--host", default=ServeSettings.host)
     s.add_argument("--http-port", type=int, default=ServeSettings.http_port)
     s.add_argument("--grpc-port", type=int, default=ServeSettings.grpc_port)
@@ -437,6 +521,28 @@ def parser() -> argparse.ArgumentParser:
                    help="Triton's response cache of this size in the server's memory, e.g. 256MiB (default: off): a repeated "
                         "request (same query, texts and top_k) to a ranker ensemble is answered from it; emptied on restart")
     s.set_defaults(func=_serve)
+
+    s = sub.add_parser("publish", help="publish a built repository as an immutable release (refused unless its accuracy gate passed)")
+    s.add_argument("--model-repository", default="model_repository")
+    s.add_argument("--releases", metavar="DIR", help="the releases folder: the release becomes DIR/NAME")
+    s.add_argument("--name", help="release name (default: r-<12 hex> of the repository's content)")
+    s.add_argument("--stamp-only", action="store_true",
+                   help="check the gate and write the gate stamp into the repository, publish nothing (before building "
+                        "the models image: its publish Job refuses a repository without a valid stamp)")
+    s.set_defaults(func=_publish)
+
+    s = sub.add_parser("promote", help="point DIR/current at a published release (rankserve serve --releases follows it)")
+    s.add_argument("name")
+    s.add_argument("--releases", metavar="DIR", required=True)
+    s.set_defaults(func=_promote)
+
+    s = sub.add_parser("rollback", help="point DIR/current back at the release promoted before it")
+    s.add_argument("--releases", metavar="DIR", required=True)
+    s.set_defaults(func=_rollback)
+
+    s = sub.add_parser("releases", help="list the published releases, the current one and the history")
+    s.add_argument("--releases", metavar="DIR", required=True)
+    s.set_defaults(func=_releases)
 
     s = sub.add_parser("health", help="probe for containers: the server is live and every Python-backend stub runs")
     s.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP endpoint")

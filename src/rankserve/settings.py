@@ -599,6 +599,10 @@ class ServeSettings:
     pipeline. 0 (the default): no cache. A 100-candidate answer takes about 1 KB. Answers cannot go
     stale under ``rankserve serve``: its server never reloads a model (model control ``none``) and
     a restart empties the cache (see the README, "Response cache")."""
+    drain_timeout_s: float = 10.0
+    """``rankserve serve --releases``: after a switch, how long the old server's connections may
+    stay open; each is closed as soon as it is between requests, the rest at this timeout (their
+    clients get a connection error the SDKs retry)."""
 
     def __post_init__(self) -> None:
         ports = (self.http_port, self.grpc_port, self.metrics_port)
@@ -612,6 +616,7 @@ class ServeSettings:
         _require(self.restart_grace_s >= 0, "restart_grace_s must be >= 0")
         _require(self.max_restarts >= 0, "max_restarts must be >= 0")
         _require(self.restart_window_s > 0, "restart_window_s must be > 0")
+        _require(self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0")
         _require(self.response_cache_bytes == 0 or self.response_cache_bytes >= MIN_RESPONSE_CACHE_BYTES,
                  f"response_cache_bytes must be 0 (off) or >= {MIN_RESPONSE_CACHE_BYTES}, got {self.response_cache_bytes}")
 

@@ -147,3 +147,14 @@ def test_locust_master_and_workers_run_distributed_under_the_loadtest_profile():
     env_read = (ROOT / "src/rankserve/loadtest/users.py").read_text()
     assert all(name in env_read for name in master["environment"])
     assert "ENV RANKSERVE_WANDS_QUERIES=/data/wands/query.csv" in (ROOT / "deploy/docker/locust.Dockerfile").read_text()
+
+
+def test_the_cpu_service_serves_a_published_release_when_told(resolved, tmp_path):
+    """RANKSERVE_REPOSITORY picks the folder triton-cpu mounts (a release of `rankserve publish`);
+    unset, ./model_repository as before."""
+    (default,) = [v for v in resolved["services"]["triton-cpu"]["volumes"] if v["target"] == "/models"]
+    assert Path(default["source"]) == ROOT / "model_repository" and default["read_only"]
+    release = tmp_path / "releases" / "r-0123456789ab" / "model_repository"
+    chosen = resolved_compose("cpu", TRITON_ADMIN_KEY="a-test-key", RANKSERVE_REPOSITORY=str(release))
+    (models,) = [v for v in chosen["services"]["triton-cpu"]["volumes"] if v["target"] == "/models"]
+    assert Path(models["source"]) == release and models["read_only"]

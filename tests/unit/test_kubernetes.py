@@ -17,7 +17,7 @@ from rankserve.settings import LoadTestSettings, ServeSettings
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
 TARGETS = {"gpu": K8S / "overlays" / "gpu", "cpu": K8S / "overlays" / "cpu", "loadtest": K8S / "loadtest",
-           "cpu-gateway": K8S / "overlays" / "cpu-gateway"}
+           "cpu-gateway": K8S / "overlays" / "cpu-gateway", "cpu-canary": K8S / "overlays" / "cpu-canary"}
 KUBERNETES_VERSION = "1.33.0"
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with its built-in kustomize) is not installed")
@@ -399,3 +399,51 @@ def test_static_security_check_passes(rendered, tmp_path):
     assert not failed, "\n".join(failed)
     skipped = [c for r in reports for c in r.get("results", {}).get("skipped_checks", [])]
     assert all(c.get("suppress_comment", "").strip() for c in skipped), skipped
+
+
+@needs_kubectl
+def test_the_canary_serves_its_own_release_behind_the_same_services(rendered):
+    """overlay cpu-canary: the cpu overlay plus Deployment rankserve-triton-canary (1 replica, track
+    canary) on its own release; the Services reach both tracks, the autoscaler and the disruption
+    budget only the stable one, and nothing else is rendered twice."""
+    docs, cpu = rendered["cpu-canary"], rendered["cpu"]
+    stable, canary = _find(docs, "Deployment", "rankserve-triton"), _find(docs, "Deployment", "rankserve-triton-canary")
+    kinds = lambda ds: sorted((d["kind"], d["metadata"]["name"]) for d in ds if d["kind"] not in ("Deployment", "Job", "ConfigMap"))  # noqa: E731
+    assert kinds(docs) == kinds(cpu)  # no second Service, claim, HPA, budget or policy
+    assert stable == _find(cpu, "Deployment", "rankserve-triton")  # the stable replicas are the cpu overlay's, unchanged
+    assert canary["spec"]["replicas"] == 1 and "replicas" not in stable["spec"]
+    tracks = {d["metadata"]["name"]: (d["spec"]["selector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"])
+              for d in (stable, canary)}
+    assert {n: t[0]["rankserve.io/track"] for n, t in tracks.items()} == {"rankserve-triton": "stable", "rankserve-triton-canary": "canary"}
+    for selector, labels in tracks.values():
+        assert selector.items() <= labels.items()
+        for service in (d for d in docs if d["kind"] == "Service"):  # both tracks behind each Service: share = replica share
+            assert service["spec"]["selector"].items() <= labels.items(), service["metadata"]["name"]
+    monitor = _find(docs, "PodMonitor", "rankserve-triton")  # both tracks scraped, the track kept as a label for the dashboard
+    assert all(monitor["spec"]["selector"]["matchLabels"].items() <= t[1].items() for t in tracks.values())
+    assert "rankserve.io/track" in monitor["spec"]["podTargetLabels"]
+    dashboard = json.loads((ROOT / "deploy" / "monitoring" / "grafana" / "dashboards" / "rankserve.json").read_text())
+    compared = [p["title"] for p in dashboard["panels"] if all("by (rankserve_io_track" in t["expr"] for t in p["targets"])]
+    assert len(compared) == 3 and any("pairs" in t for t in compared) and any("failed" in t for t in compared) \
+        and any("p95" in t for t in compared)
+    assert _find(docs, "HorizontalPodAutoscaler", "rankserve-triton")["spec"]["scaleTargetRef"]["name"] == "rankserve-triton"
+    assert _find(docs, "PodDisruptionBudget", "rankserve-triton")["spec"]["selector"]["matchLabels"]["rankserve.io/track"] == "stable"
+    # each track reads its own release (its own hashed ConfigMap), published by its own Job
+    configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    releases = {}
+    for d in (stable, canary):
+        (triton,) = [c for c in _pod_containers(docs, "Deployment", d["metadata"]["name"]) if c["name"] == "triton"]
+        releases[d["metadata"]["name"]] = _env(triton)["RANKSERVE_RELEASE"]
+        assert _env(triton)["RANKSERVE_MODEL_REPOSITORY"] == f"/models/releases/{releases[d['metadata']['name']]}/model_repository"
+    assert releases["rankserve-triton"] == _release(cpu) != releases["rankserve-triton-canary"]
+    assert any(n.startswith("rankserve-release-canary-") for n in configmaps)
+    jobs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Job"}
+    assert set(jobs) == {f"rankserve-publish-{releases['rankserve-triton']}", f"rankserve-publish-{releases['rankserve-triton-canary']}-canary"}
+    canary_job = jobs[f"rankserve-publish-{releases['rankserve-triton-canary']}-canary"]["spec"]["template"]["spec"]["containers"][0]
+    assert canary_job["image"].endswith(f"/rankserve/models:{releases['rankserve-triton-canary']}")
+    # apart from its name, labels, replicas and release, the canary pod is the stable one
+    strip = lambda d: json.loads(json.dumps(d["spec"]["template"]["spec"]).replace(  # noqa: E731
+        next(n for n in configmaps if n.startswith("rankserve-release-canary-")), "RELEASE").replace(
+        next(n for n in configmaps if n.startswith("rankserve-release-") and "canary" not in n), "RELEASE"))
+    spread = lambda spec: {**spec, "topologySpreadConstraints": None}  # noqa: E731
+    assert spread(strip(canary)) == spread(strip(stable))

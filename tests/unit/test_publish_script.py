@@ -2,6 +2,7 @@
 appears whole or not at all, is never overwritten, and a re-run is harmless. Run with busybox's
 sh and tools (the models image is busybox) where installed, and with the system's sh."""
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -25,7 +26,8 @@ def _open_dir() -> Path:
 def _shells(bin_dir: Path) -> list:
     shells = [["sh"]]
     if BUSYBOX:  # every tool the script calls from busybox, as in the image
-        for tool in ("sh", "cp", "mv", "rm", "mkdir", "cmp", "diff", "chmod", "hostname", "id", "sleep", "cat", "echo"):
+        for tool in ("sh", "cp", "mv", "rm", "mkdir", "cmp", "diff", "chmod", "hostname", "id", "sleep", "cat", "echo",
+                     "sha256sum", "sed"):
             (bin_dir / tool).symlink_to(BUSYBOX)
         shells.append(["env", f"PATH={bin_dir}", "sh"])
     return shells
@@ -57,6 +59,8 @@ def publish(request):
 def _bundle(path: Path, manifest: str = '{"models": {"ranker": 1}}') -> Path:
     (path / "model_repository" / "rank" / "1").mkdir(parents=True)
     (path / "model_repository" / "manifest.json").write_text(manifest)
+    (path / "model_repository" / "gate.sha256").write_text(  # what `rankserve publish --stamp-only` writes
+        f"{hashlib.sha256(manifest.encode()).hexdigest()}  manifest.json\n")
     (path / "model_repository" / "rank" / "1" / "model.onnx").write_bytes(os.urandom(4096))
     (path / "artifacts" / "data").mkdir(parents=True)
     (path / "artifacts" / "data" / "heldout.jsonl").write_text("{}\n")
@@ -102,9 +106,47 @@ def test_a_derived_release_is_built_in_a_copy_and_appears_only_when_done(publish
     assert done.returncode == 0, done.stderr
     gpu = volume / "releases" / "0.1.0-gpu" / "model_repository"
     assert (gpu / "rank" / "1" / "model.plan").read_text() == "plan\n" and "engines" in (gpu / "manifest.json").read_text()
+    assert subprocess.run(["sha256sum", "-c", "gate.sha256"], cwd=gpu, capture_output=True).returncode == 0  # names source.json
+    assert (gpu / "gate.sha256").read_text().endswith("  source.json\n")
     assert _tree(source) == before  # the source release is untouched
     again = publish("0.1.0-gpu", source, volume, "--", "false")  # the Job re-run by a sync: nothing to build
     assert again.returncode == 0 and "already published" in again.stdout
+
+
+def test_a_repository_without_a_valid_gate_stamp_is_not_published(publish, tmp_path):
+    """The stamp `rankserve publish --stamp-only` writes once the accuracy gate passed: missing, or
+    stale (the manifest changed since), the release is refused and nothing appears."""
+    bundle, volume = _bundle(tmp_path / "bundle"), tmp_path / "volume"
+    stamp = bundle / "model_repository" / "gate.sha256"
+    good = stamp.read_text()
+    stamp.unlink()
+    out = publish("0.1.0", bundle, volume)
+    assert out.returncode == 1 and "gate of this repository was not checked" in out.stderr
+    stamp.write_text(good)
+    (bundle / "model_repository" / "manifest.json").write_text('{"models": {"ranker": 3}}')
+    out = publish("0.1.0", bundle, volume)
+    assert out.returncode == 1 and "does not match its manifest" in out.stderr
+    assert not (volume / "releases").exists() or list((volume / "releases").iterdir()) == []
+
+
+def test_the_stamp_rankserve_writes_is_the_one_the_script_checks(publish, tmp_path):
+    """A real gated manifest stamped by rankserve.releases.write_gate_stamp publishes; a failed gate gets no stamp."""
+    import json
+
+    from rankserve import releases
+
+    bundle = _bundle(tmp_path / "bundle")
+    repo = bundle / "model_repository"
+    (repo / "gate.sha256").unlink()
+    gate = {"passed": True, "strict": True}
+    (repo / "manifest.json").write_text(json.dumps({"models": {}, "default_variant": "fp32",
+                                                    "variants": {"fp32": {"loaded": True, "gate": gate}},
+                                                    "serving": {"loaded": ["fp32"]}}))
+    releases.write_gate_stamp(repo)
+    out = publish("0.1.0", bundle, tmp_path / "volume")
+    assert out.returncode == 0, out.stderr
+    published = tmp_path / "volume" / "releases" / "0.1.0" / "model_repository"
+    assert (published / "gate.sha256").read_text() == releases.gate_stamp_line(published)
 
 
 def test_it_waits_for_the_source_then_says_what_is_missing(publish, tmp_path):

@@ -1,0 +1,157 @@
+"""``rankserve serve --releases DIR``: serve the release ``DIR/current`` points at and switch to
+another without dropping a request.
+
+The public ports belong to a :class:`~rankserve.server.proxy.TcpProxy`; tritonserver runs on
+internal loopback ports. A switch (``rankserve promote`` / ``rollback`` moved the pointer, or the
+server broke and is replaced by a fresh one of the same release) takes the same path: check the
+release, start a new server on it and wait until it is ready and healthy, send new connections to
+it, close the old server's connections as each falls idle (all of them after
+``ServeSettings.drain_timeout_s``), then stop the old server gracefully (in-flight requests finish
+within its exit timeout). If the new server fails, the old one keeps serving and the error is
+reported; a release that failed is not tried again until the pointer moves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from rankserve import releases as rel
+from rankserve.errors import RankserveError, ServeError
+from rankserve.server.embedded import EmbeddedServer, free_port
+from rankserve.server.proxy import TcpProxy
+from rankserve.server.supervisor import RestartBudget
+from rankserve.settings import ServeSettings
+
+ROLES = ("http", "grpc", "metrics")
+
+
+def internal_settings(settings: ServeSettings) -> ServeSettings:
+    """``settings`` on three free loopback ports (the proxy holds the public ones)."""
+    ports: list[int] = []
+    while len(ports) < 3:
+        port = free_port()
+        if port not in ports and port not in (settings.http_port, settings.grpc_port, settings.metrics_port):
+            ports.append(port)
+    return dataclasses.replace(settings, host="127.0.0.1", http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2])
+
+
+def backend_of(server: EmbeddedServer) -> dict[str, tuple[str, int]]:
+    s = server.settings
+    return {"http": (s.host, s.http_port), "grpc": (s.host, s.grpc_port), "metrics": (s.host, s.metrics_port)}
+
+
+class ReleaseServer:
+    """The proxy and the server of the current release; :meth:`run` watches both the pointer and
+    the server. ``log_dir``: each server start writes ``tritonserver.<n>.<release>.log`` there."""
+
+    def __init__(self, releases: str | Path, settings: ServeSettings, log_dir: str | Path,
+                 log: Callable[[str], None] = print) -> None:
+        self.releases, self.settings, self.log_dir, self.log = Path(releases), settings, Path(log_dir), log
+        self.proxy = TcpProxy(settings.host, {"http": settings.http_port, "grpc": settings.grpc_port,
+                                              "metrics": settings.metrics_port})
+        self.server: EmbeddedServer | None = None
+        self.release: str | None = None
+        self.failed: str | None = None
+        """The release the pointer names that failed to start (not retried until the pointer moves)."""
+        self.starts = 0
+        self.switches: list[dict] = []
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _start_server(self, name: str) -> EmbeddedServer:
+        """A ready, healthy server on release ``name`` (raises, leaving nothing running, when not)."""
+        repo = rel.check_release(self.releases, name)
+        self.starts += 1
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        server = EmbeddedServer(repo, internal_settings(self.settings), self.log_dir / f"tritonserver.{self.starts}.{name}.log")
+        try:
+            server.start()
+            server.wait_ready()
+            problem = server.health_problem()
+            if problem:
+                raise ServeError(f"release {name}: {problem} right after it was ready")
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def start(self) -> "ReleaseServer":
+        name = rel.current(self.releases)
+        if name is None:
+            raise ServeError(f"{self.releases} has no current release: `rankserve promote NAME --releases {self.releases}` first "
+                             f"(published: {', '.join(rel.list_releases(self.releases)) or 'none'})")
+        self.proxy.start()
+        try:
+            self.server = self._start_server(name)
+        except BaseException:
+            self.proxy.stop()
+            raise
+        self.release = name
+        self.proxy.set_backend(backend_of(self.server))
+        return self
+
+    def switch(self, name: str, why: str, grace_s: float | None = None) -> bool:
+        """Serve release ``name`` from a fresh server; False (old server still serving) if it fails."""
+        started = time.monotonic()
+        self.log(f"{why}: starting a server on release {name}")
+        try:
+            new = self._start_server(name)
+        except Exception as exc:  # noqa: BLE001 - whatever stops the new server, the old one keeps serving
+            detail = str(exc) if isinstance(exc, RankserveError) else f"{type(exc).__name__}: {exc}"
+            self.log(f"release {name} NOT served, still serving {self.release}: {detail}")
+            self.switches.append({"release": name, "ok": False, "error": detail})
+            return False
+        ready_s = time.monotonic() - started
+        old, old_release = self.server, self.release
+        generation = self.proxy.set_backend(backend_of(new))
+        self.server, self.release = new, name
+        idle, forced = self.proxy.drain(generation, timeout_s=self.settings.drain_timeout_s)
+        code = old.stop(grace_s=grace_s) if old is not None else None
+        self.log(f"now serving release {name} (ready in {ready_s:.1f} s; release {old_release} drained: {idle} idle connections "
+                 f"closed, {forced} closed at the {self.settings.drain_timeout_s:g} s drain timeout; its server exited with "
+                 f"code {code})")
+        self.switches.append({"release": name, "ok": True, "from": old_release, "ready_s": ready_s, "idle": idle, "forced": forced})
+        return True
+
+    def run(self, stop: threading.Event) -> int | None:
+        """Serve until ``stop`` is set: follow the pointer, replace a broken server; the last server's
+        exit code. Raises :class:`ServeError` when the restart budget is spent (the servers and the
+        proxy are stopped either way)."""
+        try:
+            self._follow(stop)
+        finally:
+            code = self.close()
+        return code
+
+    def _follow(self, stop: threading.Event) -> None:
+        budget = RestartBudget(self.settings.max_restarts, self.settings.restart_window_s)
+        while not stop.wait(self.settings.health_interval_s):
+            problem = self.server.health_problem() if self.server is not None else "no server"
+            if problem:
+                if not budget.allow(time.monotonic()):
+                    raise ServeError(f"gave up: {self.settings.max_restarts} restarts within {self.settings.restart_window_s:.0f} s "
+                                     f"(last: {problem}); see {self.server.log_path if self.server else self.log_dir}")
+                self.switch(self.release, f"{problem}: replacing the server", grace_s=self.settings.restart_grace_s)
+                continue
+            wanted = rel.current(self.releases)
+            if wanted is None or wanted == self.release:
+                self.failed = None if wanted == self.release else self.failed
+                continue
+            if wanted == self.failed:
+                continue
+            if not self.switch(wanted, f"{self.releases}/current -> {wanted}"):
+                self.failed = wanted
+
+    def close(self) -> int | None:
+        code = None
+        try:
+            if self.server is not None:
+                self.log("stopping tritonserver (in-flight requests finish first)...")
+                code = self.server.stop()
+                self.server = None
+        finally:
+            self.proxy.stop()
+        return code
