@@ -17,7 +17,8 @@ from rankserve.settings import LoadTestSettings, ServeSettings
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
 TARGETS = {"gpu": K8S / "overlays" / "gpu", "cpu": K8S / "overlays" / "cpu", "loadtest": K8S / "loadtest",
-           "cpu-gateway": K8S / "overlays" / "cpu-gateway", "cpu-canary": K8S / "overlays" / "cpu-canary"}
+           "cpu-gateway": K8S / "overlays" / "cpu-gateway", "cpu-canary": K8S / "overlays" / "cpu-canary",
+           "gpu-canary": K8S / "overlays" / "gpu-canary"}
 KUBERNETES_VERSION = "1.33.0"
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with its built-in kustomize) is not installed")
@@ -402,11 +403,14 @@ def test_static_security_check_passes(rendered, tmp_path):
 
 
 @needs_kubectl
-def test_the_canary_serves_its_own_release_behind_the_same_services(rendered):
-    """overlay cpu-canary: the cpu overlay plus Deployment rankserve-triton-canary (1 replica, track
-    canary) on its own release; the Services reach both tracks, the autoscaler and the disruption
-    budget only the stable one, and nothing else is rendered twice."""
-    docs, cpu = rendered["cpu-canary"], rendered["cpu"]
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_the_canary_serves_its_own_release_behind_the_same_services(rendered, target):
+    """overlays cpu-canary and gpu-canary: the overlay plus Deployment rankserve-triton-canary (1
+    replica, track canary) on its own release; the Services reach both tracks, the autoscaler and
+    the disruption budget only the stable one, and nothing else is rendered twice. On GPU the
+    canary's release gets its own engines Job and the canary replica serves <release>-gpu."""
+    docs, cpu = rendered[f"{target}-canary"], rendered[target]
+    flavour = "-gpu" if target == "gpu" else ""
     stable, canary = _find(docs, "Deployment", "rankserve-triton"), _find(docs, "Deployment", "rankserve-triton-canary")
     kinds = lambda ds: sorted((d["kind"], d["metadata"]["name"]) for d in ds if d["kind"] not in ("Deployment", "Job", "ConfigMap"))  # noqa: E731
     assert kinds(docs) == kinds(cpu)  # no second Service, claim, HPA, budget or policy
@@ -434,11 +438,20 @@ def test_the_canary_serves_its_own_release_behind_the_same_services(rendered):
     for d in (stable, canary):
         (triton,) = [c for c in _pod_containers(docs, "Deployment", d["metadata"]["name"]) if c["name"] == "triton"]
         releases[d["metadata"]["name"]] = _env(triton)["RANKSERVE_RELEASE"]
-        assert _env(triton)["RANKSERVE_MODEL_REPOSITORY"] == f"/models/releases/{releases[d['metadata']['name']]}/model_repository"
+        assert _env(triton)["RANKSERVE_MODEL_REPOSITORY"] == f"/models/releases/{releases[d['metadata']['name']]}{flavour}/model_repository"
     assert releases["rankserve-triton"] == _release(cpu) != releases["rankserve-triton-canary"]
     assert any(n.startswith("rankserve-release-canary-") for n in configmaps)
     jobs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Job"}
-    assert set(jobs) == {f"rankserve-publish-{releases['rankserve-triton']}", f"rankserve-publish-{releases['rankserve-triton-canary']}-canary"}
+    kinds_of_jobs = ("publish", "engines") if target == "gpu" else ("publish",)
+    assert set(jobs) == {f"rankserve-{k}-{releases['rankserve-triton']}" for k in kinds_of_jobs} | \
+        {f"rankserve-{k}-{releases['rankserve-triton-canary']}-canary" for k in kinds_of_jobs}
+    if target == "gpu":  # the canary's engines: built from its release, published as <release>-gpu, same priority class
+        engines = jobs[f"rankserve-engines-{releases['rankserve-triton-canary']}-canary"]
+        (build,) = [dict(c, _configmaps=configmaps) for c in engines["spec"]["template"]["spec"]["containers"]]
+        assert [_expand(w, _env(build)) for w in build["command"][1:3]] == \
+            [f"{releases['rankserve-triton-canary']}-gpu", f"/models/releases/{releases['rankserve-triton-canary']}"]
+        assert _find(docs, "PriorityClass", engines["spec"]["template"]["spec"]["priorityClassName"])
+        assert canary["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
     canary_job = jobs[f"rankserve-publish-{releases['rankserve-triton-canary']}-canary"]["spec"]["template"]["spec"]["containers"][0]
     assert canary_job["image"].endswith(f"/rankserve/models:{releases['rankserve-triton-canary']}")
     # apart from its name, labels, replicas and release, the canary pod is the stable one
