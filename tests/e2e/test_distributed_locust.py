@@ -4,6 +4,7 @@ Locust processes (the Service name swapped for 127.0.0.1, ports made free, paths
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -71,10 +72,12 @@ def _run(pods, tmp_path, host: str, **overrides):
 def test_failed_requests_still_get_the_summary_and_a_failing_verdict(pods, tmp_path):
     """Before: `locust ... && rankserve loadtest-summary` skipped the verdict exactly when requests
     failed (Locust exits 1 then). Here the Service does not answer (a closed port)."""
-    (code, out), (worker_code, worker_out), run = _run(pods, tmp_path, f"http://127.0.0.1:{_free_port()}")
+    (code, out), (worker_code, worker_out), run = _run(pods, tmp_path, f"http://127.0.0.1:{_free_port()}", DURATION="8")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["slo"]["passed"] is False and code == 2, out  # the Job fails with the verdict
-    assert "locust exited with 1" in out and "SLO" in out
+    # Locust exits 1 once the workers' errors reached the master (a worker reports every 3 s; in one
+    # CI run under load it had not, and Locust exited 0): the verdict is the Job's status either way
+    assert re.search(r"locust exited with [01]; reports in ", out) and "SLO" in out, out
     assert worker_code == 0, worker_out  # the workers' Job completes
 
 
