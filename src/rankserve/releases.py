@@ -57,12 +57,10 @@ def check_name(name: str) -> str:
     return name
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def sha256(path: Path) -> str:
+    """The manifest's checksum of a file (the builder's), imported when first needed: the builder is heavy."""
+    from rankserve.builder.repository import sha256 as builder_sha256
+    return builder_sha256(path)
 
 
 def repository_entries(repo: Path) -> list[Path]:
@@ -86,7 +84,7 @@ def content_digest(repo: str | Path) -> str:
     repo = Path(repo)
     h = hashlib.sha256()
     for path in repository_entries(repo):
-        h.update(f"{path.relative_to(repo).as_posix()}\0{_sha256(path) if path.is_file() else '/'}\n".encode())
+        h.update(f"{path.relative_to(repo).as_posix()}\0{sha256(path) if path.is_file() else '/'}\n".encode())
     return h.hexdigest()
 
 
@@ -146,7 +144,7 @@ def check_gate(repo: Path) -> dict:
 
 
 def gate_stamp_line(repo: Path) -> str:
-    return f"{_sha256(repo / MANIFEST)}  {MANIFEST}\n"
+    return f"{sha256(repo / MANIFEST)}  {MANIFEST}\n"
 
 
 def write_gate_stamp(repo: str | Path) -> Path:
@@ -211,7 +209,7 @@ def publish(repo: str | Path, releases: str | Path, name: str | None = None) -> 
         (target / GATE_STAMP).write_text(gate_stamp_line(target))
         info = {"name": name, "digest": digest, "source": str(repo.resolve()),
                 "published_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "manifest_sha256": _sha256(target / MANIFEST), "gate": gate_summary(manifest)}
+                "manifest_sha256": sha256(target / MANIFEST), "gate": gate_summary(manifest)}
         (stage / RELEASE_FILE).write_text(json.dumps(info, indent=2) + "\n")
         for path in [stage, *stage.rglob("*")]:  # read-only for everyone: a release is never edited in place
             path.chmod(0o555 if path.is_dir() else 0o444)
