@@ -215,6 +215,35 @@ def compose_config(*profiles: str, **env) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+def kubelet_env(container: dict, configmaps: dict, secret: str | None = None) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: ConfigMap values looked up in ``configmaps``
+    (name -> data), ``$(VAR)`` in a value expanded only from variables listed before it (else kept as
+    written); a Secret's value is ``secret``, or ``<NAME>`` (Secrets are not in the manifests)."""
+    env: dict[str, str] = {}
+    for var in container.get("env", []):
+        source = var.get("valueFrom", {})
+        if "value" in var:
+            value = kubelet_expand(var["value"], env)
+        elif "configMapKeyRef" in source:
+            value = configmaps[source["configMapKeyRef"]["name"]][source["configMapKeyRef"]["key"]]
+        else:
+            value = secret if secret is not None else f"<{var['name']}>"
+        env[var["name"]] = value
+    return env
+
+
+def kubelet_expand(text: str, env: dict[str, str]) -> str:
+    """``$(VAR)`` in a command, argument or value, as the kubelet expands it from ``env``."""
+    import re
+
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+def configmaps_of(docs: list[dict]) -> dict[str, dict]:
+    """The rendered ConfigMaps' data by name."""
+    return {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+
+
 def kustomize(path: Path) -> list[dict]:
     """The objects ``kubectl kustomize`` renders from ``path`` (skips the test without kubectl)."""
     import shutil

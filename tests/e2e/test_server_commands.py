@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_serve_settings, kustomize, resolved_compose
+from conftest import configmaps_of, free_serve_settings, kubelet_env, kubelet_expand, kustomize, resolved_compose
 from rankserve.server.embedded import EmbeddedServer, TritonInstall
 
 pytestmark = pytest.mark.triton
@@ -64,27 +64,6 @@ def _health(command: list[str], url: str, container_repo: str, repo: Path, env: 
     moved = {k: _on_host(v, container_repo, repo) for k, v in (env or {}).items()}
     return subprocess.run([sys.executable, "-m", "rankserve", *args], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **moved})
-
-
-def _container_env(container: dict, docs: list[dict]) -> dict[str, str]:
-    """The environment Kubernetes gives a container: ConfigMap values looked up, ``$(VAR)`` expanded
-    from the variables listed before it (secrets: the test key)."""
-    configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
-    env: dict[str, str] = {}
-    for var in container.get("env", []):
-        source = var.get("valueFrom", {})
-        if "value" in var:
-            value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"])
-        elif "configMapKeyRef" in source:
-            value = configmaps[source["configMapKeyRef"]["name"]][source["configMapKeyRef"]["key"]]
-        else:
-            value = KEY
-        env[var["name"]] = value
-    return env
-
-
-def _expand(text: str, env: dict[str, str]) -> str:
-    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), text)
 
 
 @pytest.mark.parametrize("service", ["triton-cpu", "triton"])
@@ -140,11 +119,11 @@ def test_kubernetes_triton_container_starts_the_real_server_and_its_probes_pass(
     pod = deployment["spec"]["template"]["spec"]
     (triton,) = [c for c in pod["containers"] if c["name"] == "triton"]
     assert triton["command"] == ["tritonserver"]
-    env = _container_env(triton, docs)
-    container_repo = _expand(next(a for a in triton["args"] if a.startswith("--model-repository=")).split("=", 1)[1], env)
+    env = kubelet_env(triton, configmaps_of(docs), secret=KEY)
+    container_repo = kubelet_expand(next(a for a in triton["args"] if a.startswith("--model-repository=")).split("=", 1)[1], env)
     assert container_repo.startswith("/models/releases/") and "$(" not in container_repo
     for init in pod.get("initContainers", []):  # check-repository: waits for the release, verifies it, checks engines
-        init_env = _container_env(init, docs)
+        init_env = kubelet_env(init, configmaps_of(docs), secret=KEY)
         assert init_env["RANKSERVE_MODEL_REPOSITORY"] == container_repo  # the release the server will load
         out = _health(init["command"], "", container_repo, repo, init_env)
         if overlay == "gpu":  # a GPU replica refuses a release without its engines (this CPU build has none)
@@ -152,7 +131,7 @@ def test_kubernetes_triton_container_starts_the_real_server_and_its_probes_pass(
         else:
             assert out.returncode == 0 and "no TensorRT engines in the repository" in out.stdout, out.stdout + out.stderr
     # Kubernetes expands $(VAR) from the container's env before starting it
-    args = [_on_host(_expand(a, env), container_repo, repo) for a in triton["args"]]
+    args = [_on_host(kubelet_expand(a, env), container_repo, repo) for a in triton["args"]]
 
     def argv(install, backends, s):
         return [str(install.binary), *args, *_host_flags(backends, s)]

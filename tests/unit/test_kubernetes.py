@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import configmaps_of, kubelet_env, kubelet_expand
 from rankserve.cli import parser as build_parser
 from rankserve.settings import LoadTestSettings, ServeSettings
 
@@ -53,30 +54,17 @@ REGISTRY = "registry.invalid"  # RFC 6761: never resolves, so an image not pushe
 
 
 def _env(container: dict) -> dict[str, str]:
-    """The container's environment as the kubelet makes it: ``$(NAME)`` in a value expands only to a
-    variable listed *before* it (else it stays as written); values from ConfigMaps are looked up in
-    the rendered ConfigMaps of ``docs`` (``container["_configmaps"]``)."""
-    env: dict[str, str] = {}
-    for var in container.get("env", []):
-        if "value" in var:
-            value = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"])
-        elif "configMapKeyRef" in var["valueFrom"]:
-            ref = var["valueFrom"]["configMapKeyRef"]
-            value = container["_configmaps"][ref["name"]][ref["key"]]
-        else:  # a Secret: not in the manifests
-            value = f"<{var['name']}>"
-        env[var["name"]] = value
-    return env
+    """The container's environment as the kubelet builds it (:func:`conftest.kubelet_env`), from the
+    ConfigMaps :func:`_pod_containers` attached."""
+    return kubelet_env(container, container["_configmaps"])
 
 
-def _expand(text: str, env: dict[str, str]) -> str:
-    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), text)
+_expand = kubelet_expand
 
 
 def _pod_containers(docs, kind, name) -> list[dict]:
     """A workload's containers (init first), each with the rendered ConfigMaps attached for :func:`_env`."""
-    configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
-    return [dict(c, _configmaps=configmaps) for c in _containers(_find(docs, kind, name))]
+    return [dict(c, _configmaps=configmaps_of(docs)) for c in _containers(_find(docs, kind, name))]
 
 
 def _release(docs) -> str:
@@ -221,7 +209,7 @@ def test_each_release_is_published_by_its_own_idempotent_job(rendered, target):
     assert set(jobs) == expected
     for name, job in jobs.items():
         assert "ttlSecondsAfterFinished" not in job["spec"], name
-        (c,) = [dict(c, _configmaps={d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"})
+        (c,) = [dict(c, _configmaps=configmaps_of(docs))
                 for c in job["spec"]["template"]["spec"]["containers"]]
         command = [_expand(word, _env(c)) for word in c["command"]]
         assert command[0] == "rankserve-publish", name
