@@ -347,7 +347,8 @@ export class RankerClient {
     if (TLS_CODES.has(code) || String(code).startsWith("ERR_SSL_")) {
       return new TlsError(`TLS handshake with ${this.baseUrl} failed: ${code} ${err?.message ?? ""} (an untrusted server certificate: pass the CA that signed it as tls.ca; a server that wants a client certificate: tls.cert and tls.key)`);
     }
-    const error = new Unavailable(`cannot reach ${this.baseUrl}: ${code ?? err?.message ?? err}`);
+    if (typeof code !== "string") return new RankerError(`${err?.name ?? "Error"}: ${err?.message ?? err}`); // not the network's: not retried
+    const error = new Unavailable(`cannot reach ${this.baseUrl}: ${code} ${err?.message ?? ""}`.trimEnd());
     error.reached = !NOT_SENT.has(code);
     return error;
   }
@@ -383,7 +384,7 @@ export class RankerClient {
       parsed = undefined; // e.g. a gateway's HTML page
     }
     if (ok) {
-      if (parsed === undefined) throw new ServerError(`HTTP ${response.status} with a body that is not JSON: ${JSON.stringify(response.text.slice(0, 200))}`);
+      if (typeof parsed !== "object" || parsed === null) throw new ServerError(`HTTP ${response.status} with a body that is not a JSON object: ${JSON.stringify(response.text.slice(0, 200))}`);
       return parsed;
     }
     const fromServer = typeof parsed?.error === "string";

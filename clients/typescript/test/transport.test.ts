@@ -41,6 +41,20 @@ test("a gateway's HTML 413 is RequestTooLarge at once, not a retried Unavailable
   }
 });
 
+test("a body that is not JSON or not an object is an error of its status, never a retried 'cannot reach'", async () => {
+  for (const [status, body, kind] of [[404, "null", BadRequest], [413, "42", RequestTooLarge], [200, "<html>ok</html>", ServerError], [200, "null", ServerError]] as const) {
+    const g = await gateway(status, body);
+    const client = new RankerClient(g.url, { backoffMs: 1 });
+    try {
+      await assert.rejects(client.checkApi(), (err: any) => err instanceof kind && !err.retryable && !/cannot reach/.test(err.message));
+      assert.equal(g.seen.requests, 1);
+    } finally {
+      client.close();
+      await g.close();
+    }
+  }
+});
+
 test("status first: 4xx are never retried whatever the body; 429 and a gateway's 503 are Overloaded", () => {
   assert.ok(errorFromStatus(400, "Exceeds maximum queue size") instanceof BadRequest);
   assert.ok(!(errorFromStatus(404, "<html>", false) instanceof Unavailable));
