@@ -47,6 +47,14 @@ class AsyncRankerClient:
             import tritonclient.http.aio as aio
         self._tc, self._aio, self._client = tc, aio, None
 
+    @property
+    def retries(self) -> int:
+        return self.retry_policy.retries
+
+    @property
+    def backoff(self) -> float:
+        return self.retry_policy.backoff
+
     async def connect(self) -> "AsyncRankerClient":
         if self._client is None:
             if self.protocol == "grpc":

@@ -111,6 +111,14 @@ class RankerClient:
         if check_api:
             self.check_api(model)
 
+    @property
+    def retries(self) -> int:
+        return self.retry_policy.retries
+
+    @property
+    def backoff(self) -> float:
+        return self.retry_policy.backoff
+
     # -- transport ---------------------------------------------------------------------------
     def _client(self, timeout: float):
         if self.protocol == "grpc":
