@@ -156,6 +156,29 @@ def test_a_server_certificate_the_client_does_not_trust_is_a_tls_error_not_retri
     assert retries == []
 
 
+def test_a_body_over_the_gateways_cap_is_request_too_large_at_once_not_retried(gateway, certs, token):
+    """nginx answers a body over its 16 MiB cap with an HTML 413: the SDKs raise RequestTooLarge (a BadRequest), one attempt."""
+    from rankserve_client import BadRequest, RequestTooLarge
+
+    huge = [f"{'gray sofa ' * 1800} {i}" for i in range(1000)]  # ~18 MB in one request
+    retries = []
+    with RankerClient(_gateway_url(gateway, "http"), ca_file=str(certs.ca), headers={"Authorization": f"Bearer {token}"},
+                      on_retry=lambda *a: retries.append(a)) as client:
+        with pytest.raises(BadRequest, match="HTTP 413") as caught:
+            client.rank("sofa", huge)
+        assert type(caught.value) is RequestTooLarge and retries == []
+        assert len(client.rank("sofa", ["gray sofa"])) == 1
+
+    async def main():
+        async with AsyncRankerClient(_gateway_url(gateway, "http"), ca_file=str(certs.ca), headers={"Authorization": f"Bearer {token}"},
+                                     on_retry=lambda *a: retries.append(a)) as client:
+            with pytest.raises(RequestTooLarge, match="HTTP 413"):
+                await client.rank("sofa", huge)
+
+    asyncio.run(main())
+    assert retries == []
+
+
 def test_async_untrusted_certificate_is_a_tls_error(gateway, certs):
     async def main():
         async with AsyncRankerClient(_gateway_url(gateway, "http"), ca_file=str(certs.other_ca)):
@@ -192,7 +215,7 @@ def test_typescript_sdk_over_https_through_the_gateway(gateway, certs, token):
                          env={**os.environ, "RANKSERVE_TLS_URL": f"https://127.0.0.1:{gateway.https_port}", "RANKSERVE_TOKEN": token,
                               "RANKSERVE_CA": str(certs.ca), "RANKSERVE_OTHER_CA": str(certs.other_ca)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert "# pass 3" in out.stdout and "# fail 0" in out.stdout and "# skipped 0" in out.stdout
+    assert "# pass 4" in out.stdout and "# fail 0" in out.stdout and "# skipped 0" in out.stdout
 
 
 def test_the_rank_command_through_the_gateway_and_over_mutual_tls(gateway, mtls_server, certs, token, tmp_path):

@@ -1,8 +1,10 @@
 """The Python SDK (rankserve_client) against the real tritonserver: sync and asyncio, HTTP and gRPC."""
 
 import asyncio
+import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -202,3 +204,127 @@ def test_grpc_round_robin_spreads_requests_over_replicas(tiny_repo, tmp_path, ca
         assert served(a) >= 5 and served(b) >= 5 and served(a) + served(b) == 20
     with pytest.raises(ValueError, match="for gRPC"):
         RankerClient("http://127.0.0.1:1", load_balancing="round_robin", check_api=False)
+
+
+def _connections_to(port: int) -> int:
+    import psutil
+
+    return sum(1 for conn in psutil.Process().net_connections(kind="tcp")
+               if conn.raddr and conn.raddr.port == port and conn.status == psutil.CONN_ESTABLISHED)
+
+
+def test_http_connections_stay_bounded_across_timeouts_and_short_lived_threads(server):
+    """One HTTP connection per live thread, whatever the calls' timeouts; the connections of threads
+    that ended are closed (before: one client per thread per timeout, all kept until close():
+    1,000 timeouts and 200 short-lived threads left 1,200 open)."""
+    port = int(server.http_url.rsplit(":", 1)[1])
+    client = RankerClient(f"http://{server.http_url}", check_api=False)
+    for i in range(1000):
+        client.rank("oak table", ["Oak Dining Table"], timeout=5 + i / 1000)
+    assert _connections_to(port) == 1
+
+    errors = []
+
+    def short_lived(n):
+        try:
+            client.rank("oak table", ["Oak Dining Table"], timeout=7 + n / 1000)
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    for wave in range(10):  # 200 threads, 20 at a time
+        threads = [threading.Thread(target=short_lived, args=(wave * 20 + k,)) for k in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert _connections_to(port) <= 21  # this wave's 20 and ours (earlier waves' are closed when a new thread connects)
+    assert errors == []
+    time.sleep(1.1)
+    client.rank("oak table", ["Oak Dining Table"], timeout=1.5)  # a later call sweeps the connections of ended threads
+    assert _connections_to(port) == 1
+    with pytest.raises(Timeout):  # the per-call timeout still applies on the kept connection ...
+        client.rank("oak table", ["Oak Dining Table"] * 1000, timeout=0.005)
+    assert len(client.rank("oak table", ["Oak Dining Table"] * 3, timeout=10)) == 3  # ... and so does the next one's
+    client.close()
+    assert _connections_to(port) == 0
+
+
+def test_async_client_sends_a_long_list_a_few_chunks_at_a_time_in_order(server, catalog):
+    items = catalog[:300]
+    with RankerClient(f"http://{server.http_url}") as sync:
+        expected = sync.rank("leather chairs", items, top_k=30)
+
+    async def run():
+        async with AsyncRankerClient(f"http://{server.http_url}", chunk_size=25) as client:  # 12 chunks
+            running = most = 0
+            infer = client._client.infer
+
+            async def counted(*args, **kwargs):
+                nonlocal running, most
+                running += 1
+                most = max(most, running)
+                try:
+                    return await infer(*args, **kwargs)
+                finally:
+                    running -= 1
+
+            client._client.infer = counted
+            return await client.rank("leather chairs", items, top_k=30), most
+
+    got, most = asyncio.run(run())
+    assert most == 4  # the default chunk_concurrency (before: all 12 at once)
+    assert [r.id for r in got] == [r.id for r in expected]
+
+
+def test_a_real_overload_the_retry_budget_stops_the_retry_storm(tiny_repo, tmp_path, dataset):
+    """A rank queue of 1 and 12 threads sharing one client with the README's restart advice
+    (retries=12, backoff=0.2): the server tokenizes every attempt, and counts them. Shed calls are
+    retried at most overload_retries times and only while the budget lasts, so attempts stay close to
+    calls (before: each Overloaded was retried up to 12 times)."""
+    import re
+    import urllib.request
+
+    from conftest import free_serve_settings
+    from rankserve.builder.configs import parse, to_text
+    from rankserve.server.embedded import EmbeddedServer
+    from rankserve_client import Overloaded
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    config = parse(repo / "rank" / "config.pbtxt")
+    config.dynamic_batching.max_queue_delay_microseconds = 300_000
+    config.dynamic_batching.default_queue_policy.max_queue_size = 1
+    (repo / "rank" / "config.pbtxt").write_text(to_text(config))
+    texts = [p.text for p in dataset.products.values()][:5]
+
+    def tokenized(server) -> float:  # every attempt that reached the server went through the tokenize stage
+        text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+        return float(re.search(r'^nv_inference_request_success\{model="tokenize",version="1"\} (\S+)$', text, re.M).group(1))
+
+    retried: list = []
+    outcomes: list[str] = []
+    with EmbeddedServer(repo, free_serve_settings(), tmp_path / "tritonserver.log") as server:
+        before = tokenized(server)
+        with RankerClient(f"http://{server.http_url}", retries=12, backoff=0.2, check_api=False,
+                          on_retry=lambda error, attempt, delay: retried.append(type(error).__name__)) as client:
+
+            def calls(_):
+                for _ in range(3):
+                    try:
+                        client.rank("oak table", texts)
+                        outcomes.append("ok")
+                    except Overloaded:
+                        outcomes.append("overloaded")
+
+            with ThreadPoolExecutor(12) as pool:
+                list(pool.map(calls, range(12)))
+            time.sleep(0.5)  # Triton's counters land after the responses
+            attempts = tokenized(server) - before
+            assert len(client.rank("oak table", texts)) == len(texts)  # still serving
+    served = outcomes.count("ok")
+    print(f"\n{len(outcomes)} calls: {served} served, {outcomes.count('overloaded')} overloaded; {attempts:.0f} attempts "
+          f"({attempts / len(outcomes):.2f} per call), {len(retried)} retries, budget {getattr(client, 'retry_budget', None)}")
+    assert len(outcomes) == 36 and outcomes.count("overloaded") > 0 and served > 0
+    assert set(retried) <= {"Overloaded"}
+    assert attempts == len(outcomes) + len(retried)  # every retry reached the server and was tokenized
+    assert len(retried) <= 4 + served * 0.1 + 1  # the budget: half of 10 tokens, then one per ten successes

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import contextvars
+import email.utils
+import functools
+import math
 import os
 import random
 import ssl
+import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from rankserve_client.errors import ApiMismatch, BadRequest, RankerError, Unavailable
+from rankserve_client.errors import ApiMismatch, BadRequest, Overloaded, RankerError, Unavailable
 
 RetryHook = Callable[[RankerError, int, float], None]
 """``on_retry(error, attempt, delay_s)``: attempt 1 is the first retry."""
 
 DEFAULT_MODEL = "ranker"
 DEFAULT_CHUNK = 1000  # the server's default TokenizeSettings.max_candidates
+DEFAULT_CHUNK_CONCURRENCY = 4  # chunks of one long list in flight at once (asyncio client)
 API_INPUTS = {"query": "BYTES", "texts": "BYTES", "top_k": "INT32"}
 API_OUTPUTS = {"indices": "INT32", "scores": "FP32"}
 
@@ -209,9 +216,209 @@ def check_metadata(model: str, metadata: dict) -> None:
                           f"(has inputs {inputs}, outputs {outputs})")
 
 
-def backoff_delays(retries: int, base: float, cap: float = 2.0) -> list[float]:
-    """Exponential backoff with full jitter: up to base, 2*base, 4*base... capped."""
-    return [random.uniform(0, min(cap, base * 2**i)) for i in range(retries)]
+class RetryBudget:
+    """Retry throttling as gRPC does it (gRFC A6, "retryThrottling"), shared by every call of a client
+    (pass one object to several clients to share it between them).
+
+    The bucket starts full at ``max_tokens``; every attempt that reached a server and failed with a
+    retryable error (``Unavailable``, ``Overloaded``) takes one token, every successful call gives back
+    ``token_ratio``. ``Overloaded`` is retried only while more than half the bucket is left, so a
+    client whose calls keep being shed stops multiplying them: a burst costs the server at most
+    ``max_tokens / 2`` extra attempts, and afterwards at most about one retry per ``1 / token_ratio``
+    successes. Thread-safe; never blocks."""
+
+    def __init__(self, max_tokens: float = 10, token_ratio: float = 0.1) -> None:
+        if not (0 < max_tokens <= 1000) or not (0 < token_ratio <= 1):
+            raise ValueError(f"RetryBudget needs 0 < max_tokens <= 1000 and 0 < token_ratio <= 1, got {max_tokens}, {token_ratio}")
+        self.max_tokens, self.token_ratio = float(max_tokens), float(token_ratio)
+        self.tokens = self.max_tokens
+        self.throttled = 0
+        """Retries the budget refused so far."""
+        self._lock = threading.Lock()
+
+    def record_success(self) -> None:
+        with self._lock:
+            self.tokens = min(self.max_tokens, self.tokens + self.token_ratio)
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self.tokens = max(0.0, self.tokens - 1)
+
+    def allows_retry(self) -> bool:
+        with self._lock:
+            allowed = self.tokens > self.max_tokens / 2
+            self.throttled += not allowed
+            return allowed
+
+    def __repr__(self) -> str:
+        return f"RetryBudget(tokens={self.tokens:.1f}/{self.max_tokens:g}, token_ratio={self.token_ratio:g}, throttled={self.throttled})"
+
+
+DEFAULT_BUDGET = object()
+"""The ``retry_budget`` default: a fresh :class:`RetryBudget` per client."""
+
+DEFAULT_OVERLOAD_RETRIES = 2
+BACKOFF_CAP_S = 2.0
+OVERLOAD_BACKOFF_CAP_S = 8.0
+MAX_RETRY_AFTER_S = 10.0
+"""A longer ``Retry-After`` is not waited for: the error is raised with its ``retry_after``."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a client retries. ``retries``: extra attempts after ``Unavailable`` (server down, restarting,
+    a dead stub, a closed connection), full-jitter exponential backoff from ``backoff`` s (capped at 2 s).
+    ``overload_retries``: extra attempts after ``Overloaded`` (the request was shed: it already cost the
+    server its tokenization; default ``min(retries, 2)``), backoff from ``overload_backoff`` s, doubled each time, jittered between
+    half and all of it (capped at 8 s), and only while the :class:`RetryBudget` allows. A ``Retry-After``
+    the server or a gateway sends replaces the computed wait (up to 10 s; longer: not retried)."""
+
+    retries: int = 3
+    backoff: float = 0.1
+    overload_retries: Optional[int] = None
+    """None: ``min(retries, 2)`` (so ``retries=0`` still means no retry at all)."""
+    overload_backoff: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.overload_retries is None and isinstance(self.retries, int):
+            object.__setattr__(self, "overload_retries", min(self.retries, DEFAULT_OVERLOAD_RETRIES))
+        for name in ("retries", "overload_retries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("backoff", "overload_backoff"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+
+
+def make_budget(retry_budget: Any) -> Optional[RetryBudget]:
+    if retry_budget is DEFAULT_BUDGET:
+        return RetryBudget()
+    if retry_budget is not None and not isinstance(retry_budget, RetryBudget):
+        raise ValueError(f"retry_budget must be a RetryBudget or None (no budget), got {retry_budget!r}")
+    return retry_budget
+
+
+class RetryState:
+    """One call's retries: how many of each kind so far, and the wait before the next attempt."""
+
+    def __init__(self, policy: RetryPolicy, budget: Optional[RetryBudget]) -> None:
+        self.policy, self.budget = policy, budget
+        self.unavailable = self.overloaded = 0
+
+    @property
+    def attempt(self) -> int:
+        """Retries so far (1 after the first)."""
+        return self.unavailable + self.overloaded
+
+    def succeeded(self) -> None:
+        if self.budget is not None:
+            self.budget.record_success()
+
+    def delay_after(self, error: RankerError) -> Optional[float]:
+        """Seconds to wait before retrying after ``error``, or None: raise it."""
+        if not error.retryable:
+            return None
+        if self.budget is not None and error.reached:
+            self.budget.record_failure()
+        overloaded = isinstance(error, Overloaded)
+        if overloaded:
+            if self.overloaded >= self.policy.overload_retries or (self.budget is not None and not self.budget.allows_retry()):
+                return None
+        elif self.unavailable >= self.policy.retries:
+            return None
+        if error.retry_after is not None:
+            if error.retry_after > MAX_RETRY_AFTER_S:
+                return None
+            delay = error.retry_after * random.uniform(1.0, 1.1)  # at least what was asked, not all at the same instant
+        elif overloaded:
+            top = min(OVERLOAD_BACKOFF_CAP_S, self.policy.overload_backoff * 2**self.overloaded)
+            delay = random.uniform(top / 2, top)
+        else:
+            delay = random.uniform(0, min(BACKOFF_CAP_S, self.policy.backoff * 2**self.unavailable))
+        if overloaded:
+            self.overloaded += 1
+        else:
+            self.unavailable += 1
+        return delay
+
+
+def parse_retry_after(value: Optional[str]) -> Optional[float]:
+    """HTTP ``Retry-After``: delay-seconds or an HTTP-date, as seconds from now (None if absent or unreadable)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+_RESPONSE: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("rankserve_response", default=None)
+
+
+def watch_responses() -> tuple[dict, contextvars.Token]:
+    """A dict the HTTP clients below fill with the last response's ``Retry-After``, for this context."""
+    seen: dict = {}
+    return seen, _RESPONSE.set(seen)
+
+
+def unwatch(token: contextvars.Token) -> None:
+    _RESPONSE.reset(token)
+
+
+def _remember(retry_after: Optional[str]) -> None:
+    seen = _RESPONSE.get()
+    if seen is not None:
+        seen["retry_after"] = retry_after
+
+
+@functools.lru_cache(maxsize=None)
+def http_client_class(base: type) -> type:
+    """tritonclient's (sync) HTTP client that also keeps each response's ``Retry-After`` (tritonclient drops headers)."""
+
+    class HttpClient(base):
+        def _get(self, *args, **kwargs):
+            response = super()._get(*args, **kwargs)
+            _remember(response.get("retry-after"))
+            return response
+
+        def _post(self, *args, **kwargs):
+            response = super()._post(*args, **kwargs)
+            _remember(response.get("retry-after"))
+            return response
+
+    return HttpClient
+
+
+@functools.lru_cache(maxsize=None)
+def aio_http_client_class(base: type) -> type:
+    """The same for tritonclient's asyncio HTTP client (aiohttp responses)."""
+
+    class AioHttpClient(base):
+        async def _get(self, *args, **kwargs):
+            response = await super()._get(*args, **kwargs)
+            _remember(response.headers.get("Retry-After"))
+            return response
+
+        async def _post(self, *args, **kwargs):
+            response = await super()._post(*args, **kwargs)
+            _remember(response.headers.get("Retry-After"))
+            return response
+
+    return AioHttpClient
+
+
+def with_retry_after(error: RankerError, seen: dict) -> RankerError:
+    if error.retryable and seen.get("retry_after"):
+        error.retry_after = parse_retry_after(seen["retry_after"])
+    return error
 
 
 def build_inputs(tc, query: str, texts: Sequence[str], top_k: int | None) -> list:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable, Iterable, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, Optional, TypeVar
 
 from rankserve_client import _common as c
 from rankserve_client.client import map_error
@@ -16,18 +16,26 @@ class AsyncRankerClient:
     """The asyncio twin of :class:`RankerClient`: one connection pool shared by all tasks of a loop.
 
     Create it inside a running loop and ``await client.connect()`` (or use ``async with``), which
-    also checks the model's API. Chunks of a long candidate list are sent concurrently.
+    also checks the model's API. Chunks of a long candidate list are sent concurrently, at most
+    ``chunk_concurrency`` at a time (default 4). Retries as :class:`RankerClient` does.
     """
 
     def __init__(self, url: str, protocol: Optional[str] = None, *, model: str = c.DEFAULT_MODEL, timeout: float = 10.0,
-                 retries: int = 3, backoff: float = 0.1, chunk_size: int = c.DEFAULT_CHUNK, check_api: bool = True,
+                 retries: int = 3, backoff: float = 0.1, overload_retries: Optional[int] = None, overload_backoff: float = 0.5,
+                 retry_budget: Any = c.DEFAULT_BUDGET, chunk_size: int = c.DEFAULT_CHUNK,
+                 chunk_concurrency: int = c.DEFAULT_CHUNK_CONCURRENCY, check_api: bool = True,
                  on_retry: Optional[c.RetryHook] = None, load_balancing: Optional[str] = None,
                  headers: Optional[c.Headers] = None, tls: Optional[bool] = None, ca_file: Optional[str] = None,
                  cert_file: Optional[str] = None, key_file: Optional[str] = None) -> None:
         self.protocol, self.address, self.tls = c.parse_url(url, protocol, tls)
         self.tls_files = c.tls_files(self.tls, ca_file, cert_file, key_file)
         self.headers = c.merge_headers(self.protocol, headers) or {}
-        self.model, self.timeout, self.retries, self.backoff, self.chunk_size = model, timeout, retries, backoff, chunk_size
+        self.model, self.timeout, self.chunk_size = model, timeout, chunk_size
+        if not isinstance(chunk_concurrency, int) or chunk_concurrency < 1:
+            raise ValueError(f"chunk_concurrency must be an integer >= 1, got {chunk_concurrency!r}")
+        self.chunk_concurrency = chunk_concurrency
+        self.retry_policy = c.RetryPolicy(retries, backoff, overload_retries, overload_backoff)
+        self.retry_budget = c.make_budget(retry_budget)
         self.check_api_on_connect = check_api
         self.on_retry = on_retry
         self.target, self.channel_args = c.grpc_channel(self.address, load_balancing) if self.protocol == "grpc" else (self.address, None)
@@ -39,15 +47,24 @@ class AsyncRankerClient:
             import tritonclient.http.aio as aio
         self._tc, self._aio, self._client = tc, aio, None
 
+    @property
+    def retries(self) -> int:
+        return self.retry_policy.retries
+
+    @property
+    def backoff(self) -> float:
+        return self.retry_policy.backoff
+
     async def connect(self) -> "AsyncRankerClient":
         if self._client is None:
             if self.protocol == "grpc":
                 self._client = self._aio.InferenceServerClient(self.target, channel_args=self.channel_args,
                                                                **c.grpc_tls_kwargs(self.tls, self.tls_files))
             elif self.tls:
-                self._client = self._aio.InferenceServerClient(self.address, ssl=True, ssl_context=c.ssl_context(self.tls_files))
+                self._client = c.aio_http_client_class(self._aio.InferenceServerClient)(self.address, ssl=True,
+                                                                                       ssl_context=c.ssl_context(self.tls_files))
             else:
-                self._client = self._aio.InferenceServerClient(self.address)
+                self._client = c.aio_http_client_class(self._aio.InferenceServerClient)(self.address)
         if self.check_api_on_connect:
             try:
                 await self.check_api()
@@ -60,20 +77,26 @@ class AsyncRankerClient:
         if self._client is None:
             await self.connect()
         timeout = self.timeout if timeout is None else timeout
-        delays = c.backoff_delays(self.retries, self.backoff)
+        state = c.RetryState(self.retry_policy, self.retry_budget)
         while True:
+            seen, token = c.watch_responses()
             try:
-                return await asyncio.wait_for(fn(self._client), timeout)
+                result = await asyncio.wait_for(fn(self._client), timeout)
             except asyncio.TimeoutError:
                 raise Timeout(f"no answer within {timeout} s") from None
             except Exception as exc:  # noqa: BLE001 - mapped to the SDK's hierarchy below
-                error = c.explain(map_error(exc), self.tls, self.tls_files)
-                if not error.retryable or not delays:
+                error = c.with_retry_after(c.explain(map_error(exc), self.tls, self.tls_files), seen)
+                delay = state.delay_after(error)
+                if delay is None:
                     raise error from None
-                delay = delays.pop(0)
                 if self.on_retry is not None:
-                    self.on_retry(error, self.retries - len(delays), delay)
+                    self.on_retry(error, state.attempt, delay)
                 await asyncio.sleep(delay)
+            else:
+                state.succeeded()
+                return result
+            finally:
+                c.unwatch(token)
 
     def _headers(self, headers: Optional[c.Headers]) -> Optional[dict]:
         return c.merge_headers(self.protocol, self.headers, headers)
@@ -102,7 +125,13 @@ class AsyncRankerClient:
         model = model or self.model
         sent = self._headers(headers)
 
+        slots = asyncio.Semaphore(self.chunk_concurrency)
+
         async def one(start: int, end: int):
+            async with slots:
+                return await send(start, end)
+
+        async def send(start: int, end: int):
             texts = [it.text for it in all_items[start:end]]
             k = None if top_k is None else min(top_k, end - start)
             inputs = c.build_inputs(self._tc, query, texts, k)

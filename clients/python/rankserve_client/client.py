@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import errno
 import http.client
 import socket
 import ssl
 import threading
 import time
-from typing import Callable, Iterable, Optional, TypeVar
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from rankserve_client import _common as c
 from rankserve_client.errors import RankerError, Timeout, Unavailable, from_triton, tls_error
 
 T = TypeVar("T")
+_NOT_SENT = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL}
+
+
+def _retime(client: Any, timeout: float) -> bool:
+    """Give a thread's HTTP client a new timeout in place (geventhttpclient applies it to each socket it
+    opens; the idle one, if any, gets it now). False if that library's insides are not as expected."""
+    pool = getattr(getattr(client, "_client_stub", None), "_connection_pool", None)
+    idle = getattr(getattr(pool, "_socket_queue", None), "queue", None)
+    if pool is None or idle is None or not hasattr(pool, "network_timeout"):
+        return False
+    pool.connection_timeout = pool.network_timeout = timeout
+    for sock in list(idle):
+        sock.settimeout(timeout)
+    return True
 
 
 def map_error(exc: BaseException) -> RankerError:
@@ -28,7 +43,11 @@ def map_error(exc: BaseException) -> RankerError:
     if isinstance(exc, (socket.timeout, TimeoutError)) or type(exc).__name__ == "Timeout":
         return Timeout(f"no answer in time: {exc}")
     if isinstance(exc, OSError):
-        return Unavailable(f"cannot reach the server: {exc}")
+        error = Unavailable(f"cannot reach the server: {exc}")
+        # refused, unresolvable or unroutable (aiohttp's ClientConnectorError too): the request never left the client
+        error.reached = not (isinstance(exc, (ConnectionRefusedError, socket.gaierror)) or exc.errno in _NOT_SENT
+                             or any(k.__name__ == "ClientConnectorError" for k in type(exc).__mro__))
+        return error
     if isinstance(exc, http.client.HTTPException) or any(k.__name__ == "ClientConnectionError" for k in type(exc).__mro__):  # e.g. the connection closed by a stopping server; ranking is idempotent
         return Unavailable(f"the server closed the connection: {type(exc).__name__} {exc}")
     return RankerError(f"{type(exc).__name__}: {exc}")
@@ -38,21 +57,27 @@ class RankerClient:
     """Ranks candidates with a rankserve ranker over HTTP or gRPC.
 
     Thread-safe: over gRPC all threads share one channel; over HTTP each thread gets its own
-    connection (tritonclient's HTTP client is not thread-safe), reused across its calls.
+    connection (tritonclient's HTTP client is not thread-safe), reused across its calls whatever
+    their timeouts; the connection of a thread that has ended is closed when another thread opens one
+    (or by ``close()``), so open connections never outnumber the live threads that used the client.
 
     >>> client = RankerClient("grpc://127.0.0.1:8001")
     >>> client.rank("turquoise pillows", [("sku-1", "Turquoise Velvet Pillow"), ("sku-2", "Oak Table")], top_k=1)
     """
 
     def __init__(self, url: str, protocol: Optional[str] = None, *, model: str = c.DEFAULT_MODEL, timeout: float = 10.0,
-                 retries: int = 3, backoff: float = 0.1, chunk_size: int = c.DEFAULT_CHUNK, check_api: bool = True,
+                 retries: int = 3, backoff: float = 0.1, overload_retries: Optional[int] = None, overload_backoff: float = 0.5,
+                 retry_budget: Any = c.DEFAULT_BUDGET, chunk_size: int = c.DEFAULT_CHUNK, check_api: bool = True,
                  on_retry: Optional[c.RetryHook] = None, load_balancing: Optional[str] = None,
                  refresh_s: float = 60.0, headers: Optional[c.Headers] = None, tls: Optional[bool] = None,
                  ca_file: Optional[str] = None, cert_file: Optional[str] = None, key_file: Optional[str] = None) -> None:
         """``url``: ``http://host:8000``, ``grpc://host:8001``, over TLS ``https://host`` or ``grpcs://host:8001``,
         or ``host:port`` with ``protocol`` (and ``tls=True``).
-        ``timeout``: seconds per call; ``retries``: extra attempts when the server is unavailable or
-        overloaded (exponential backoff from ``backoff`` s); ``chunk_size``: most candidates per request;
+        ``timeout``: seconds per call; ``retries``: extra attempts when the server is unavailable (down,
+        restarting: exponential backoff from ``backoff`` s); ``overload_retries`` (default ``min(retries, 2)``):
+        extra attempts when it shed the request (``Overloaded``: longer backoff from ``overload_backoff`` s, or the ``Retry-After``
+        it sent, and only while ``retry_budget`` allows: a :class:`RetryBudget`, by default one per client,
+        ``None`` for none); ``chunk_size``: most candidates per request;
         ``check_api``: fetch the model's metadata now and raise :class:`ApiMismatch` if it is not a ranker;
         ``on_retry(error, attempt, delay_s)``: called before each retry (to count or log them);
         ``load_balancing="round_robin"`` (gRPC): spread requests over every replica behind a headless
@@ -64,7 +89,9 @@ class RankerClient:
         self.protocol, self.address, self.tls = c.parse_url(url, protocol, tls)
         self.tls_files = c.tls_files(self.tls, ca_file, cert_file, key_file)
         self.headers = c.merge_headers(self.protocol, headers) or {}
-        self.model, self.timeout, self.retries, self.backoff, self.chunk_size = model, timeout, retries, backoff, chunk_size
+        self.model, self.timeout, self.chunk_size = model, timeout, chunk_size
+        self.retry_policy = c.RetryPolicy(retries, backoff, overload_retries, overload_backoff)
+        self.retry_budget = c.make_budget(retry_budget)
         self.on_retry = on_retry
         if load_balancing and self.protocol != "grpc":
             raise ValueError("load_balancing is for gRPC; HTTP clients open several connections and a Service spreads them")
@@ -77,12 +104,20 @@ class RankerClient:
         else:
             import tritonclient.http as tc
         self._tc = tc
-        self._local = threading.local()
         self._lock = threading.Lock()
         self._grpc = None
-        self._all_http: list = []
+        self._http: dict[int, list] = {}  # thread id -> [thread, client, its timeout]
+        self._swept = time.monotonic()
         if check_api:
             self.check_api(model)
+
+    @property
+    def retries(self) -> int:
+        return self.retry_policy.retries
+
+    @property
+    def backoff(self) -> float:
+        return self.retry_policy.backoff
 
     # -- transport ---------------------------------------------------------------------------
     def _client(self, timeout: float):
@@ -101,30 +136,70 @@ class RankerClient:
                     while len(self._retired) > 1:
                         self._retired.pop(0).close()
                 return self._grpc
-        clients = getattr(self._local, "clients", None)
-        if clients is None:
-            clients = self._local.clients = {}
-        if timeout not in clients:
-            tls = {"ssl": True, "ssl_options": c.http_ssl_options(self.tls_files)} if self.tls else {}
-            clients[timeout] = self._tc.InferenceServerClient(self.address, connection_timeout=timeout, network_timeout=timeout, **tls)
+        me, ident = threading.current_thread(), threading.get_ident()
+        entry = self._http.get(ident)
+        if entry is not None and entry[0] is not me:
+            # a thread id is reused only after its thread ended; that thread's client cannot be used from this one
+            # (gevent: "cannot switch to a different thread"): close it
             with self._lock:
-                self._all_http.append(clients[timeout])
-        return clients[timeout]
+                if self._http.get(ident) is entry:
+                    del self._http[ident]
+            entry[1].close()
+            entry = None
+        if entry is not None:
+            if entry[2] != timeout:
+                if not _retime(entry[1], timeout):
+                    entry[1].close()
+                    entry[1] = self._new_http(timeout)
+                entry[2] = timeout
+            if time.monotonic() - self._swept > 1.0:
+                self._sweep()
+            return entry[1]
+        client = self._new_http(timeout)
+        with self._lock:
+            self._http[ident] = [me, client, timeout]
+        self._sweep()
+        return client
+
+    def _new_http(self, timeout: float):
+        tls = {"ssl": True, "ssl_options": c.http_ssl_options(self.tls_files)} if self.tls else {}
+        return c.http_client_class(self._tc.InferenceServerClient)(self.address, connection_timeout=timeout, network_timeout=timeout, **tls)
+
+    def _sweep(self) -> None:
+        """Close the HTTP clients of threads that have ended."""
+        with self._lock:
+            self._swept = time.monotonic()
+            dead = [ident for ident, (thread, _, _) in self._http.items() if not thread.is_alive()]
+            closing = [self._http.pop(ident)[1] for ident in dead]
+        for client in closing:
+            client.close()
+
+    @property
+    def open_http_clients(self) -> int:
+        """HTTP clients (one connection each) open now: at most one per live thread that called."""
+        with self._lock:
+            return len(self._http)
 
     def _call(self, fn: Callable[[object, float], T], timeout: Optional[float] = None) -> T:
         timeout = self.timeout if timeout is None else timeout
-        delays = c.backoff_delays(self.retries, self.backoff)
+        state = c.RetryState(self.retry_policy, self.retry_budget)
         while True:
+            seen, token = c.watch_responses()
             try:
-                return fn(self._client(timeout), timeout)
+                result = fn(self._client(timeout), timeout)
             except Exception as exc:  # noqa: BLE001 - mapped to the SDK's hierarchy below
-                error = c.explain(map_error(exc), self.tls, self.tls_files)
-                if not error.retryable or not delays:
+                error = c.with_retry_after(c.explain(map_error(exc), self.tls, self.tls_files), seen)
+                delay = state.delay_after(error)
+                if delay is None:
                     raise error from None
-                delay = delays.pop(0)
                 if self.on_retry is not None:
-                    self.on_retry(error, self.retries - len(delays), delay)
+                    self.on_retry(error, state.attempt, delay)
                 time.sleep(delay)
+            else:
+                state.succeeded()
+                return result
+            finally:
+                c.unwatch(token)
 
     # -- API -----------------------------------------------------------------------------------
     def _headers(self, headers: Optional[c.Headers]) -> Optional[dict]:
@@ -184,9 +259,9 @@ class RankerClient:
 
     def close(self) -> None:
         with self._lock:
-            for client in self._all_http:
+            for _, client, _ in self._http.values():
                 client.close()
-            self._all_http.clear()
+            self._http.clear()
             if self._grpc is not None:
                 self._grpc.close()
                 self._grpc = None

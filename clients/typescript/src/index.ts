@@ -13,18 +13,25 @@ import * as https from "node:https";
 
 export class RankerError extends Error {
   readonly retryable: boolean = false;
+  /** Milliseconds the server or a gateway asked to wait (HTTP `Retry-After`), if it said. */
+  retryAfterMs?: number;
+  /** False when the request never reached a server (connection refused, name not resolved): not counted by the retry budget. */
+  reached = true;
   constructor(message: string) {
     super(message);
     this.name = new.target.name;
   }
 }
-/** The server refused the request as malformed (HTTP 400). Never retried. */
+/** The server refused the request as malformed (HTTP 400, other 4xx). Never retried. */
 export class BadRequest extends RankerError {}
-/** The server is down or cannot take the request now (HTTP 503, connection refused). Retried. */
+/** The server or a gateway refused the body's size (HTTP 413). Never retried: send fewer or shorter candidates (`chunkSize`). */
+export class RequestTooLarge extends BadRequest {}
+/** The server is down or cannot take the request now (HTTP 502/503, connection refused, a dead stub). Retried `retries` times. */
 export class Unavailable extends RankerError {
   override readonly retryable = true;
 }
-/** The server shed the request under load (HTTP 429, queue full). Retried. */
+/** The server or a gateway shed the request under load (queue full, HTTP 429, a gateway's 503). Retried `overloadRetries`
+ * times with a longer backoff (or the `Retry-After` sent), only while the retry budget allows. */
 export class Overloaded extends Unavailable {}
 /** No answer within the call's timeout. Not retried. */
 export class Timeout extends RankerError {}
@@ -49,13 +56,114 @@ export interface RankedItem {
   /** 1 = best */
   rank: number;
 }
+/**
+ * Retry throttling as gRPC does it (gRFC A6, "retryThrottling"), shared by every call of a client (pass one object to several
+ * clients to share it). The bucket starts full at `maxTokens`; every attempt that reached a server and failed with a retryable
+ * error takes one token, every successful call gives back `tokenRatio`; `Overloaded` is retried only while more than half the
+ * bucket is left. The same defaults as the Python SDK: 10 tokens, 0.1 per success.
+ */
+export class RetryBudget {
+  readonly maxTokens: number;
+  readonly tokenRatio: number;
+  tokens: number;
+  /** Retries the budget refused so far. */
+  throttled = 0;
+  constructor(maxTokens = 10, tokenRatio = 0.1) {
+    if (!(maxTokens > 0 && maxTokens <= 1000) || !(tokenRatio > 0 && tokenRatio <= 1)) {
+      throw new Error(`RetryBudget needs 0 < maxTokens <= 1000 and 0 < tokenRatio <= 1, got ${maxTokens}, ${tokenRatio}`);
+    }
+    this.maxTokens = maxTokens;
+    this.tokenRatio = tokenRatio;
+    this.tokens = maxTokens;
+  }
+  recordSuccess(): void {
+    this.tokens = Math.min(this.maxTokens, this.tokens + this.tokenRatio);
+  }
+  recordFailure(): void {
+    this.tokens = Math.max(0, this.tokens - 1);
+  }
+  allowsRetry(): boolean {
+    const allowed = this.tokens > this.maxTokens / 2;
+    if (!allowed) this.throttled++;
+    return allowed;
+  }
+}
+
+export const BACKOFF_CAP_MS = 2000;
+export const OVERLOAD_BACKOFF_CAP_MS = 8000;
+/** A longer `Retry-After` is not waited for: the error is thrown with its `retryAfterMs`. */
+export const MAX_RETRY_AFTER_MS = 10_000;
+
+export interface RetryPolicy {
+  retries: number;
+  backoffMs: number;
+  overloadRetries: number;
+  overloadBackoffMs: number;
+}
+
+/** One call's retries: how many of each kind so far, and the wait before the next attempt (undefined: throw). */
+export class RetryState {
+  unavailable = 0;
+  overloaded = 0;
+  constructor(readonly policy: RetryPolicy, readonly budget: RetryBudget | null) {}
+  get attempt(): number {
+    return this.unavailable + this.overloaded;
+  }
+  succeeded(): void {
+    this.budget?.recordSuccess();
+  }
+  delayAfter(error: RankerError): number | undefined {
+    if (!error.retryable) return undefined;
+    if (this.budget && error.reached) this.budget.recordFailure();
+    const overloaded = error instanceof Overloaded;
+    if (overloaded) {
+      if (this.overloaded >= this.policy.overloadRetries || (this.budget && !this.budget.allowsRetry())) return undefined;
+    } else if (this.unavailable >= this.policy.retries) return undefined;
+    let delay: number;
+    if (error.retryAfterMs !== undefined) {
+      if (error.retryAfterMs > MAX_RETRY_AFTER_MS) return undefined;
+      delay = error.retryAfterMs * (1 + Math.random() * 0.1); // at least what was asked, not all at the same instant
+    } else if (overloaded) {
+      const top = Math.min(OVERLOAD_BACKOFF_CAP_MS, this.policy.overloadBackoffMs * 2 ** this.overloaded);
+      delay = top / 2 + (Math.random() * top) / 2;
+    } else {
+      delay = Math.random() * Math.min(BACKOFF_CAP_MS, this.policy.backoffMs * 2 ** this.unavailable);
+    }
+    if (overloaded) this.overloaded++;
+    else this.unavailable++;
+    return delay;
+  }
+}
+
+/** HTTP `Retry-After` (delay-seconds or an HTTP-date) in milliseconds from now; undefined if absent or unreadable. */
+export function parseRetryAfter(value: string | string[] | undefined): number | undefined {
+  const text = (Array.isArray(value) ? value[0] : value)?.trim();
+  if (!text) return undefined;
+  const seconds = Number(text);
+  if (Number.isFinite(seconds)) return Math.max(0, seconds * 1000);
+  const when = Date.parse(text);
+  return Number.isFinite(when) ? Math.max(0, when - Date.now()) : undefined;
+}
+
 export interface ClientOptions {
   model?: string;
   timeoutMs?: number;
+  /** Extra attempts after `Unavailable` (down, restarting): full-jitter backoff from `backoffMs` (100), capped at 2 s. Default 3. */
   retries?: number;
   backoffMs?: number;
+  /** Extra attempts after `Overloaded` (shed): backoff from `overloadBackoffMs` (500), doubled each time, jittered between
+   * half and all of it, capped at 8 s, or the `Retry-After` sent (up to 10 s); only while `retryBudget` allows.
+   * Default `min(retries, 2)`: `retries: 0` means no retry at all. */
+  overloadRetries?: number;
+  overloadBackoffMs?: number;
+  /** Default: a fresh `RetryBudget()` per client; `null`: no budget. */
+  retryBudget?: RetryBudget | null;
+  /** Called before each retry (to count or log them); `attempt` 1 is the first retry. */
+  onRetry?: (error: RankerError, attempt: number, delayMs: number) => void;
   /** Most candidates per request (the server accepts 1000 by default). */
   chunkSize?: number;
+  /** Chunks of one long list in flight at once (default 4); results keep their order. */
+  chunkConcurrency?: number;
   /** Sent with every call, e.g. `{ Authorization: "Bearer <token>" }` for a gateway; a call's own headers add to or replace them. */
   headers?: Record<string, string>;
   /** For https:// URLs, PEM contents: `ca` the CA bundle that signed the server's certificate (default: Node's CAs),
@@ -89,15 +197,28 @@ export function toItems(items: ItemLike[]): { id: ItemId; text: string }[] {
   });
 }
 
-export function errorFromStatus(status: number, message: string): RankerError {
+/**
+ * The error for an HTTP answer, by its status first: a 4xx is never retried whatever its body says. `fromServer`: the body was
+ * Triton's JSON error (false: a gateway's or proxy's own page, or no body).
+ */
+export function errorFromStatus(status: number, message: string, fromServer = true): RankerError {
   if (status === 401) return new Unauthenticated(message);
   if (status === 403) return new PermissionDenied(message);
-  if (status === 429 || /exceeds maximum queue size/i.test(message)) return new Overloaded(message);
-  if (status === 503 || /is not healthy/.test(message)) return new Unavailable(message); // a dead stub: `rankserve serve` restarts the server
-  if (status === 504) return new Timeout(message);
+  if (status === 408 || status === 504) return new Timeout(message);
+  if (status === 413) {
+    return new RequestTooLarge(`the request is too large for the server or a gateway in front of it (HTTP 413): send fewer or shorter candidates per request (chunkSize) (${message.slice(0, 300)})`);
+  }
+  if (status === 429) return new Overloaded(message);
+  if (status >= 400 && status < 500) return new BadRequest(message);
+  if (/exceeds maximum queue size|rate limit/i.test(message)) return new Overloaded(message); // Triton's words for a full queue
+  if (status === 503) return fromServer ? new Unavailable(message) : new Overloaded(message); // a gateway's 503: a rate or connection limit
+  if (status === 502 || /is not healthy/.test(message)) return new Unavailable(message); // a gateway that cannot reach the server; a dead stub
   if (status >= 500) return new ServerError(message);
   return new BadRequest(message);
 }
+
+/** Node's codes for a connection that was never made: the request did not reach any server. */
+const NOT_SENT = new Set(["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH", "EADDRNOTAVAIL"]);
 
 /** Node's codes for a certificate it does not trust or that does not match the host. */
 const TLS_CODES = new Set([
@@ -119,6 +240,26 @@ export function mergeHeaders(...layers: (Record<string, string> | undefined)[]):
   return merged;
 }
 
+/** `work` over `inputs`, at most `limit` at a time; results in the inputs' order; the first failure rejects (no new work starts). */
+export async function inOrder<T, R>(inputs: T[], limit: number, work: (input: T) => Promise<R>): Promise<R[]> {
+  const results: R[] = new Array(inputs.length);
+  let next = 0;
+  let failed = false;
+  const worker = async () => {
+    while (!failed && next < inputs.length) {
+      const i = next++;
+      try {
+        results[i] = await work(inputs[i]);
+      } catch (err) {
+        failed = true;
+        throw err;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, inputs.length) }, worker));
+  return results;
+}
+
 interface V2Tensor {
   name: string;
   datatype: string;
@@ -132,7 +273,12 @@ export class RankerClient {
   readonly timeoutMs: number;
   readonly retries: number;
   readonly backoffMs: number;
+  readonly overloadRetries: number;
+  readonly overloadBackoffMs: number;
+  readonly retryBudget: RetryBudget | null;
+  readonly onRetry?: (error: RankerError, attempt: number, delayMs: number) => void;
   readonly chunkSize: number;
+  readonly chunkConcurrency: number;
   readonly headers: Record<string, string>;
   private readonly secure: boolean;
   private readonly agent: http.Agent;
@@ -153,11 +299,26 @@ export class RankerClient {
     this.timeoutMs = options.timeoutMs ?? 10_000;
     this.retries = options.retries ?? 3;
     this.backoffMs = options.backoffMs ?? 100;
+    this.overloadRetries = options.overloadRetries ?? Math.min(this.retries, 2); // retries: 0 still means no retry at all
+    this.overloadBackoffMs = options.overloadBackoffMs ?? 500;
+    for (const [name, value] of Object.entries({ retries: this.retries, overloadRetries: this.overloadRetries })) {
+      if (!Number.isInteger(value) || value < 0) throw new Error(`${name} must be an integer >= 0, got ${value}`);
+    }
+    for (const [name, value] of Object.entries({ backoffMs: this.backoffMs, overloadBackoffMs: this.overloadBackoffMs })) {
+      if (!Number.isFinite(value) || value < 0) throw new Error(`${name} must be a number of milliseconds >= 0, got ${value}`);
+    }
+    this.retryBudget = options.retryBudget === undefined ? new RetryBudget() : options.retryBudget;
+    this.onRetry = options.onRetry;
     this.chunkSize = options.chunkSize ?? 1000;
+    this.chunkConcurrency = options.chunkConcurrency ?? 4;
+    if (!Number.isInteger(this.chunkSize) || this.chunkSize < 1) throw new Error(`chunkSize must be an integer >= 1, got ${this.chunkSize}`);
+    if (!Number.isInteger(this.chunkConcurrency) || this.chunkConcurrency < 1) {
+      throw new Error(`chunkConcurrency must be an integer >= 1, got ${this.chunkConcurrency}`);
+    }
   }
 
-  /** One HTTP exchange: status and body text. */
-  private send(method: string, path: string, body: string | undefined, headers: Record<string, string>, timeoutMs: number): Promise<{ status: number; text: string }> {
+  /** One HTTP exchange: status, `Retry-After` and body text. */
+  private send(method: string, path: string, body: string | undefined, headers: Record<string, string>, timeoutMs: number): Promise<{ status: number; retryAfter?: string; text: string }> {
     return new Promise((resolve, reject) => {
       const request = (this.secure ? https : http).request(
         this.baseUrl + path,
@@ -167,7 +328,9 @@ export class RankerClient {
           response.on("data", (chunk: Uint8Array) => chunks.push(chunk));
           response.on("error", reject);
           response.on("close", () => {
-            if (response.complete) resolve({ status: response.statusCode ?? 0, text: Buffer.concat(chunks).toString("utf8") });
+            if (response.complete) {
+              resolve({ status: response.statusCode ?? 0, retryAfter: response.headers["retry-after"], text: Buffer.concat(chunks).toString("utf8") });
+            }
             else reject(Object.assign(new Error("the connection closed before the response ended"), { code: "ECONNRESET" }));
           });
         },
@@ -184,29 +347,53 @@ export class RankerClient {
     if (TLS_CODES.has(code) || String(code).startsWith("ERR_SSL_")) {
       return new TlsError(`TLS handshake with ${this.baseUrl} failed: ${code} ${err?.message ?? ""} (an untrusted server certificate: pass the CA that signed it as tls.ca; a server that wants a client certificate: tls.cert and tls.key)`);
     }
-    return new Unavailable(`cannot reach ${this.baseUrl}: ${code ?? err?.message ?? err}`);
+    if (typeof code !== "string") return new RankerError(`${err?.name ?? "Error"}: ${err?.message ?? err}`); // not the network's: not retried
+    const error = new Unavailable(`cannot reach ${this.baseUrl}: ${code} ${err?.message ?? ""}`.trimEnd());
+    error.reached = !NOT_SENT.has(code);
+    return error;
   }
 
   private async request(method: string, path: string, body: string | undefined, headers: Record<string, string> | undefined, timeoutMs: number): Promise<any> {
     const sent = mergeHeaders(this.headers, headers);
-    for (let attempt = 0; ; attempt++) {
+    const state = new RetryState(this, this.retryBudget);
+    for (;;) {
+      let result: any;
       try {
-        const response = await this.send(method, path, body, sent, timeoutMs);
-        let parsed: any = {};
-        try {
-          parsed = response.text ? JSON.parse(response.text) : {};
-        } catch {
-          parsed = { error: `HTTP ${response.status}: ${response.text.slice(0, 200)}` }; // e.g. a proxy's HTML page
-        }
-        if (response.status < 200 || response.status >= 300) throw errorFromStatus(response.status, parsed.error ?? `HTTP ${response.status}`);
-        return parsed;
+        result = await this.exchange(method, path, body, sent, timeoutMs);
       } catch (err: any) {
         const error = this.toError(err, timeoutMs);
-        if (!error.retryable || attempt >= this.retries) throw error;
-        const delay = Math.random() * Math.min(2000, this.backoffMs * 2 ** attempt);
+        const delay = state.delayAfter(error);
+        if (delay === undefined) throw error;
+        this.onRetry?.(error, state.attempt, delay);
         await new Promise((resolve) => setTimeout(resolve, delay));
+        continue;
       }
+      state.succeeded();
+      return result;
     }
+  }
+
+  /** One attempt: the parsed JSON body, or the error its status (first) and body say. */
+  private async exchange(method: string, path: string, body: string | undefined, headers: Record<string, string>, timeoutMs: number): Promise<any> {
+    const response = await this.send(method, path, body, headers, timeoutMs);
+    const ok = response.status >= 200 && response.status < 300;
+    let parsed: any;
+    try {
+      parsed = response.text ? JSON.parse(response.text) : undefined;
+    } catch {
+      parsed = undefined; // e.g. a gateway's HTML page
+    }
+    if (ok) {
+      if (typeof parsed !== "object" || parsed === null) throw new ServerError(`HTTP ${response.status} with a body that is not a JSON object: ${JSON.stringify(response.text.slice(0, 200))}`);
+      return parsed;
+    }
+    const fromServer = typeof parsed?.error === "string";
+    const message = fromServer
+      ? parsed.error
+      : `HTTP ${response.status} from ${this.baseUrl} or a gateway in front of it, with a body that is not Triton's JSON: ${JSON.stringify(response.text.slice(0, 200))}`;
+    const error = errorFromStatus(response.status, message, fromServer);
+    error.retryAfterMs = parseRetryAfter(response.retryAfter);
+    throw error;
   }
 
   async isReady(model: string = this.model, options: CallOptions = {}): Promise<boolean> {
@@ -240,19 +427,17 @@ export class RankerClient {
     if (topK !== undefined && topK > all.length) throw new BadRequest(`topK is ${topK} but there are only ${all.length} items: send topK <= ${all.length}, or omit it for all`);
     const starts: number[] = [];
     for (let s = 0; s < all.length; s += this.chunkSize) starts.push(s);
-    const parts = await Promise.all(
-      starts.map(async (start) => {
-        const texts = all.slice(start, start + this.chunkSize).map((it) => it.text);
-        const inputs: V2Tensor[] = [
-          { name: "query", datatype: "BYTES", shape: [1], data: [query] },
-          { name: "texts", datatype: "BYTES", shape: [texts.length], data: texts },
-        ];
-        if (topK !== undefined) inputs.push({ name: "top_k", datatype: "INT32", shape: [1], data: [Math.min(topK, texts.length)] });
-        const body = await this.request("POST", `/v2/models/${model}/infer`, JSON.stringify({ inputs }), headers, timeoutMs);
-        const out = Object.fromEntries((body.outputs as V2Tensor[]).map((t) => [t.name, t.data as number[]]));
-        return out.indices.map((index, i) => ({ position: start + index, score: out.scores[i] }));
-      }),
-    );
+    const parts = await inOrder(starts, this.chunkConcurrency, async (start) => {
+      const texts = all.slice(start, start + this.chunkSize).map((it) => it.text);
+      const inputs: V2Tensor[] = [
+        { name: "query", datatype: "BYTES", shape: [1], data: [query] },
+        { name: "texts", datatype: "BYTES", shape: [texts.length], data: texts },
+      ];
+      if (topK !== undefined) inputs.push({ name: "top_k", datatype: "INT32", shape: [1], data: [Math.min(topK, texts.length)] });
+      const body = await this.request("POST", `/v2/models/${model}/infer`, JSON.stringify({ inputs }), headers, timeoutMs);
+      const out = Object.fromEntries((body.outputs as V2Tensor[]).map((t) => [t.name, t.data as number[]]));
+      return out.indices.map((index, i) => ({ position: start + index, score: out.scores[i] }));
+    });
     const merged = parts.flat().sort((a, b) => b.score - a.score || a.position - b.position);
     return merged.slice(0, topK ?? merged.length).map((m, r) => ({ id: all[m.position].id, text: all[m.position].text, score: m.score, rank: r + 1 }));
   }

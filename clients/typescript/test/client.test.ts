@@ -46,3 +46,24 @@ test("timeouts, a server that is down, and a model that is not a ranker", { skip
   assert.ok(Date.now() - started < 5000);
   await assert.rejects(new RankerClient(url!).checkApi("tokenize"), ApiMismatch);
 });
+
+test("a long list goes out at most chunkConcurrency chunks at a time, merged in order", { skip }, async () => {
+  const many = Array.from({ length: 300 }, (_, i) => ({ id: i, text: `${texts[i % texts.length]} model ${i}` }));
+  const whole = await new RankerClient(url!).rank("salon chair", many, { topK: 40 });
+  const client = new RankerClient(url!, { chunkSize: 20, chunkConcurrency: 3 });
+  let running = 0;
+  let most = 0;
+  const send = (client as any).send.bind(client);
+  (client as any).send = async (...args: unknown[]) => {
+    most = Math.max(most, ++running);
+    try {
+      return await send(...args);
+    } finally {
+      running--;
+    }
+  };
+  const chunked = await client.rank("salon chair", many, { topK: 40 }); // 15 chunks
+  assert.equal(most, 3);
+  assert.deepEqual(chunked.map((r) => r.id), whole.map((r) => r.id));
+  assert.equal(new RankerClient(url!).chunkConcurrency, 4);
+});

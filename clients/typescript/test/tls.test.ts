@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { test } from "node:test";
-import { RankerClient, TlsError, Unauthenticated } from "../src/index.js";
+import { BadRequest, RankerClient, RequestTooLarge, TlsError, Unauthenticated } from "../src/index.js";
 
 const url = process.env.RANKSERVE_TLS_URL;
 const token = process.env.RANKSERVE_TOKEN ?? "";
@@ -52,4 +52,17 @@ test("a server certificate the client does not trust is a TlsError, not retried"
     client.close();
   }
   assert.throws(() => new RankerClient(url!.replace("https://", "http://"), { tls: { ca: ca() } }), /https/);
+});
+
+test("a body over the gateway's 16 MiB cap: its HTML 413 is RequestTooLarge at once, not retried", { skip }, async () => {
+  const retries: number[] = [];
+  const client = new RankerClient(url!, { headers: auth(), tls: { ca: ca() }, onRetry: (_e, n) => retries.push(n) });
+  const huge = Array.from({ length: 1000 }, (_, i) => `${"gray sofa ".repeat(1800)} ${i}`); // ~18 MB of JSON in one request
+  try {
+    await assert.rejects(client.rank("sofa", huge), (err: unknown) => err instanceof RequestTooLarge && err instanceof BadRequest && /HTTP 413/.test(err.message));
+    assert.deepEqual(retries, []);
+    assert.equal((await client.rank("sofa", ["gray sofa"])).length, 1); // the gateway and the server keep serving
+  } finally {
+    client.close();
+  }
 });
