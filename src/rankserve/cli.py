@@ -95,6 +95,15 @@ def _budget(text: str | None) -> int:
         raise RankserveError(f"--memory-budget: {exc}") from None
 
 
+def _exec_server(args) -> None:
+    from rankserve.server.embedded import restricted_server_argv
+
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    argv = restricted_server_argv(command, args.admin_key_file)
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)  # the same process: signals and the exit code are the server's
+
+
 def _check_engines(args) -> None:
     from rankserve.builder.engine import check_repository_engines, library_tensorrt_version, local_gpus
     from rankserve.builder.repository import verify_repository, wait_for_manifest
@@ -578,6 +587,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("server_args", nargs=argparse.REMAINDER,
                    help="after --: the tritonserver arguments (checked for the flags the engines need)")
     s.set_defaults(func=_check_engines)
+
+    s = sub.add_parser("exec-server", help="container entrypoint: exec tritonserver with its APIs restricted by the key in a mounted file")
+    s.add_argument("--admin-key-file", default=os.environ.get("RANKSERVE_ADMIN_KEY_FILE", "/run/secrets/triton_admin_key"),
+                   help="the key (a compose secret, a Kubernetes Secret volume; default: $RANKSERVE_ADMIN_KEY_FILE, "
+                        "else /run/secrets/triton_admin_key)")
+    s.add_argument("command_line", nargs=argparse.REMAINDER, help="after --: tritonserver and its flags")
+    s.set_defaults(func=_exec_server)
 
     s = sub.add_parser("gpu-check", help="on a GPU host: build engines, serve with docker compose, verify the TensorRT ensembles")
     s.add_argument("--data", default="artifacts/data")
