@@ -109,3 +109,110 @@ def test_the_admin_key_is_random_per_server(server, tiny_repo):
 
     other = EmbeddedServer(tiny_repo)
     assert other.admin_key != server.admin_key and len(server.admin_key) >= 32
+
+
+# --- Over-size requests (item 2) and the internal models called by name (item 3) -------------------
+
+import numpy as np  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+
+from conftest import TINY  # noqa: E402
+
+DTYPES = {np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+LIMIT = TINY.tokenize.max_candidates
+
+
+@pytest.fixture(params=["http", "grpc"])
+def transport(request, server):
+    if request.param == "http":
+        client = httpclient.InferenceServerClient(server.http_url, network_timeout=120, connection_timeout=120)
+        yield httpclient, client, "400"
+    else:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        yield grpcclient, client, "StatusCode.INVALID_ARGUMENT"
+    client.close()
+
+
+def _infer(module, client, model, arrays):
+    inputs = []
+    for name, value in arrays.items():
+        tensor = module.InferInput(name, list(value.shape), DTYPES[value.dtype])
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return client.infer(model, inputs)
+
+
+def _refused(transport, server, model, arrays, words):
+    module, client, invalid = transport
+    with pytest.raises(InferenceServerException) as err:
+        _infer(module, client, model, arrays)
+    message = err.value.message()
+    assert str(err.value.status()) == invalid, (err.value.status(), message)
+    assert words in message and "Traceback" not in message, message
+    # the server keeps serving, every stub alive
+    good = {"query": np.array([b"sofa"], dtype=object), "texts": np.array([b"gray sofa", b"oak table"], dtype=object)}
+    assert sorted(_infer(module, client, "ranker", good).as_numpy("indices").tolist()) == [0, 1]
+    assert server.health_problem() is None
+
+
+def test_300000_tiny_texts_are_refused_by_count_before_decoding(transport, server):
+    texts = np.array([b"ab"] * 300_000, dtype=object)  # 1.8 MB on the wire
+    _refused(transport, server, "ranker", {"query": np.array([b"sofa"], dtype=object), "texts": texts}, f"limit of {LIMIT}")
+
+
+def test_a_request_over_the_total_size_is_refused_before_decoding(transport, server):
+    size = TINY.tokenize.max_request_bytes
+    texts = np.array([b"x" * (size // 10)] * 11, dtype=object)  # 11 texts, each over max_text_bytes: 1.1 x the total
+    _refused(transport, server, "ranker", {"query": np.array([b"sofa"], dtype=object), "texts": texts},
+             f"more than the limit of {size}")
+
+
+def _encoded(pairs=2, width=8, **change):
+    arrays = {"input_ids": np.full((pairs, width), 5, np.int64), "attention_mask": np.ones((pairs, width), np.int64),
+              "token_type_ids": np.zeros((pairs, width), np.int64)}
+    return {**arrays, **change}
+
+
+LEFT_PADDED = np.array([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8], dtype=np.int64)
+RANK_CASES = {
+    "wider than max_length": (_encoded(width=20_000), f"limit of {TINY.tokenize.max_length}"),
+    "left-padded mask": (_encoded(attention_mask=LEFT_PADDED), "not right-padded"),
+    "holed mask": (_encoded(attention_mask=np.array([[1, 0, 1, 1, 0, 0, 0, 0], [1] * 8], np.int64)), "not right-padded"),
+    "mask of 2s": (_encoded(attention_mask=np.full((2, 8), 2, np.int64)), "only 0 and 1"),
+    "token types of 3s": (_encoded(token_type_ids=np.full((2, 8), 3, np.int64)), "only 0 and 1"),
+    "empty row": (_encoded(attention_mask=np.array([[0] * 8, [1] * 8], np.int64)), "at least one token"),
+    "negative ids": (_encoded(input_ids=np.full((2, 8), -1, np.int64)), "negative"),
+    "shapes disagree": (_encoded(attention_mask=np.ones((2, 7), np.int64)), "disagree"),
+    "more pairs than max_candidates": (_encoded(pairs=LIMIT + 1), f"batch-size must be <= {LIMIT}"),
+}
+
+
+@pytest.mark.parametrize("case", list(RANK_CASES))
+def test_the_internal_rank_model_called_by_name_has_the_public_limits(transport, server, case):
+    arrays, words = RANK_CASES[case]
+    _refused(transport, server, "rank", arrays, words)
+
+
+def test_a_right_padded_rank_request_by_name_is_scored_as_through_the_ranker(transport, server):
+    module, client, _ = transport
+    arrays = _encoded(attention_mask=np.array([[1, 1, 1, 1, 1, 0, 0, 0], [1] * 8], np.int64))
+    logits = _infer(module, client, "rank", arrays).as_numpy("logits")
+    alone = _infer(module, client, "rank", {k: v[:1, :5] for k, v in arrays.items()}).as_numpy("logits")
+    assert logits.shape == (2, 1) and np.allclose(logits[0], alone[0], atol=1e-5)  # padding is not scored
+
+
+def test_the_internal_tokenize_and_postprocess_models_called_by_name_have_the_public_limits(transport, server):
+    query = np.array([b"sofa"], dtype=object)
+    _refused(transport, server, "tokenize", {"query": query, "texts": np.array([b"x"] * (LIMIT + 1), dtype=object)},
+             f"limit of {LIMIT}")
+    _refused(transport, server, "tokenize", {"query": query, "texts": np.array([b"ab"] * 300_000, dtype=object)},
+             f"limit of {LIMIT}")
+    _refused(transport, server, "postprocess", {"logits": np.zeros((LIMIT + 1, 1), np.float32)}, f"limit of {LIMIT}")
+    _refused(transport, server, "postprocess", {"logits": np.zeros((0, 1), np.float32)}, "empty")
+
+
+def test_the_tokenize_queue_is_bounded(server):
+    status, body = _http(server, "GET", "/v2/models/tokenize/config", headers=server.admin_headers)
+    assert status == 200, body
+    policy = json.loads(body)["dynamic_batching"]["default_queue_policy"]
+    assert int(policy["max_queue_size"]) == TINY.tokenize.queue_size > 0
