@@ -640,6 +640,19 @@ class ServeSettings:
                  f"response_cache_bytes must be 0 (off) or >= {MIN_RESPONSE_CACHE_BYTES}, got {self.response_cache_bytes}")
 
 
+def stub_region_bytes(tokenize: TokenizeSettings, batching: BatchingSettings) -> int:
+    """The shared-memory region a Python-backend stub needs for the largest request accepted, so
+    regions never grow while serving (``shm-default-byte-size``): tokenize holds one request's
+    ``texts`` and query and writes its encoded pairs; the rank stage reads the encoded pairs of one
+    dynamic batch (at most ``max_candidates`` pairs), or under ``deadline`` scheduling keeps up to
+    ``max_queue_size`` requests' tensors while it works; plus 1 MiB of the backend's bookkeeping."""
+    encoded = tokenize.max_encoded_bytes
+    tokenize_stub = tokenize.max_request_bytes + 4 + tokenize.max_text_bytes + encoded
+    held = max(1, batching.max_queue_size) if batching.scheduling == "deadline" else 1
+    rank_stub = held * encoded + 4 * tokenize.max_candidates
+    return max(tokenize_stub, rank_stub) + 2**20
+
+
 LOADTEST_SCENARIOS = ("random", "zipf")
 
 

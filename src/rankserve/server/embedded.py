@@ -146,6 +146,26 @@ def restricted_server_argv(command: list[str], key_file: str | Path) -> list[str
     return [*command, *restricted_api_args(read_admin_key(key_file))]
 
 
+def repository_stub_region_bytes(repo: Path) -> int:
+    """:func:`rankserve.settings.stub_region_bytes` of the settings the repository was built with
+    (read back from its tokenize and rank configurations); 0 for a folder without them."""
+    from rankserve.api import TOKENIZE_MODEL
+    from rankserve.builder.configs import parse
+    from rankserve.settings import BatchingSettings, TokenizeSettings, from_parameters, stub_region_bytes
+
+    tokenize = Path(repo) / TOKENIZE_MODEL / "config.pbtxt"
+    if not tokenize.exists():
+        return 0
+    settings = from_parameters(TokenizeSettings, {k: v.string_value for k, v in parse(tokenize).parameters.items()})
+    needed = 0
+    for path in sorted(Path(repo).glob("*/config.pbtxt")):
+        config = parse(path)
+        if config.backend == "python" and "max_pairs" in config.parameters:  # a CPU rank stage
+            batching = from_parameters(BatchingSettings, {k: v.string_value for k, v in config.parameters.items()})
+            needed = max(needed, stub_region_bytes(settings, batching))
+    return max(needed, stub_region_bytes(settings, BatchingSettings()))
+
+
 def server_command(install: TritonInstall, repo: Path, backends: Path, s: ServeSettings, admin_key: str) -> list[str]:
     return [
         str(install.binary),
@@ -155,7 +175,8 @@ def server_command(install: TritonInstall, repo: Path, backends: Path, s: ServeS
         "--strict-readiness=true",
         "--disable-auto-complete-config",
         f"--exit-timeout-secs={s.exit_timeout_s}",
-        f"--backend-config=python,shm-default-byte-size={s.shm_default_bytes}",
+        # every stub's region holds the largest request accepted: it never grows while serving
+        f"--backend-config=python,shm-default-byte-size={max(s.shm_default_bytes, repository_stub_region_bytes(repo))}",
         f"--log-verbose={s.log_verbose}",
         f"--http-address={s.host}",
         f"--http-port={s.http_port}",
