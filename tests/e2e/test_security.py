@@ -216,3 +216,37 @@ def test_the_tokenize_queue_is_bounded(server):
     assert status == 200, body
     policy = json.loads(body)["dynamic_batching"]["default_queue_policy"]
     assert int(policy["max_queue_size"]) == TINY.tokenize.queue_size > 0
+
+
+def test_a_full_tokenize_queue_is_refused_at_once_and_the_server_keeps_serving(tiny_repo, tmp_path):
+    """Triton honours the queue policy of a ``max_batch_size: 0`` model (Triton 2.51): with room for
+    one waiting request, a burst of concurrent 1000-text requests to tokenize gets some refused with
+    "Exceeds maximum queue size" (503 / UNAVAILABLE, the SDK's Overloaded), the others served."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from rankserve.builder import configs
+    from rankserve.server.embedded import EmbeddedServer, free_serve_settings
+
+    repo = Path(shutil.copytree(tiny_repo, tmp_path / "repo"))
+    config = configs.parse(repo / "tokenize" / "config.pbtxt")
+    config.dynamic_batching.default_queue_policy.max_queue_size = 1
+    (repo / "tokenize" / "config.pbtxt").write_text(configs.to_text(config))
+    texts = np.array([f"a fairly long product title number {i} with words".encode() for i in range(LIMIT)], dtype=object)
+
+    def call(url):
+        with httpclient.InferenceServerClient(url, network_timeout=120, connection_timeout=120) as client:
+            try:
+                _infer(httpclient, client, "tokenize", {"query": np.array([b"sofa"], dtype=object), "texts": texts})
+                return "served"
+            except InferenceServerException as exc:
+                return f"{exc.status()} {exc.message()}"
+
+    with EmbeddedServer(repo, free_serve_settings(exit_timeout_s=10), tmp_path / "tritonserver.log") as server:
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(call, [server.http_url] * 32))
+        refused = [o for o in outcomes if o != "served"]
+        assert refused and all(o.startswith("503") and "Exceeds maximum queue size" in o for o in refused), set(outcomes)
+        assert outcomes.count("served") >= 2
+        assert call(server.http_url) == "served" and server.health_problem() is None
