@@ -166,9 +166,14 @@ def _serve(args) -> None:
     if args.releases:
         if args.model_repository:
             raise RankserveError("--releases serves DIR/current: no --model-repository with it")
+        if args.admin_key_file:
+            raise RankserveError("--admin-key-file: not with --releases (each release's server has its own random key)")
         _serve_releases(args)
         return
     args.model_repository = args.model_repository or "model_repository"
+    from rankserve.server.embedded import read_admin_key
+
+    admin_key = read_admin_key(args.admin_key_file) if args.admin_key_file else None
     manifest = verify_repository(args.model_repository)
     _require_budget(args.model_repository, _budget(args.memory_budget) or manifest.get("serving", {}).get("memory_budget_bytes", 0))
     settings = _serve_settings(args)
@@ -185,7 +190,7 @@ def _serve(args) -> None:
     def make_server() -> EmbeddedServer:  # each start writes its own log, kept for reading after a restart
         log = first_log.with_name(f"{first_log.stem}.{len(starts)}{first_log.suffix}") if starts else first_log
         starts.append(log)
-        return EmbeddedServer(args.model_repository, settings, log)
+        return EmbeddedServer(args.model_repository, settings, log, admin_key=admin_key)
 
     def ready(server: EmbeddedServer) -> None:
         if len(starts) > 1:
@@ -517,6 +522,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-port", type=int, default=ServeSettings.grpc_port)
     s.add_argument("--metrics-port", type=int, default=ServeSettings.metrics_port)
     s.add_argument("--log-file", help="tritonserver log (default: in a new temporary folder); restarts write NAME.1.log, ...")
+    s.add_argument("--admin-key-file", help="the key of Triton's restricted APIs (shared memory, repository, config, "
+                                            "statistics, trace, logging), one line in this file (default: a new random "
+                                            "key per start, for rankserve's own use only)")
     s.add_argument("--health-interval", type=float, default=ServeSettings.health_interval_s,
                    help="seconds between checks of the server and its stubs")
     s.add_argument("--memory-budget", help="refuse to start when the repository's estimated memory exceeds this, e.g. "

@@ -250,3 +250,40 @@ def test_a_full_tokenize_queue_is_refused_at_once_and_the_server_keeps_serving(t
         assert refused and all(o.startswith("503") and "Exceeds maximum queue size" in o for o in refused), set(outcomes)
         assert outcomes.count("served") >= 2
         assert call(server.http_url) == "served" and server.health_problem() is None
+
+
+def test_rankserve_serve_takes_an_operators_admin_key_from_a_file(tiny_repo, tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from rankserve.server.embedded import free_serve_settings
+
+    repo = Path(shutil.copytree(tiny_repo, tmp_path / "repo"))
+    key_file = tmp_path / "admin_key"
+    key_file.write_text("an-operators-key-0123456789\n")
+    s = free_serve_settings()
+    proc = subprocess.Popen([sys.executable, "-m", "rankserve", "serve", "--model-repository", str(repo),
+                             "--admin-key-file", str(key_file), "--http-port", str(s.http_port),
+                             "--grpc-port", str(s.grpc_port), "--metrics-port", str(s.metrics_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, lines = time.monotonic() + 120, []
+        while time.monotonic() < deadline:
+            lines.append(proc.stdout.readline())
+            if "tritonserver ready" in lines[-1] or not lines[-1]:
+                break
+        assert "tritonserver ready" in "".join(lines), "".join(lines)
+        server = SimpleNamespace(http_url=f"127.0.0.1:{s.http_port}")
+        assert _http(server, "GET", "/v2/models/stats")[0] == 403
+        assert _http(server, "GET", "/v2/models/stats", headers={ADMIN_HEADER: "an-operators-key-0123456789"})[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
