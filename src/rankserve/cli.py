@@ -95,6 +95,15 @@ def _budget(text: str | None) -> int:
         raise RankserveError(f"--memory-budget: {exc}") from None
 
 
+def _exec_server(args) -> None:
+    from rankserve.server.embedded import restricted_server_argv
+
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    argv = restricted_server_argv(command, args.admin_key_file)
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)  # the same process: signals and the exit code are the server's
+
+
 def _check_engines(args) -> None:
     from rankserve.builder.engine import check_repository_engines, library_tensorrt_version, local_gpus
     from rankserve.builder.repository import verify_repository, wait_for_manifest
@@ -157,9 +166,14 @@ def _serve(args) -> None:
     if args.releases:
         if args.model_repository:
             raise RankserveError("--releases serves DIR/current: no --model-repository with it")
+        if args.admin_key_file:
+            raise RankserveError("--admin-key-file: not with --releases (each release's server has its own random key)")
         _serve_releases(args)
         return
     args.model_repository = args.model_repository or "model_repository"
+    from rankserve.server.embedded import read_admin_key
+
+    admin_key = read_admin_key(args.admin_key_file) if args.admin_key_file else None
     manifest = verify_repository(args.model_repository)
     _require_budget(args.model_repository, _budget(args.memory_budget) or manifest.get("serving", {}).get("memory_budget_bytes", 0))
     settings = _serve_settings(args)
@@ -176,7 +190,7 @@ def _serve(args) -> None:
     def make_server() -> EmbeddedServer:  # each start writes its own log, kept for reading after a restart
         log = first_log.with_name(f"{first_log.stem}.{len(starts)}{first_log.suffix}") if starts else first_log
         starts.append(log)
-        return EmbeddedServer(args.model_repository, settings, log)
+        return EmbeddedServer(args.model_repository, settings, log, admin_key=admin_key)
 
     def ready(server: EmbeddedServer) -> None:
         if len(starts) > 1:
@@ -508,6 +522,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-port", type=int, default=ServeSettings.grpc_port)
     s.add_argument("--metrics-port", type=int, default=ServeSettings.metrics_port)
     s.add_argument("--log-file", help="tritonserver log (default: in a new temporary folder); restarts write NAME.1.log, ...")
+    s.add_argument("--admin-key-file", help="the key of Triton's restricted APIs (shared memory, repository, config, "
+                                            "statistics, trace, logging), one line in this file (default: a new random "
+                                            "key per start, for rankserve's own use only)")
     s.add_argument("--health-interval", type=float, default=ServeSettings.health_interval_s,
                    help="seconds between checks of the server and its stubs")
     s.add_argument("--memory-budget", help="refuse to start when the repository's estimated memory exceeds this, e.g. "
@@ -578,6 +595,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("server_args", nargs=argparse.REMAINDER,
                    help="after --: the tritonserver arguments (checked for the flags the engines need)")
     s.set_defaults(func=_check_engines)
+
+    s = sub.add_parser("exec-server", help="container entrypoint: exec tritonserver with its APIs restricted by the key in a mounted file")
+    s.add_argument("--admin-key-file", default=os.environ.get("RANKSERVE_ADMIN_KEY_FILE", "/run/secrets/triton_admin_key"),
+                   help="the key (a compose secret, a Kubernetes Secret volume; default: $RANKSERVE_ADMIN_KEY_FILE, "
+                        "else /run/secrets/triton_admin_key)")
+    s.add_argument("command_line", nargs=argparse.REMAINDER, help="after --: tritonserver and its flags")
+    s.set_defaults(func=_exec_server)
 
     s = sub.add_parser("gpu-check", help="on a GPU host: build engines, serve with docker compose, verify the TensorRT ensembles")
     s.add_argument("--data", default="artifacts/data")

@@ -45,9 +45,27 @@ class TokenizeSettings:
     that holds its longest pair, so requests share a few shapes (the TensorRT rank stage batches only
     equal shapes). Empty: pad to the longest pair (the CPU stage batches ragged requests)."""
 
+    queue_size: int = 32
+    """Requests the tokenize stage (one instance) may hold waiting; beyond it Triton refuses at once
+    ("exceeds maximum queue size", the SDK's ``Overloaded``). Each waiting request holds its body
+    (up to :attr:`max_request_bytes`) in the server: 32 bounds that at 131 MB with the defaults.
+    0: unbounded."""
+
     @property
     def buckets(self) -> tuple[int, ...]:
         return tuple(int(w) for w in self.pad_buckets.split(",")) if self.pad_buckets else ()
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest serialized ``texts`` tensor accepted (a 4-byte length before each text):
+        ``max_candidates`` texts of ``max_text_bytes``. Larger ones are refused before any text is
+        decoded; a few longer texts may still come (and be cut) within that total."""
+        return self.max_candidates * (4 + self.max_text_bytes)
+
+    @property
+    def max_encoded_bytes(self) -> int:
+        """The largest encoded request: three INT64 tensors of ``max_candidates`` x ``max_length``."""
+        return 3 * self.max_candidates * self.max_length * 8
 
     def __post_init__(self) -> None:
         _require(8 <= self.max_length <= 512, f"max_length must be in [8, 512], got {self.max_length}")
@@ -59,6 +77,7 @@ class TokenizeSettings:
                  f"pad_buckets must ascend and the last must hold max_length ({self.max_length}), got {self.pad_buckets!r}")
         _require(1 <= self.max_candidates <= 100_000, f"max_candidates must be in [1, 100000], got {self.max_candidates}")
         _require(self.max_text_bytes >= 16, f"max_text_bytes must be >= 16, got {self.max_text_bytes}")
+        _require(self.queue_size >= 0, f"queue_size must be >= 0, got {self.queue_size}")
 
 
 @dataclass(frozen=True)
@@ -619,6 +638,19 @@ class ServeSettings:
         _require(self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0")
         _require(self.response_cache_bytes == 0 or self.response_cache_bytes >= MIN_RESPONSE_CACHE_BYTES,
                  f"response_cache_bytes must be 0 (off) or >= {MIN_RESPONSE_CACHE_BYTES}, got {self.response_cache_bytes}")
+
+
+def stub_region_bytes(tokenize: TokenizeSettings, batching: BatchingSettings) -> int:
+    """The shared-memory region a Python-backend stub needs for the largest request accepted, so
+    regions never grow while serving (``shm-default-byte-size``): tokenize holds one request's
+    ``texts`` and query and writes its encoded pairs; the rank stage reads the encoded pairs of one
+    dynamic batch (at most ``max_candidates`` pairs), or under ``deadline`` scheduling keeps up to
+    ``max_queue_size`` requests' tensors while it works; plus 1 MiB of the backend's bookkeeping."""
+    encoded = tokenize.max_encoded_bytes
+    tokenize_stub = tokenize.max_request_bytes + 4 + tokenize.max_text_bytes + encoded
+    held = max(1, batching.max_queue_size) if batching.scheduling == "deadline" else 1
+    rank_stub = held * encoded + 4 * tokenize.max_candidates
+    return max(tokenize_stub, rank_stub) + 2**20
 
 
 LOADTEST_SCENARIOS = ("random", "zipf")

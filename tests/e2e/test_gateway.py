@@ -53,8 +53,9 @@ def _tls_triton(tiny_repo, certs, log, mutual: bool):
     settings = free_serve_settings()
     tls = ["--grpc-use-ssl=true", f"--grpc-server-cert={certs.server_cert}", f"--grpc-server-key={certs.server_key}",
            f"--grpc-root-cert={certs.ca}", *(["--grpc-use-ssl-mutual=true"] if mutual else [])]
-    return EmbeddedServer(tiny_repo, settings, log, argv=lambda install, backends: [
-        *server_command(install, Path(tiny_repo).resolve(), backends, settings), *tls])
+    server = EmbeddedServer(tiny_repo, settings, log, argv=lambda install, backends: [
+        *server_command(install, Path(tiny_repo).resolve(), backends, settings, server.admin_key), *tls])
+    return server
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,7 @@ def test_without_a_cache_nothing_is_cached_although_the_ensembles_are_marked(ser
     assert all(m["hits"] == 0 and m["misses"] == 0 for m in metrics["models"].values())  # ... and never looked up
     assert "util" not in metrics and "num_entries" not in metrics  # no cache in this server at all
     assert re.search(r"\|\s*cache_enabled\s*\|\s*0\s*\|", Path(server.log_path).read_text())
-    assert not any("cache" in a for a in server_command(find_triton(), server.repo, server.repo, server.settings))
+    assert not any("cache" in a for a in server_command(find_triton(), server.repo, server.repo, server.settings, server.admin_key))
 
 
 def test_a_tiny_cache_stays_within_its_size_by_evicting(tiny_repo, server, dataset, tmp_path):
@@ -160,7 +160,7 @@ def test_a_model_reloaded_behind_a_cached_ensemble_leaves_stale_answers(tiny_rep
     settings = free_serve_settings(exit_timeout_s=10, response_cache_bytes=2**20)
 
     def explicit(install, backends):
-        command = [a for a in server_command(install, repo, backends, settings) if not a.startswith("--model-control-mode")]
+        command = [a for a in server_command(install, repo, backends, settings, s.admin_key) if not a.startswith("--model-control-mode")]
         return command + ["--model-control-mode=explicit", "--load-model=*"]
 
     texts = _texts(dataset, 20)
@@ -168,7 +168,7 @@ def test_a_model_reloaded_behind_a_cached_ensemble_leaves_stale_answers(tiny_rep
         url = f"http://{s.http_url}"
         old = _rank(url, "sofa", texts)
         shutil.copy(tmp_path / "other_repo" / "rank" / "1" / "model.onnx", repo / "rank" / "1" / "model.onnx")
-        request = urllib.request.Request(f"{url}/v2/repository/models/rank/load", data=b"{}", method="POST")
+        request = urllib.request.Request(f"{url}/v2/repository/models/rank/load", data=b"{}", method="POST", headers=s.admin_headers)
         assert urllib.request.urlopen(request, timeout=120).status == 200
         fresh = _rank(url, "sofa", texts, top_k=3)  # another key: computed by the new weights
         stale = _rank(url, "sofa", texts)  # the cached key: the old model's answer

@@ -26,7 +26,37 @@ from rankserve.server.embedded import EmbeddedServer, TritonInstall
 
 pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parents[2]
-KEY = "a-test-key"
+KEY = "a-test-key-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def admin_key_file(tmp_path, monkeypatch) -> Path:
+    """The key the containers mount at /run/secrets/triton_admin_key, here a file of the test read by
+    the shipped entrypoint (`rankserve exec-server`) through RANKSERVE_ADMIN_KEY_FILE."""
+    path = tmp_path / "triton_admin_key"
+    path.write_text(KEY + "\n")
+    monkeypatch.setenv("RANKSERVE_ADMIN_KEY_FILE", str(path))
+    return path
+
+
+def _entrypoint_on_host(entrypoint: list[str], install: TritonInstall, repo: Path, container_repo: str) -> list[str]:
+    """A container's entrypoint as shipped, tritonserver being the embedded install's binary."""
+    if entrypoint[:1] in (["sh"], ["/bin/sh"]):  # `sh -c "... && exec rankserve exec-server -- tritonserver "$@"" --`
+        shell, dash_c, script, zero = entrypoint
+        script = _on_host(script, container_repo, repo).replace("-- tritonserver ", f"-- {install.binary} ")
+        return [shell, dash_c, script, zero]
+    return [str(install.binary) if a == "tritonserver" else a for a in entrypoint]
+
+
+def _restricted_apis_need_the_key(url: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{url}/v2/systemsharedmemory/status", timeout=5)
+    assert refused.value.code == 403
+    request = urllib.request.Request(f"{url}/v2/systemsharedmemory/status", headers={"rankserve-admin-key": KEY})
+    assert urllib.request.urlopen(request, timeout=5).status == 200
 
 
 def _host_flags(backends: Path, s) -> list[str]:
@@ -74,13 +104,9 @@ def test_compose_server_commands_start_the_real_server(service, repo, tmp_path):
     entrypoint = [_unescape(a) for a in spec["entrypoint"]]
 
     def argv(install: TritonInstall, backends: Path, s) -> list[str]:
-        flags = command + _host_flags(backends, s)
-        if entrypoint == ["tritonserver"]:
-            return [str(install.binary), *flags]
-        # the GPU service: `sh -c "rankserve check-engines ... -- "$@" && exec tritonserver "$@"" -- FLAGS`
-        shell, dash_c, script, zero = entrypoint
-        script = _on_host(script, container_repo, repo).replace("exec tritonserver", f"exec {install.binary}")
-        return [shell, dash_c, script, zero, *flags]
+        # triton-cpu: `rankserve exec-server -- tritonserver FLAGS`; the GPU service:
+        # `sh -c "rankserve check-engines ... -- "$@" && exec rankserve exec-server -- tritonserver "$@"" -- FLAGS`
+        return [*_entrypoint_on_host(entrypoint, install, repo, container_repo), *command, *_host_flags(backends, s)]
 
     with _serve(repo, tmp_path, argv) as server:
         url = f"http://{server.http_url}"
@@ -88,15 +114,8 @@ def test_compose_server_commands_start_the_real_server(service, repo, tmp_path):
         assert out.returncode == 0 and "healthy" in out.stdout, out.stdout + out.stderr
         if service == "triton":  # check-engines ran first, on this repository and the server's flags
             assert "no TensorRT engines in the repository: nothing to check" in server.log_path.read_text()
-        # the restricted APIs answer only with the key
-        import urllib.error
-        import urllib.request
-
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(f"{url}/v2/systemsharedmemory/status", timeout=5)
-        assert refused.value.code == 403
-        request = urllib.request.Request(f"{url}/v2/systemsharedmemory/status", headers={"rankserve-admin-key": KEY})
-        assert urllib.request.urlopen(request, timeout=5).status == 200
+        _restricted_apis_need_the_key(url)  # the key of the secret file, added by the entrypoint
+        assert KEY not in json.dumps(spec)  # and in no command or environment of the service
 
 
 def test_the_triton_image_health_check_passes_on_the_real_server(repo, tmp_path):
@@ -105,7 +124,8 @@ def test_the_triton_image_health_check_passes_on_the_real_server(repo, tmp_path)
     compose = resolved_compose(TRITON_ADMIN_KEY=KEY)["services"]["triton-cpu"]
 
     def argv(install, backends, s):
-        return [str(install.binary), *[_on_host(a, "/models", repo) for a in compose["command"]], *_host_flags(backends, s)]
+        return [*_entrypoint_on_host(compose["entrypoint"], install, repo, "/models"),
+                *[_on_host(a, "/models", repo) for a in compose["command"]], *_host_flags(backends, s)]
 
     with _serve(repo, tmp_path, argv) as server:
         out = _health(json.loads(health), f"http://{server.http_url}", "/models", repo)
@@ -118,7 +138,7 @@ def test_kubernetes_triton_container_starts_the_real_server_and_its_probes_pass(
     deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "rankserve-triton")
     pod = deployment["spec"]["template"]["spec"]
     (triton,) = [c for c in pod["containers"] if c["name"] == "triton"]
-    assert triton["command"] == ["tritonserver"]
+    assert triton["command"] == ["rankserve", "exec-server", "--", "tritonserver"]
     env = kubelet_env(triton, configmaps_of(docs), secret=KEY)
     container_repo = kubelet_expand(next(a for a in triton["args"] if a.startswith("--model-repository=")).split("=", 1)[1], env)
     assert container_repo.startswith("/models/releases/") and "$(" not in container_repo
@@ -134,10 +154,11 @@ def test_kubernetes_triton_container_starts_the_real_server_and_its_probes_pass(
     args = [_on_host(kubelet_expand(a, env), container_repo, repo) for a in triton["args"]]
 
     def argv(install, backends, s):
-        return [str(install.binary), *args, *_host_flags(backends, s)]
+        return [*_entrypoint_on_host(triton["command"], install, repo, container_repo), *args, *_host_flags(backends, s)]
 
     with _serve(repo, tmp_path, argv) as server:
         url = f"http://{server.http_url}"
+        _restricted_apis_need_the_key(url)  # the key of the Secret volume, added by the entrypoint
         for probe in ("livenessProbe", "readinessProbe"):
             if "exec" in triton.get(probe, {}):
                 out = _health(triton[probe]["exec"]["command"], url, container_repo, repo, env)

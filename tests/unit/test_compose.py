@@ -2,15 +2,18 @@
 wheel) validates and resolves it; then versions, paths, GPU wiring and safety are checked on the
 resolved model."""
 
+import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import compose_config, resolved_compose
+from rankserve.server.embedded import ADMIN_KEY_FILE, RESTRICTED_APIS
 from rankserve.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,10 +36,24 @@ def resolved() -> dict:
     return resolved_compose(TRITON_ADMIN_KEY="a-test-key")
 
 
-def test_docker_compose_validates_the_file_and_refuses_to_run_without_an_admin_key(resolved):
+def test_docker_compose_validates_the_file_and_keeps_the_admin_key_out_of_it(resolved):
+    """The key reaches the Triton containers only as the secret file /run/secrets/triton_admin_key
+    (from TRITON_ADMIN_KEY of the host), which `rankserve exec-server` reads: it is in no command,
+    environment or label of the resolved model (what `docker inspect` shows)."""
     assert set(resolved["services"]) == {"build", "triton", "triton-cpu", "locust-master", "locust-worker"}
-    out = _resolved(HOST_UID="1000", HOST_GID="1000")  # no default secret in the repository: compose resolves nothing without one
-    assert "required variable TRITON_ADMIN_KEY is missing" in out.stderr and not out.stdout.strip()
+    assert "a-test-key" not in json.dumps(resolved)
+    assert resolved["secrets"]["triton_admin_key"]["environment"] == "TRITON_ADMIN_KEY"
+    assert "TRITON_ADMIN_KEY" not in (ROOT / ".env").read_text()  # no default key in the repository
+    for name in ("triton", "triton-cpu"):
+        service = resolved["services"][name]
+        assert service["secrets"] == [{"source": "triton_admin_key", "target": ADMIN_KEY_FILE}]
+        assert "environment" not in service or "TRITON_ADMIN_KEY" not in service["environment"]
+        assert not any("restricted" in a for a in service["command"])
+    assert resolved["services"]["triton-cpu"]["entrypoint"] == ["rankserve", "exec-server", "--", "tritonserver"]
+    # the entrypoint refuses to start a server without a key (an unset TRITON_ADMIN_KEY: an empty or no file)
+    out = subprocess.run([sys.executable, "-m", "rankserve", "exec-server", "--admin-key-file", "/nonexistent/key", "--", "true"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "cannot read the admin key file /nonexistent/key" in out.stderr
 
 
 def test_the_build_writes_the_repository_as_the_caller_never_as_a_guessed_uid(resolved):
@@ -74,7 +91,7 @@ def test_engines_are_built_on_the_gpu_then_checked_then_served(resolved):
     assert BUILD[-1] == "build" and SERVE[:3] == ["docker", "compose", "up"] and "--no-deps" in SERVE and SERVE[-1] == "triton"
     assert "deploy" not in services["triton-cpu"] and "depends_on" not in services["triton-cpu"]
     # compose config writes $ escaped as $$ (what the container runs is "$@")
-    assert triton["entrypoint"][-2].startswith('rankserve check-engines --model-repository /models -- "$$@" && exec tritonserver')
+    assert triton["entrypoint"][-2] == 'rankserve check-engines --model-repository /models -- "$$@" && exec rankserve exec-server -- tritonserver "$$@"'
     assert 'ENTRYPOINT ["rankserve", "build", "--target", "gpu"]' in (ROOT / "deploy/docker/trt-build.Dockerfile").read_text()
     from rankserve.cli import parser
 
@@ -91,10 +108,10 @@ def test_triton_services_are_safe_by_default(resolved):
         service = resolved["services"][name]
         command = service["command"]
         assert "--model-control-mode=none" in command and "--strict-readiness=true" in command
-        for flag in ("--http-restricted-api=", "--grpc-restricted-protocol="):
-            (value,) = [c for c in command if c.startswith(flag)]
-            apis, key = value[len(flag):].split(":", 1)
-            assert {"model-repository", "shared-memory", "logging", "trace"} <= set(apis.split(",")) and key == "rankserve-admin-key=a-test-key"
+        # the restricted APIs: `rankserve exec-server` adds the flags of the embedded server (RESTRICTED_APIS)
+        assert "exec rankserve exec-server -- tritonserver" in " ".join(service["entrypoint"]) or \
+            service["entrypoint"] == ["rankserve", "exec-server", "--", "tritonserver"]
+        assert {"model-repository", "shared-memory", "statistics", "logging", "trace"} <= set(RESTRICTED_APIS)
         assert f"--backend-config=python,shm-default-byte-size={ServeSettings().shm_default_bytes}" in command  # as the embedded server
         assert all(p["host_ip"] == "127.0.0.1" for p in service["ports"])
         assert {p["target"] for p in service["ports"]} == {8000, 8001, 8002}

@@ -13,6 +13,7 @@ import yaml
 
 from conftest import configmaps_of, kubelet_env, kubelet_expand
 from rankserve.cli import parser as build_parser
+from rankserve.server.embedded import ADMIN_KEY_FILE
 from rankserve.settings import LoadTestSettings, ServeSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,11 +110,19 @@ def test_triton_pod_matches_compose_and_the_server_settings(rendered, target):
     compose_flags = {f.split("=", 1)[0]: f for f in _compose()["x-triton"]["command"]}
     flags = {f.split("=", 1)[0]: f for f in triton["args"]}
     assert set(flags) == set(compose_flags)  # the same server flags as docker compose
+    # ... behind the same entrypoint, which adds the restricted-API flags from the mounted key
+    assert triton["command"] == _compose()["services"]["triton-cpu"]["entrypoint"] == ["rankserve", "exec-server", "--", "tritonserver"]
     for name in ("--model-control-mode", "--strict-readiness", "--exit-timeout-secs"):
         assert flags[name] == compose_flags[name]
     python_backend = f"--backend-config=python,shm-default-byte-size={ServeSettings().shm_default_bytes}"
     assert python_backend in triton["args"] and python_backend in _compose()["x-triton"]["command"]
-    assert "$(TRITON_ADMIN_KEY)" in flags["--http-restricted-api"] and "$(TRITON_ADMIN_KEY)" in flags["--grpc-restricted-protocol"]
+    # the admin key: a Secret volume at /run/secrets/triton_admin_key, in no argument or variable of the pod
+    (key_mount,) = [m for m in triton["volumeMounts"] if m["name"] == "admin-key"]
+    (key_volume,) = [v for v in pod["volumes"] if v["name"] == "admin-key"]
+    assert key_mount["readOnly"] and f"{key_mount['mountPath']}/{key_volume['secret']['items'][0]['path']}" == ADMIN_KEY_FILE
+    assert key_volume["secret"]["secretName"] == "rankserve-admin" and key_volume["secret"]["defaultMode"] == 0o440
+    assert not any("restricted" in a or "ADMIN" in a for a in triton["args"])
+    assert not any("secretKeyRef" in v.get("valueFrom", {}) for c in pod["containers"] + pod.get("initContainers", []) for v in c.get("env", []))
     assert {p["containerPort"] for p in triton["ports"]} == {8000, 8001, 8002}
     repo = flags["--model-repository"].split("=", 1)[1]
     assert repo == "$(RANKSERVE_MODEL_REPOSITORY)"  # the probes' `rankserve health` reads the same variable

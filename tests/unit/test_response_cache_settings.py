@@ -13,6 +13,8 @@ from rankserve.loadtest.cache_compare import judge, max_score_difference, model_
 from rankserve.server.embedded import find_triton, server_command
 from rankserve.settings import MIN_RESPONSE_CACHE_BYTES, PRESETS, BuildSettings, LoadTestSettings, RuntimeSettings, ServeSettings
 
+KEY = "a-test-admin-key-0123"
+
 VARIANTS = {"fp32": RuntimeSettings(), "int8": RuntimeSettings("openvino")}
 
 
@@ -48,9 +50,9 @@ def test_tensorrt_ensembles_are_cacheable_too():
 
 def test_server_command_adds_the_cache_flags_only_when_a_size_is_set(tmp_path):
     install = find_triton()
-    plain = server_command(install, tmp_path, tmp_path, ServeSettings())
+    plain = server_command(install, tmp_path, tmp_path, ServeSettings(), KEY)
     assert not any("cache" in a for a in plain)
-    on = server_command(install, tmp_path, tmp_path, ServeSettings(response_cache_bytes=256 * 2**20))
+    on = server_command(install, tmp_path, tmp_path, ServeSettings(response_cache_bytes=256 * 2**20), KEY)
     assert on[:len(plain)] == plain
     assert on[len(plain):] == [f"--cache-config=local,size={256 * 2**20}", f"--cache-directory={install.caches}"]
     assert (install.caches / "local" / "libtritoncache_local.so").exists()
@@ -59,8 +61,8 @@ def test_server_command_adds_the_cache_flags_only_when_a_size_is_set(tmp_path):
 def test_a_missing_cache_library_is_a_clear_error(tmp_path):
     install = dataclasses.replace(find_triton(), caches=tmp_path)
     with pytest.raises(ServeError, match="libtritoncache_local.so"):
-        server_command(install, tmp_path, tmp_path, ServeSettings(response_cache_bytes=2**20))
-    assert server_command(install, tmp_path, tmp_path, ServeSettings())  # no cache: no library needed
+        server_command(install, tmp_path, tmp_path, ServeSettings(response_cache_bytes=2**20), KEY)
+    assert server_command(install, tmp_path, tmp_path, ServeSettings(), KEY)  # no cache: no library needed
 
 
 METRICS = """# HELP nv_cache_num_hits_per_model Number of cache hits per model

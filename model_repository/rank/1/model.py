@@ -26,6 +26,7 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.batching = from_parameters(BatchingSettings, parameters)
         self.max_pairs = int(parameters.get("max_pairs", {}).get("string_value", "1000"))
+        self.max_length = int(parameters.get("max_length", {}).get("string_value", "512"))  # the tokenizer's
         self.ranker = create_ranker(
             version_dir / "model.onnx",
             from_parameters(RuntimeSettings, parameters),
@@ -34,13 +35,13 @@ class TritonPythonModel:
         self.stage, self.submit = None, None
         if self.batching.scheduling == "deadline":
             observe = stage_metrics(pb_utils, args["model_name"], args["model_version"])
-            self.stage, self.submit = scheduled_rank(self.ranker, self.batching, self.max_pairs, observe)
+            self.stage, self.submit = scheduled_rank(self.ranker, self.batching, self.max_pairs, observe, self.max_length)
 
     def execute(self, requests):
         if self.stage is not None:
             return respond_later(pb_utils, requests, MODEL_INPUT_NAMES, self.submit)
         return respond_as_done(pb_utils, requests, MODEL_INPUT_NAMES, lambda inputs, done: rank_batch(
-            self.ranker, inputs, self.batching.max_batch_tokens, self.max_pairs, on_done=done))
+            self.ranker, inputs, self.batching.max_batch_tokens, self.max_pairs, on_done=done, max_length=self.max_length))
 
     def finalize(self):
         if self.stage is not None:

@@ -10,7 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from rankserve.api import QUERY, TEXTS
 from rankserve.settings import TokenizeSettings, from_parameters
-from rankserve.stages.tokenize import encode_pairs, load_tokenizer, parse_request
+from rankserve.stages.tokenize import bounded_deserializer, encode_pairs, load_tokenizer, parse_request
 from rankserve.stages.triton_io import respond_each
 
 
@@ -20,6 +20,8 @@ class TritonPythonModel:
         self.settings = from_parameters(TokenizeSettings, config.get("parameters", {}))
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.tokenizer = load_tokenizer(version_dir / "tokenizer.json", self.settings)
+        # the stub decodes BYTES inputs with this before execute: bound it (count and size)
+        pb_utils.deserialize_bytes_tensor = bounded_deserializer(self.settings.max_candidates, self.settings.max_request_bytes)
 
     def execute(self, requests):
         return respond_each(pb_utils, requests, (QUERY.name, TEXTS.name), self._encode)

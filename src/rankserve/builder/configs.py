@@ -33,11 +33,19 @@ def python_model(
     outputs: Iterable[TensorSpec],
     parameters: Mapping[str, str] | None = None,
     instances: int = 1,
+    queue_size: int = 0,
 ) -> mc.ModelConfig:
-    """A Python-backend model on CPU, without Triton batching (the request is the batch)."""
+    """A Python-backend model on CPU, without Triton batching (the request is the batch).
+
+    ``queue_size``: at most this many requests wait for an instance; beyond it Triton refuses at
+    once (0: unbounded). Triton reads the queue policy only from ``dynamic_batching``; with
+    ``max_batch_size: 0`` its scheduler still hands the model one request at a time (Triton 2.51,
+    tried: the stages load and serve, and a full queue is refused with "Exceeds maximum queue size")."""
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
     _io(config.input, inputs)
     _io(config.output, outputs)
+    if queue_size:
+        config.dynamic_batching.default_queue_policy.max_queue_size = queue_size
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
     for key, value in (parameters or {}).items():
         config.parameters[key].string_value = value
@@ -78,8 +86,8 @@ def batched_rank_model(name: str, settings: BuildSettings, parameters: Mapping[s
             entry.data_type = mc.DataType.Value(f"TYPE_{t.dtype}")
             entry.dims.append(settings.warmup.tokens)
             entry.input_data_file = t.name
-    for key, value in {**parameters, **to_parameters(settings.batching),
-                       "max_pairs": str(settings.tokenize.max_candidates)}.items():
+    for key, value in {**parameters, **to_parameters(settings.batching), "max_pairs": str(settings.tokenize.max_candidates),
+                       "max_length": str(settings.tokenize.max_length)}.items():
         config.parameters[key].string_value = value
     return config
 
@@ -194,10 +202,12 @@ def cpu_repository(settings: BuildSettings, runtimes: Mapping[str, RuntimeSettin
         raise ValueError(f"default variant {default!r} is not among {sorted(runtimes)}")
     models = {
         api.TOKENIZE_MODEL: python_model(
-            api.TOKENIZE_MODEL, (api.QUERY, api.TEXTS), api.ENCODED, to_parameters(settings.tokenize)
+            api.TOKENIZE_MODEL, (api.QUERY, api.TEXTS), api.ENCODED, to_parameters(settings.tokenize),
+            queue_size=settings.tokenize.queue_size,
         ),
         api.POSTPROCESS_MODEL: python_model(
-            api.POSTPROCESS_MODEL, (TensorSpec(api.LOGITS.name, api.LOGITS.dtype, (-1, 1)), api.TOP_K), api.RANKER_OUTPUTS
+            api.POSTPROCESS_MODEL, (TensorSpec(api.LOGITS.name, api.LOGITS.dtype, (-1, 1)), api.TOP_K), api.RANKER_OUTPUTS,
+            {"max_candidates": str(settings.tokenize.max_candidates)},
         ),
     }
     for variant, runtime in runtimes.items():
@@ -240,7 +250,8 @@ def gpu_models(settings: BuildSettings, engines: Mapping[str, Sequence[Mapping]]
     engine family the manifest records (``engines``: precision -> engine records, whose ``inputs``
     were read from the ONNX file each engine was built from); postprocess is the CPU repository's."""
     models = {GPU_TOKENIZE_MODEL: python_model(GPU_TOKENIZE_MODEL, (api.QUERY, api.TEXTS), api.ENCODED,
-                                               to_parameters(gpu_tokenize_settings(settings)))}
+                                               to_parameters(gpu_tokenize_settings(settings)),
+                                               queue_size=settings.tokenize.queue_size)}
     for precision, records in sorted(engines.items()):
         inputs = records[0]["inputs"]
         if any(r["inputs"] != inputs for r in records):

@@ -42,9 +42,9 @@ def variant_files(repo: Path, rank_model: str) -> list[Path]:
     return onnx_files.model_files(repo / rank_model / "1" / "model.onnx")
 
 
-def _post(url: str, body: dict | None = None, timeout: float = 900) -> None:
+def _post(url: str, body: dict | None = None, timeout: float = 900, headers: dict | None = None) -> None:
     request = urllib.request.Request(url, data=json.dumps(body or {}).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     with urllib.request.urlopen(request, timeout=timeout) as r:
         r.read()
 
@@ -76,7 +76,7 @@ def measure_ready(repo: Path, variants: dict[str, dict], request: tuple[str, lis
     from rankserve_client import RankerClient
 
     def argv(install, backends):
-        command = [a for a in server_command(install, repo, backends, settings) if not a.startswith("--model-control-mode")]
+        command = [a for a in server_command(install, repo, backends, settings, server.admin_key) if not a.startswith("--model-control-mode")]
         return command + ["--model-control-mode=explicit", f"--load-model={api.TOKENIZE_MODEL}",
                           f"--load-model={api.POSTPROCESS_MODEL}"]
 
@@ -101,7 +101,7 @@ def measure_ready(repo: Path, variants: dict[str, dict], request: tuple[str, lis
                     files = variant_files(repo, v["rank_model"]) + [p for p in _cache_files(cache) if p not in cached_before]
                     out["page_cache_evicted"] &= evict(files)
                 t0 = time.perf_counter()
-                _post(f"{base}/{v['ensemble']}/load", timeout=timeout_s)
+                _post(f"{base}/{v['ensemble']}/load", timeout=timeout_s, headers=server.admin_headers)
                 row[f"{phase}_s"] = time.perf_counter() - t0
                 with RankerClient(f"http://{server.http_url}", model=v["ensemble"], timeout=timeout_s) as client:
                     t0 = time.perf_counter()
@@ -117,7 +117,7 @@ def measure_ready(repo: Path, variants: dict[str, dict], request: tuple[str, lis
                     row["stub_rss_first_mb"] = _rss_mb(stub.pid)
                 if phase == "cold":  # as served from now on: through the runtime cache
                     row["stub_rss_mb"], row["stub_private_mb"] = _rss_mb(stub.pid), _rss_mb(stub.pid, "RssAnon")
-                _post(f"{base}/{v['ensemble']}/unload", {"parameters": {"unload_dependents": True}})
+                _post(f"{base}/{v['ensemble']}/unload", {"parameters": {"unload_dependents": True}}, headers=server.admin_headers)
                 _wait_unloaded(server, v["rank_model"], timeout_s)
             log(f"  {name}: Triton load first {row['first_s']:.1f} s, cold {row['cold_s']:.1f} s, warm {row['warm_s']:.1f} s "
                 f"(runtime cache {row['cache_mb']:.0f} MB), rank stub "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -93,7 +94,79 @@ def response_cache_args(install: TritonInstall, s: ServeSettings) -> list[str]:
     return [f"--cache-config={RESPONSE_CACHE},size={s.response_cache_bytes}", f"--cache-directory={install.caches}"]
 
 
-def server_command(install: TritonInstall, repo: Path, backends: Path, s: ServeSettings) -> list[str]:
+ADMIN_HEADER = "rankserve-admin-key"
+"""The HTTP header that unlocks Triton's restricted APIs."""
+ADMIN_GRPC_METADATA = f"triton-grpc-protocol-{ADMIN_HEADER}"
+"""The same over gRPC: Triton 2.51 expects the metadata key prefixed with ``triton-grpc-protocol-``."""
+RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+"""The APIs only a caller holding the admin key may use. ``shared-memory`` covers system and CUDA
+shared memory: Triton 2.51 maps any system region a client names, the Python backend's own IPC
+regions (``triton_python_backend_shm_region_*``) included. Health, metadata and inference stay open."""
+_KEY = re.compile(r"[A-Za-z0-9_.~+/-]{16,256}")
+
+
+def new_admin_key() -> str:
+    """A random admin key (192 bits)."""
+    return secrets.token_urlsafe(24)
+
+
+def restricted_api_args(admin_key: str) -> list[str]:
+    """Triton's flags restricting :data:`RESTRICTED_APIS` over HTTP and gRPC to callers sending
+    ``rankserve-admin-key: <admin_key>``. Triton 2.51 takes the key only on its command line."""
+    if not _KEY.fullmatch(admin_key or ""):
+        raise ServeError("the admin key must be 16 to 256 characters of letters, digits and _.~+/-")
+    apis = ",".join(RESTRICTED_APIS)
+    return [f"--http-restricted-api={apis}:{ADMIN_HEADER}={admin_key}",
+            f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={admin_key}"]
+
+
+ADMIN_KEY_FILE = "/run/secrets/triton_admin_key"
+"""Where the containers mount the admin key (a compose secret, a Kubernetes Secret volume)."""
+
+
+def read_admin_key(path: str | Path) -> str:
+    """The admin key in the file ``path`` (one line; surrounding white space ignored)."""
+    try:
+        key = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ServeError(f"cannot read the admin key file {path}: {exc.strerror}") from None
+    if not _KEY.fullmatch(key):
+        raise ServeError(f"the admin key in {path} must be 16 to 256 characters of letters, digits and _.~+/-")
+    return key
+
+
+def restricted_server_argv(command: list[str], key_file: str | Path) -> list[str]:
+    """``command`` (``tritonserver FLAGS...``) with the restricted-API flags of the key in ``key_file``:
+    what a container's entrypoint runs, so the key is in no image, compose file, pod spec or
+    ``docker inspect`` output (it still is in tritonserver's own argv: Triton reads it nowhere else)."""
+    if not command:
+        raise ServeError("no server command given (after --: tritonserver FLAGS...)")
+    if any(a.startswith(("--http-restricted-api", "--grpc-restricted-protocol")) for a in command):
+        raise ServeError("the server command already restricts APIs: leave the restricted-API flags to this command")
+    return [*command, *restricted_api_args(read_admin_key(key_file))]
+
+
+def repository_stub_region_bytes(repo: Path) -> int:
+    """:func:`rankserve.settings.stub_region_bytes` of the settings the repository was built with
+    (read back from its tokenize and rank configurations); 0 for a folder without them."""
+    from rankserve.api import TOKENIZE_MODEL
+    from rankserve.builder.configs import parse
+    from rankserve.settings import BatchingSettings, TokenizeSettings, from_parameters, stub_region_bytes
+
+    tokenize = Path(repo) / TOKENIZE_MODEL / "config.pbtxt"
+    if not tokenize.exists():
+        return 0
+    settings = from_parameters(TokenizeSettings, {k: v.string_value for k, v in parse(tokenize).parameters.items()})
+    needed = 0
+    for path in sorted(Path(repo).glob("*/config.pbtxt")):
+        config = parse(path)
+        if config.backend == "python" and "max_pairs" in config.parameters:  # a CPU rank stage
+            batching = from_parameters(BatchingSettings, {k: v.string_value for k, v in config.parameters.items()})
+            needed = max(needed, stub_region_bytes(settings, batching))
+    return max(needed, stub_region_bytes(settings, BatchingSettings()))
+
+
+def server_command(install: TritonInstall, repo: Path, backends: Path, s: ServeSettings, admin_key: str) -> list[str]:
     return [
         str(install.binary),
         f"--model-repository={repo}",
@@ -102,7 +175,8 @@ def server_command(install: TritonInstall, repo: Path, backends: Path, s: ServeS
         "--strict-readiness=true",
         "--disable-auto-complete-config",
         f"--exit-timeout-secs={s.exit_timeout_s}",
-        f"--backend-config=python,shm-default-byte-size={s.shm_default_bytes}",
+        # every stub's region holds the largest request accepted: it never grows while serving
+        f"--backend-config=python,shm-default-byte-size={max(s.shm_default_bytes, repository_stub_region_bytes(repo))}",
         f"--log-verbose={s.log_verbose}",
         f"--http-address={s.host}",
         f"--http-port={s.http_port}",
@@ -111,6 +185,7 @@ def server_command(install: TritonInstall, repo: Path, backends: Path, s: ServeS
         f"--metrics-address={s.host}",
         f"--metrics-port={s.metrics_port}",
         "--metrics-config=summary_latencies=true",  # latency quantiles per model, as in docker compose
+        *restricted_api_args(admin_key),
         *response_cache_args(install, s),
     ]
 
@@ -151,9 +226,13 @@ class EmbeddedServer:
     """``with EmbeddedServer(repo, settings) as server: ...`` starts, waits for readiness, stops."""
 
     def __init__(self, model_repository: str | Path, settings: ServeSettings = ServeSettings(), log_path: str | Path | None = None,
-                 argv: Callable[[TritonInstall, Path], list[str]] | None = None) -> None:
+                 argv: Callable[[TritonInstall, Path], list[str]] | None = None, admin_key: str | None = None) -> None:
         """``argv(install, backend_directory)``: another command line to start (e.g. a container's
-        own, to prove this tritonserver accepts it); by default :func:`server_command`."""
+        own, to prove this tritonserver accepts it); by default :func:`server_command`.
+        ``admin_key``: the key of the restricted APIs (default: a new random one per server)."""
+        self.admin_key = admin_key or new_admin_key()
+        """Unlocks the restricted APIs (:data:`RESTRICTED_APIS`); for rankserve's own use (send
+        :attr:`admin_headers`). It is on tritonserver's command line: Triton takes it nowhere else."""
         self.repo = Path(model_repository).resolve()
         self.argv = argv
         self.settings = settings
@@ -163,6 +242,16 @@ class EmbeddedServer:
         self._log = None
         self.stubs: list[StubProcess] = []
         """The Python-backend stubs, recorded once the server is ready."""
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """The HTTP headers of a call to a restricted API."""
+        return {ADMIN_HEADER: self.admin_key}
+
+    @property
+    def admin_grpc_metadata(self) -> dict[str, str]:
+        """The gRPC metadata of a call to a restricted API."""
+        return {ADMIN_GRPC_METADATA: self.admin_key}
 
     @property
     def http_url(self) -> str:
@@ -197,7 +286,7 @@ class EmbeddedServer:
         if self.settings.cache_dir:
             env[CACHE_ENV] = str(Path(self.settings.cache_dir).resolve())
         self.process = subprocess.Popen(
-            self.argv(install, backends) if self.argv else server_command(install, self.repo, backends, self.settings),
+            self.argv(install, backends) if self.argv else server_command(install, self.repo, backends, self.settings, self.admin_key),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -39,10 +39,21 @@ def order(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx.astype(np.int32), s[idx]
 
 
-def postprocess(logits: np.ndarray | None, top_k: np.ndarray | None) -> dict[str, np.ndarray]:
-    """The stage as a whole: ``indices`` and ``scores`` of the best ``top_k`` candidates."""
+def postprocess(logits: np.ndarray | None, top_k: np.ndarray | None, max_candidates: int | None = None) -> dict[str, np.ndarray]:
+    """The stage as a whole: ``indices`` and ``scores`` of the best ``top_k`` candidates.
+
+    ``logits`` is one score per candidate (``[n, 1]`` as the rank stage writes it, or ``[n]``),
+    at least one and, with ``max_candidates``, no more than a request may carry: the stage is also
+    reachable by name, and the limits of the public API hold there too."""
     if logits is None:
         raise InvalidInput(f"input '{LOGITS.name}' is required")
-    scores = np.asarray(logits).reshape(-1)
+    logits = np.asarray(logits)
+    if logits.ndim not in (1, 2) or (logits.ndim == 2 and logits.shape[1] != 1):
+        raise InvalidInput(f"'{LOGITS.name}' must be one score per candidate ([n, 1]), got shape {list(logits.shape)}")
+    scores = logits.reshape(-1)
+    if scores.size == 0:
+        raise InvalidInput(f"'{LOGITS.name}' is empty: at least one candidate is needed")
+    if max_candidates is not None and scores.size > max_candidates:
+        raise InvalidInput(f"'{LOGITS.name}' holds {scores.size} scores, more than the limit of {max_candidates} candidates")
     indices, ordered = order(scores, parse_top_k(top_k, scores.size))
     return {INDICES.name: indices, SCORES.name: ordered}

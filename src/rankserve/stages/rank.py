@@ -67,10 +67,19 @@ def create_session(model_path: str | Path, settings: OrtSettings, cache: Path | 
     return runtime_cache.ort_session(model_path, options, graph, root)
 
 
-def check_encoded(encoded: Mapping[str, np.ndarray | None], required: tuple[str, ...]) -> dict[str, np.ndarray]:
+def check_encoded(encoded: Mapping[str, np.ndarray | None], required: tuple[str, ...],
+                  max_length: int | None = None) -> dict[str, np.ndarray]:
     """Check that the encoded inputs the model needs are present, 2-D int64, of one shape, with 0/1
-    masks and token types, at least one token per pair and no negative token id. (Ids past the
-    vocabulary are caught when the model refuses them: see :func:`score_streamed`.)"""
+    masks and token types, at least one token per pair and no negative token id; with
+    ``max_length``, no wider than the tokenizer ever makes them. These hold for whatever calls the
+    model: the ensemble, or a caller of the internal ``rank`` model by name (Triton refuses more
+    pairs than the model's ``max_batch_size``, the ``max_candidates`` of the build). (Ids past the vocabulary are caught when the
+    model refuses them: see :func:`score_streamed`.)
+
+    Each ``attention_mask`` row must be ones then zeros (the tokenizer pads on the right): the
+    stage reads a pair's tokens as the first ``sum(mask)`` of its row (:func:`score_streamed`), so
+    a left-padded or holed mask would be scored on its padding. It is refused rather than
+    re-aligned: position ids start at the first token, and only the tokenizer knows the pair."""
     feeds: dict[str, np.ndarray] = {}
     for name in required:
         value = encoded.get(name)
@@ -82,11 +91,19 @@ def check_encoded(encoded: Mapping[str, np.ndarray | None], required: tuple[str,
     shapes = {v.shape for v in feeds.values()}
     if len(shapes) != 1:
         raise InvalidInput(f"encoded inputs disagree in shape: {sorted(shapes)}")
+    width = next(iter(shapes))[1]
+    if max_length is not None and width > max_length:
+        raise InvalidInput(f"the encoded pairs are {width} tokens wide, more than the limit of {max_length} (max_length)")
     for name in ("attention_mask", "token_type_ids"):
         if name in feeds and not np.isin(feeds[name], (0, 1)).all():
             raise InvalidInput(f"'{name}' must hold only 0 and 1")
-    if "attention_mask" in feeds and feeds["attention_mask"].size and not feeds["attention_mask"].any(axis=1).all():
-        raise InvalidInput("every pair needs at least one token: a row of 'attention_mask' is all 0")
+    if "attention_mask" in feeds and feeds["attention_mask"].size:
+        mask = feeds["attention_mask"]
+        if not mask.any(axis=1).all():
+            raise InvalidInput("every pair needs at least one token: a row of 'attention_mask' is all 0")
+        if (mask[:, 1:] > mask[:, :-1]).any():
+            row = int(np.flatnonzero((mask[:, 1:] > mask[:, :-1]).any(axis=1))[0])
+            raise InvalidInput(f"'attention_mask' row {row} is not right-padded: each row must be ones, then zeros")
     if "input_ids" in feeds and (feeds["input_ids"] < 0).any():
         raise InvalidInput("'input_ids' must not be negative")
     return feeds
@@ -138,11 +155,11 @@ def create_ranker(model_path: str | Path, runtime: RuntimeSettings, settings: Or
 
 
 def rank_batch(ranker, requests: list, max_batch_tokens: int, max_pairs: int,
-               on_done: Callable[[int, object], None] | None = None) -> list:
+               on_done: Callable[[int, object], None] | None = None, max_length: int | None = None) -> list:
     """The rank stage over one dynamic batch: validate each request, score all valid pairs in
     token-budget calls (:func:`score_streamed`); each request's outcome (logits, or its own
     :class:`InvalidInput`) goes to ``on_done(index, outcome)`` as soon as it is known, and all
-    outcomes are returned."""
+    outcomes are returned. ``max_length``: the widest encoded request accepted (:func:`check_encoded`)."""
     outcomes: list = [None] * len(requests)
 
     def done(i: int, outcome) -> None:
@@ -153,7 +170,7 @@ def rank_batch(ranker, requests: list, max_batch_tokens: int, max_pairs: int,
     valid, feeds = [], []
     for i, encoded in enumerate(requests):
         try:
-            feeds.append(check_encoded(encoded, ranker.input_names))  # attention_mask is always among them
+            feeds.append(check_encoded(encoded, ranker.input_names, max_length))  # attention_mask is always among them
             valid.append(i)
         except InvalidInput as exc:
             done(i, exc)
@@ -168,7 +185,7 @@ def _as_logits(scores: "np.ndarray | Exception"):
     return scores if isinstance(scores, Exception) else {LOGITS.name: scores.reshape(-1, 1)}
 
 
-def scheduled_rank(ranker, batching, max_pairs: int, observe=None):
+def scheduled_rank(ranker, batching, max_pairs: int, observe=None, max_length: int | None = None):
     """The rank stage under ``scheduling="deadline"``: a :class:`ScheduledStage` over the ranker and
     ``submit(inputs, reply)`` for :func:`rankserve.stages.triton_io.respond_later`: inputs are
     checked at once (a malformed request is refused without waiting), logits come back as in
@@ -179,7 +196,7 @@ def scheduled_rank(ranker, batching, max_pairs: int, observe=None):
     stage = ScheduledStage(queue, ranker.score, batching.max_queue_size, observe)
 
     def submit(encoded: Mapping[str, np.ndarray | None], reply: Callable[[object], None]) -> None:
-        feeds = check_encoded(encoded, ranker.input_names)
+        feeds = check_encoded(encoded, ranker.input_names, max_length)
         stage.submit(feeds, lambda scores: reply(_as_logits(scores)))
 
     return stage, submit
