@@ -63,7 +63,10 @@ class ReleaseServer:
     # -- steps ----------------------------------------------------------------------------------
     def _start_server(self, name: str) -> EmbeddedServer:
         """A ready, healthy server on release ``name`` (raises, leaving nothing running, when not)."""
+        from rankserve.builder.repository import remove_bytecode
+
         repo = rel.check_release(self.releases, name)
+        remove_bytecode(repo)  # the stub would run bytecode found beside model.py (see remove_bytecode)
         self.starts += 1
         self.log_dir.mkdir(parents=True, exist_ok=True)
         server = EmbeddedServer(repo, internal_settings(self.settings), self.log_dir / f"tritonserver.{self.starts}.{name}.log")
