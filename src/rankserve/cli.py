@@ -150,7 +150,7 @@ def _serve(args) -> None:
     import tempfile
     import threading
 
-    from rankserve.builder.repository import verify_repository
+    from rankserve.builder.repository import remove_bytecode, verify_for_start, verify_repository
     from rankserve.server.embedded import EmbeddedServer
     from rankserve.server.supervisor import supervise
 
@@ -193,7 +193,16 @@ def _serve(args) -> None:
               "a broken server is restarted", flush=True)
         print("Ctrl-C or SIGTERM stops it.", flush=True)
 
-    code = supervise(make_server, settings, stop, log=lambda msg: print(msg, flush=True), on_ready=ready)
+    verified = [args.model_repository]  # just verified above: the first start only removes bytecode
+
+    def before_start() -> None:  # every start, restarts included: the repository as it is on disk now
+        if verified:
+            remove_bytecode(verified.pop())
+        else:
+            verify_for_start(args.model_repository)
+
+    code = supervise(make_server, settings, stop, log=lambda msg: print(msg, flush=True), on_ready=ready,
+                     before_start=before_start)
     print(f"stopped (exit code {code})", flush=True)
 
 
