@@ -73,3 +73,24 @@ def test_a_repository_changed_on_disk_is_refused_at_the_next_restart(tiny_repo, 
         serve.stop()
     assert message in serve.output and "ready again" not in serve.output, serve.output
     assert "Traceback" not in serve.output and processes_mentioning(str(repo)) == [] and serve.leftover_shm() == set()
+
+
+def test_modules_in_the_working_directory_are_not_imported_by_the_stubs(tiny_repo, tmp_path, monkeypatch):
+    """The stubs' interpreter has '' (the working directory) first on sys.path: a json.py where the
+    server was started from would shadow the standard library's. The server runs in its own empty
+    folder instead."""
+    from rankserve.server.embedded import EmbeddedServer, free_serve_settings
+
+    marker = tmp_path / "imported-by"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "json.py").write_text(  # records who imported it, then stands in for the real module
+        "import importlib, os, sys\n"
+        f"open({str(marker)!r}, 'a').write(os.readlink('/proc/self/exe') + '\\n')\n"
+        "del sys.modules['json']\nsys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]\n"
+        "globals().update(importlib.import_module('json').__dict__)\n")
+    monkeypatch.chdir(cwd)
+    with EmbeddedServer(tiny_repo, free_serve_settings(exit_timeout_s=10), tmp_path / "tritonserver.log") as server:
+        with RankerClient(f"http://{server.http_url}", retries=0, check_api=False) as client:
+            assert client.rank("oak table", ["an oak table", "a chair"])
+    assert not marker.exists() or "triton_python_backend_stub" not in marker.read_text()

@@ -221,6 +221,7 @@ class EmbeddedServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=self._tmp,  # the stubs' Python puts the working directory first on sys.path: an empty private one
             start_new_session=True,  # its own process group: stopping it reaches every stub
         )
         return self
