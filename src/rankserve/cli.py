@@ -223,7 +223,10 @@ def _serve_releases(args) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     log_dir = Path(args.log_file).parent if args.log_file else Path(tempfile.mkdtemp(prefix="rankserve-serve-"))
-    server = ReleaseServer(args.releases, settings, log_dir, log=lambda msg: print(msg, flush=True)).start()
+    server = ReleaseServer(args.releases, settings, log_dir, log=lambda msg: print(msg, flush=True)).start(stop)
+    if server.server is None:  # SIGTERM while the first server was starting
+        print("stopped while starting (exit code None)", flush=True)
+        return
     s = settings
     print(f"serving release {server.release} of {args.releases} (models {', '.join(server.server.models)})")
     print(f"  HTTP     http://{s.host}:{s.http_port}  (POST /v2/models/ranker/infer)")

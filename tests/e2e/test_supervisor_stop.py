@@ -28,13 +28,17 @@ def _slow_repo(tiny_repo: Path, tmp_path: Path) -> tuple[Path, Path]:
     returned marker file exists (recorded in the manifest, as a build of that code would)."""
     repo, marker = tmp_path / "repo", tmp_path / "slow"
     shutil.copytree(tiny_repo, repo)
+    return _make_slow(repo, marker), marker
+
+
+def _make_slow(repo: Path, marker: Path) -> Path:
     adapter = repo / "postprocess" / "1" / "model.py"
     adapter.write_text(adapter.read_text() + f"\nimport os as _os, time as _time\nif _os.path.exists({str(marker)!r}):\n"
                                               "    _time.sleep(600)\n")
     manifest = json.loads((repo / MANIFEST).read_text())
     manifest["models"]["postprocess"] = model_entry(repo, "postprocess")
     (repo / MANIFEST).write_text(json.dumps(manifest))
-    return repo, marker
+    return repo
 
 
 def _wait(condition, timeout: float, what: str) -> float:
@@ -93,6 +97,33 @@ def test_sigterm_while_restarting_stops_within_seconds(tiny_repo, tmp_path):
     print(f"\nstopped {took:.2f} s after SIGTERM while restarting")
     assert took < STOPPED_WITHIN_S and "stop requested while tritonserver was starting" in serve.output
     assert _nothing_left(serve, repo) and serve.leftover_shm() == set()
+
+
+def test_sigterm_while_the_first_release_server_is_starting_stops_within_seconds(tiny_ranker, dataset, tmp_path):
+    """``rankserve serve --releases``: the same while its first server is starting."""
+    from rankserve import releases as rel
+    from rankserve.builder.repository import build_repository
+    from rankserve.settings import PRESETS
+
+    repo, marker, releases = tmp_path / "built", tmp_path / "slow", tmp_path / "releases"
+    build_repository(tiny_ranker, repo, PRESETS["tiny"], log=lambda _m: None, dataset=dataset)  # gated: publishable
+    _make_slow(repo, marker)
+    marker.touch()
+    name, _ = rel.publish(repo, releases)
+    rel.promote(releases, name)
+    served = rel.release_repository(releases, name)
+    serve = Serve(None, "--releases", str(releases))
+    try:
+        _wait(lambda: server_pids(served), 60, "a tritonserver")
+        time.sleep(1.5)
+        took = _sigterm_and_time(serve)
+    finally:
+        serve.stop()
+    print(f"\n--releases: stopped {took:.2f} s after SIGTERM while starting")
+    assert took < STOPPED_WITHIN_S and "stopped while starting" in serve.output
+    assert not server_pids(served) and not processes_mentioning(str(releases)) and serve.leftover_shm() == set()
+    s = serve.settings
+    assert all(port_free(p) for p in (s.http_port, s.grpc_port, s.metrics_port))
 
 
 def test_a_sigkilled_serve_leaves_no_server_no_stub_and_frees_its_ports(tiny_repo, tmp_path):

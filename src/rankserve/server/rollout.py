@@ -86,7 +86,11 @@ class ReleaseServer:
             raise
         return server
 
-    def start(self) -> "ReleaseServer":
+    def start(self, stop: threading.Event | None = None) -> "ReleaseServer":
+        """Start the proxy and a server on the current release; with ``stop`` set meanwhile, the
+        start is abandoned at once and ``server`` stays None."""
+        if stop is not None:
+            self._stop = stop
         name = rel.current(self.releases)
         if name is None:
             raise ServeError(f"{self.releases} has no current release: `rankserve promote NAME --releases {self.releases}` first "
@@ -96,6 +100,8 @@ class ReleaseServer:
             self.server = self._start_server(name)
         except BaseException:
             self.proxy.stop()
+            if self._stop.is_set():
+                return self
             raise
         self.release = name
         self.proxy.set_backend(backend_of(self.server))
