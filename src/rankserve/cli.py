@@ -159,7 +159,7 @@ def _serve(args) -> None:
     import tempfile
     import threading
 
-    from rankserve.builder.repository import verify_repository
+    from rankserve.builder.repository import remove_bytecode, verify_for_start, verify_repository
     from rankserve.server.embedded import EmbeddedServer
     from rankserve.server.supervisor import supervise
 
@@ -207,7 +207,16 @@ def _serve(args) -> None:
               "a broken server is restarted", flush=True)
         print("Ctrl-C or SIGTERM stops it.", flush=True)
 
-    code = supervise(make_server, settings, stop, log=lambda msg: print(msg, flush=True), on_ready=ready)
+    verified = [args.model_repository]  # just verified above: the first start only removes bytecode
+
+    def before_start() -> None:  # every start, restarts included: the repository as it is on disk now
+        if verified:
+            remove_bytecode(verified.pop())
+        else:
+            verify_for_start(args.model_repository)
+
+    code = supervise(make_server, settings, stop, log=lambda msg: print(msg, flush=True), on_ready=ready,
+                     before_start=before_start)
     print(f"stopped (exit code {code})", flush=True)
 
 
@@ -228,7 +237,10 @@ def _serve_releases(args) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     log_dir = Path(args.log_file).parent if args.log_file else Path(tempfile.mkdtemp(prefix="rankserve-serve-"))
-    server = ReleaseServer(args.releases, settings, log_dir, log=lambda msg: print(msg, flush=True)).start()
+    server = ReleaseServer(args.releases, settings, log_dir, log=lambda msg: print(msg, flush=True)).start(stop)
+    if server.server is None:  # SIGTERM while the first server was starting
+        print("stopped while starting (exit code None)", flush=True)
+        return
     s = settings
     print(f"serving release {server.release} of {args.releases} (models {', '.join(server.server.models)})")
     print(f"  HTTP     http://{s.host}:{s.http_port}  (POST /v2/models/ranker/infer)")

@@ -606,7 +606,14 @@ class ServeSettings:
     """How long a broken server (a stub died) gets to finish in-flight requests before it is killed."""
     max_restarts: int = 5
     restart_window_s: float = 600.0
-    """At most ``max_restarts`` restarts within any ``restart_window_s``; past that, serve gives up."""
+    """At most ``max_restarts`` restarts within any ``restart_window_s`` of servers that broke
+    before taking a request (a crash loop at start); past that, serve gives up. A server that had
+    taken requests and then broke is restarted without spending this budget (a client able to crash
+    a stub must not take the service down for good): see ``server.supervisor.RestartPolicy``."""
+    restart_backoff_s: float = 1.0
+    """The wait before a restart, doubled with each failure in a row up to ``restart_backoff_max_s``
+    (the streak ends once a server stays up that long). 0: restart at once."""
+    restart_backoff_max_s: float = 30.0
     cache_dir: str | None = None
     """A writable folder of this host where the CPU runtimes keep what they make from a model before
     its first request, reused at the next load (``RANKSERVE_CACHE_DIR`` of the stubs; see
@@ -635,6 +642,8 @@ class ServeSettings:
         _require(self.restart_grace_s >= 0, "restart_grace_s must be >= 0")
         _require(self.max_restarts >= 0, "max_restarts must be >= 0")
         _require(self.restart_window_s > 0, "restart_window_s must be > 0")
+        _require(0 <= self.restart_backoff_s <= self.restart_backoff_max_s,
+                 "restart_backoff_s must be >= 0 and <= restart_backoff_max_s")
         _require(self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0")
         _require(self.response_cache_bytes == 0 or self.response_cache_bytes >= MIN_RESPONSE_CACHE_BYTES,
                  f"response_cache_bytes must be 0 (off) or >= {MIN_RESPONSE_CACHE_BYTES}, got {self.response_cache_bytes}")

@@ -42,7 +42,8 @@ def test_every_variant_and_served_model_keeps_its_weights_in_one_data_file(exter
     assert not [p for p in work.iterdir() if p.is_file() and not p.name.endswith((".onnx", ".onnx.data"))]  # no stray weight files
     for model, entry in manifest["models"].items():
         if (out / model / "1" / "model.onnx").exists():
-            assert {f for f in entry["files"] if "/1/" in f} == {f"{model}/1/model.onnx", f"{model}/1/model.onnx.data"}
+            assert {f for f in entry["files"] if "/1/" in f} == {f"{model}/1/model.onnx", f"{model}/1/model.onnx.data",
+                                                                 f"{model}/1/model.py"}
             assert onnx_files.external_locations(out / model / "1" / "model.onnx") == ["model.onnx.data"]
             data = out / model / "1" / "model.onnx.data"  # readable by a server running as another user
             assert data.stat().st_mode & 0o777 == (out / model / "1" / "model.onnx").stat().st_mode & 0o777

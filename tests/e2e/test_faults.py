@@ -16,7 +16,7 @@ import pytest
 
 from conftest import Serve, free_serve_settings, processes_mentioning
 from rankserve.builder.configs import parse, to_text
-from rankserve.builder.repository import MANIFEST, sha256
+from rankserve.builder.repository import MANIFEST, model_entry, sha256
 from rankserve.server.processes import stub_processes
 from rankserve_client import RankerClient, Unavailable
 
@@ -30,6 +30,9 @@ def _copy(tiny_repo: Path, tmp_path: Path, queue_delay_us: int | None = None) ->
         config = parse(repo / "rank" / "config.pbtxt")
         config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
         (repo / "rank" / "config.pbtxt").write_text(to_text(config))
+        manifest = json.loads((repo / MANIFEST).read_text())
+        manifest["models"]["rank"] = model_entry(repo, "rank")  # recorded, as a build with that delay would
+        (repo / MANIFEST).write_text(json.dumps(manifest))
     return repo
 
 

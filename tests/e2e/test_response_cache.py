@@ -196,6 +196,18 @@ def test_compare_runs_both_arms_and_checks_identity_and_bounds(tiny_repo, tmp_pa
     assert (tmp_path / "comparison.json").exists()
 
 
+def _record(repo: Path, *names: str) -> None:
+    """Record the edited models in the manifest, as the build that wrote them did (configs are checksummed)."""
+    import json
+
+    from rankserve.builder.repository import MANIFEST, model_entry
+
+    manifest = json.loads((repo / MANIFEST).read_text())
+    for name in names:
+        manifest["models"][name] = model_entry(repo, name)
+    (repo / MANIFEST).write_text(json.dumps(manifest))
+
+
 def test_serve_refuses_a_cache_no_model_would_use(tiny_repo, tmp_path):
     import subprocess
 
@@ -204,6 +216,7 @@ def test_serve_refuses_a_cache_no_model_would_use(tiny_repo, tmp_path):
         config = configs.parse(repo / name / "config.pbtxt")
         config.ClearField("response_cache")
         (repo / name / "config.pbtxt").write_text(configs.to_text(config))
+    _record(repo, "ranker", "ranker_fp32")
     out = subprocess.run([sys.executable, "-m", "rankserve", "serve", "--model-repository", str(repo),
                           "--response-cache", "8MiB"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "no model of" in out.stderr and "is marked cacheable" in out.stderr

@@ -4,6 +4,7 @@ scores; the old server and its stubs are gone after it; a release that cannot st
 one serving."""
 
 import dataclasses
+import json
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from conftest import TINY, Serve, make_tiny_ranker, processes_mentioning
 from rankserve import releases as rel
+from rankserve.builder.repository import model_entry
 from rankserve.loadtest.run import run_locust
 from rankserve.settings import LoadTestSettings
 
@@ -83,11 +85,14 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_promote_and_rollback_under_load_drop_no_request(two_releases, tmp_path):
     root, (first, second), (scores_first, scores_second) = two_releases
     releases = root / "releases"
-    # a release whose model cannot load (its config is not covered by checksums): published, but no server starts on it
+    # a release whose model cannot load (a config Triton refuses, recorded in the manifest): published, but no server starts on it
     broken_repo = tmp_path / "broken"
     shutil.copytree(root / "repo1", broken_repo)
     (broken_repo / "rank" / "config.pbtxt").write_text((broken_repo / "rank" / "config.pbtxt").read_text()
                                                        .replace('name: "rank"', 'name: "rank"\nmax_batch_size: -7', 1))
+    manifest = json.loads((broken_repo / "manifest.json").read_text())
+    manifest["models"]["rank"] = model_entry(broken_repo, "rank")
+    (broken_repo / "manifest.json").write_text(json.dumps(manifest))
     broken, _ = rel.publish(broken_repo, releases, "broken")
     assert _cli("promote", first, "--releases", str(releases)).returncode == 0
 

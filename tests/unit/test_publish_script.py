@@ -139,7 +139,14 @@ def test_the_stamp_rankserve_writes_is_the_one_the_script_checks(publish, tmp_pa
     repo = bundle / "model_repository"
     (repo / "gate.sha256").unlink()
     gate = {"passed": True, "strict": True}
-    (repo / "manifest.json").write_text(json.dumps({"models": {}, "default_variant": "fp32",
+    from rankserve.builder.repository import model_entry
+
+    for name in ("rank", "ranker"):  # every model folder listed, as the builder lists them
+        (repo / name / "1").mkdir(parents=True, exist_ok=True)
+        (repo / name / "config.pbtxt").write_text(f'name: "{name}"\n')
+    (repo / "manifest.json").write_text(json.dumps({"manifest_format": 2,
+                                                    "models": {n: model_entry(repo, n) for n in ("rank", "ranker")},
+                                                    "default_variant": "fp32",
                                                     "variants": {"fp32": {"loaded": True, "gate": gate}},
                                                     "serving": {"loaded": ["fp32"]}}))
     releases.write_gate_stamp(repo)

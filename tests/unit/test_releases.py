@@ -17,19 +17,21 @@ PASSED = {"passed": True, "strict": True, "relative_drop": 0.0, "max_drop": 0.02
 
 
 def _manifest(gates: dict, default: str = "fp32", rule: str = "fastest strict", models: dict | None = None) -> dict:
-    return {"models": models or {}, "default_variant": default, "default_rule": rule,
+    return {"manifest_format": 2, "models": models or {}, "default_variant": default, "default_rule": rule,
             "variants": {n: {"loaded": True, "gate": g} for n, g in gates.items()}, "serving": {"loaded": list(gates)}}
 
 
 def _repo(path: Path, gates: dict | None = None, weights: bytes = b"weights-1", **kw) -> Path:
-    """A small repository the real verify_repository accepts: one model file listed with its checksum."""
+    """A small repository the real verify_repository accepts: every file of its two model folders
+    listed with its checksum."""
+    from rankserve.builder.repository import model_entry
+
     (path / "rank" / "1").mkdir(parents=True)
     (path / "ranker" / "1").mkdir(parents=True)  # an ensemble's empty version folder must travel too
     (path / "rank" / "config.pbtxt").write_text('name: "rank"\n')
+    (path / "ranker" / "config.pbtxt").write_text('name: "ranker"\n')
     (path / "rank" / "1" / "model.onnx").write_bytes(weights)
-    import hashlib
-
-    models = {"rank": {"config": "rank/config.pbtxt", "files": {"rank/1/model.onnx": hashlib.sha256(weights).hexdigest()}}}
+    models = {name: model_entry(path, name) for name in ("rank", "ranker")}
     (path / "manifest.json").write_text(json.dumps(_manifest(gates or {"fp32": PASSED}, models=models, **kw)))
     return path
 

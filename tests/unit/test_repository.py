@@ -6,7 +6,7 @@ import pytest
 
 from conftest import TINY
 from rankserve.builder import configs
-from rankserve.builder.repository import MANIFEST, build_repository, refresh_configs, verify_repository
+from rankserve.builder.repository import MANIFEST, build_repository, model_entry, refresh_configs, verify_repository
 from rankserve.errors import BuildError
 
 pytestmark = pytest.mark.slow
@@ -27,8 +27,10 @@ def test_manifest_records_source_checksums_versions_and_settings(tiny_repo, tiny
     manifest = json.loads((tiny_repo / MANIFEST).read_text())
     assert manifest["ranker"]["source"] == str(tiny_ranker.resolve())
     assert set(manifest["ranker"]["files"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
-    assert set(manifest["models"]["rank"]["files"]) == {"rank/1/model.onnx", "rank/warmup/input_ids", "rank/warmup/attention_mask",
-                                                        "rank/warmup/token_type_ids"}
+    assert manifest["manifest_format"] == 2
+    assert set(manifest["models"]["rank"]["files"]) == {"rank/config.pbtxt", "rank/1/model.py", "rank/1/model.onnx", "rank/warmup/input_ids",
+                                                        "rank/warmup/attention_mask", "rank/warmup/token_type_ids"}
+    assert set(manifest["models"]["ranker"]["files"]) == {"ranker/config.pbtxt"}
     assert {"torch", "onnx", "onnxruntime", "transformers", "tokenizers", "python"} <= set(manifest["versions"])
     assert manifest["settings"]["tokenize"]["max_length"] == TINY.tokenize.max_length
     assert manifest["default_variant"] == "fp32" and manifest["opset"] == TINY.opset
@@ -55,6 +57,14 @@ def test_verify_detects_a_changed_model_file(tiny_repo, tmp_path):
         verify_repository(copy)
 
 
+def _record(repo, *names):
+    """Record the current files of ``names`` in the manifest, as the build that wrote them did."""
+    manifest = json.loads((repo / MANIFEST).read_text())
+    for name in names:
+        manifest["models"][name] = model_entry(repo, name)
+    (repo / MANIFEST).write_text(json.dumps(manifest))
+
+
 def test_configs_of_an_older_layout_are_regenerated_in_place(tiny_repo, tmp_path):
     import shutil
 
@@ -63,20 +73,45 @@ def test_configs_of_an_older_layout_are_regenerated_in_place(tiny_repo, tmp_path
     assert refresh_configs(copy, TINY) == []  # a fresh build is current
     current = (copy / "rank" / "config.pbtxt").read_text()
     (copy / "rank" / "config.pbtxt").write_text(current.replace("  allow_ragged_batch: true\n", ""))
+    _record(copy, "rank")  # what an older version laid out and recorded
     onnx_before = (copy / "rank" / "1" / "model.onnx").read_bytes()
     assert refresh_configs(copy, TINY) == ["rank"]
     assert (copy / "rank" / "config.pbtxt").read_text() == current
     assert (copy / "rank" / "1" / "model.onnx").read_bytes() == onnx_before
+    verify_repository(copy)  # the rewritten config is recorded
     adapter = copy / "rank" / "1" / "model.py"
-    if adapter.exists() and not adapter.is_symlink():  # a copy of the tracked adapter: an old one is replaced
-        tracked = adapter.read_bytes()
-        adapter.write_text("# an adapter from an older version\n")
-        assert refresh_configs(copy, TINY) == ["rank"] and adapter.read_bytes() == tracked
-    manifest = json.loads((copy / MANIFEST).read_text())
-    manifest["models"]["rank_extra"] = manifest["models"]["rank"]
-    (copy / MANIFEST).write_text(json.dumps(manifest))
+    tracked = adapter.read_bytes()
+    adapter.write_text("# an adapter from an older version\n")
+    with pytest.raises(BuildError, match=r"model\.py does not match its checksum"):
+        verify_repository(copy)  # an adapter nobody recorded is refused, by refresh too
+    with pytest.raises(BuildError, match=r"model\.py does not match its checksum"):
+        refresh_configs(copy, TINY)
+    _record(copy, "rank")  # recorded by the older build that wrote it: replaced and recorded
+    assert refresh_configs(copy, TINY) == ["rank"] and adapter.read_bytes() == tracked
+    verify_repository(copy)
+    shutil.copytree(copy / "rank", copy / "rank_extra")
+    _record(copy, "rank_extra")
     with pytest.raises(BuildError, match="other models"):
         refresh_configs(copy, TINY)
+
+
+def test_an_adapter_of_this_version_is_recorded_by_refresh(tiny_repo, tmp_path):
+    """A repository built in place (the checkout's model_repository/, whose model.py files are the
+    tracked ones): after a pull changed an adapter, refresh accepts this version's and records it."""
+    import shutil
+
+    from rankserve.builder import repository
+
+    copy = tmp_path / "repo"
+    shutil.copytree(tiny_repo, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["models"]["rank"]["files"]["rank/1/model.py"] = "0" * 64  # recorded before the pull
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BuildError, match="does not match its checksum"):
+        verify_repository(copy)
+    assert (copy / "rank" / "1" / "model.py").read_bytes() == (repository.STAGE_SOURCES / "rank" / "1" / "model.py").read_bytes()
+    assert refresh_configs(copy, TINY) == []
+    verify_repository(copy)
 
 
 def test_failed_check_leaves_the_output_untouched(tiny_ranker, tmp_path):
@@ -143,10 +178,11 @@ def test_refresh_keeps_the_tensorrt_models_a_gpu_build_added(tiny_repo, tmp_path
     for name in gpu:  # what build_gpu_repository lays out, without the plan files
         (copy / name / "1").mkdir(parents=True, exist_ok=True)
         (copy / name / "config.pbtxt").write_text("# stale\n")
-        manifest["models"][name] = {"config": f"{name}/config.pbtxt", "files": {}}
+        manifest["models"][name] = model_entry(copy, name)
     (copy / MANIFEST).write_text(json.dumps(manifest))
     assert sorted(refresh_configs(copy, TINY)) == sorted(gpu)
     assert configs.parse(copy / "rank_trt_fp16" / "config.pbtxt").cc_model_filenames["8.6"] == "model.sm86.plan"
+    assert verify_repository(copy)["models"]["rank_trt_fp16"] == model_entry(copy, "rank_trt_fp16")  # rewritten and recorded
 
 
 def test_the_default_is_the_fastest_strict_variant_unless_one_is_named(tiny_ranker, dataset, tmp_path):

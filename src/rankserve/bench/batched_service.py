@@ -195,6 +195,7 @@ class TorchScorer:
     def __init__(self, ranker_dir: str, settings: BaselineSettings) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from rankserve.builder.export import load_options
 
         from rankserve.stages.rank import default_threads
 
@@ -204,8 +205,8 @@ class TorchScorer:
         self.torch, self.max_length = torch, settings.max_length
         self.precision = resolve_precision(settings.precision)
         self.threads = torch.get_num_threads()
-        self.tokenizer = AutoTokenizer.from_pretrained(ranker_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(ranker_dir).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(ranker_dir, trust_remote_code=False)
+        self.model = AutoModelForSequenceClassification.from_pretrained(ranker_dir, **load_options(ranker_dir)).eval()
 
     def __call__(self, queries: list[str], texts: list[str]) -> np.ndarray:
         torch = self.torch

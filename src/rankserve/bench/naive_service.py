@@ -10,9 +10,10 @@ def make_app(ranker_dir: str):
     from fastapi import FastAPI
     from pydantic import BaseModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from rankserve.builder.export import load_options
 
-    tokenizer = AutoTokenizer.from_pretrained(ranker_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(ranker_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ranker_dir, trust_remote_code=False)
+    model = AutoModelForSequenceClassification.from_pretrained(ranker_dir, **load_options(ranker_dir)).eval()
     app = FastAPI()
 
     class RankRequest(BaseModel):

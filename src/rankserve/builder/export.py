@@ -47,15 +47,24 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
+def load_options(source: str | Path) -> dict:
+    """The options of every ``from_pretrained`` of a model directory: its own Python code is never
+    run (``trust_remote_code=False``), and its safetensors weights are read when it has them
+    (``use_safetensors=True``: a pickle checkpoint beside them is never unpickled; a directory with
+    only a pickle checkpoint is still read, by Transformers' restricted loader)."""
+    return {"trust_remote_code": False, "use_safetensors": True if any(Path(source).glob("*.safetensors")) else None}
+
+
 def _load_weights(auto_class, source: Path):
     """The model with every weight from ``source``; a missing, truncated or partial checkpoint is
     a :class:`BuildError` (Hugging Face would fill missing tensors with random values, with only
     a warning, and the build would ship a ranker that scores at random)."""
     try:
         try:
-            model, info = auto_class.from_pretrained(source, attn_implementation="eager", output_loading_info=True)
+            model, info = auto_class.from_pretrained(source, attn_implementation="eager", output_loading_info=True,
+                                                     **load_options(source))
         except TypeError:  # architectures without an eager/attn switch
-            model, info = auto_class.from_pretrained(source, output_loading_info=True)
+            model, info = auto_class.from_pretrained(source, output_loading_info=True, **load_options(source))
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad ranker directory
         raise BuildError(f"cannot load the ranker's weights from {source}: {_first_line(exc)}") from None
     missing = list(info.get("missing_keys", []))
@@ -74,7 +83,7 @@ def load_ranker(ranker_dir: str | Path, settings: BuildSettings) -> LoadedRanker
     if not (source / "config.json").exists():
         raise BuildError(f"{source} is not a Hugging Face model directory (no config.json)")
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - a corrupt config.json is a bad ranker directory
         raise BuildError(f"cannot read {source / 'config.json'}: {_first_line(exc)}") from None
     if config.num_labels != 1:
@@ -86,7 +95,7 @@ def load_ranker(ranker_dir: str | Path, settings: BuildSettings) -> LoadedRanker
     if limit is not None and settings.tokenize.max_length > limit:
         raise BuildError(f"tokenize.max_length {settings.tokenize.max_length} exceeds the model's {limit} positions")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad ranker directory
         raise BuildError(f"cannot load a tokenizer from {source}: {exc}") from exc
     if not getattr(tokenizer, "is_fast", False) or tokenizer.pad_token_id is None:

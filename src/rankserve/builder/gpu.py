@@ -31,22 +31,32 @@ from rankserve.stages.rank import create_ranker
 from rankserve.stages.tokenize import encode_pairs, load_tokenizer
 
 
-def _source_onnx(manifest: dict, work: Path, precision: str) -> Path:
-    variant = SOURCE_VARIANT[precision]
+def checked_onnx(manifest: dict, work: Path, variant: str) -> Path:
+    """``work/<variant>.onnx``, the CPU build's file of that variant, checked against the SHA-256
+    its manifest records (a file changed or rebuilt since is refused)."""
     record = manifest["variants"].get(variant)
     path = work / f"{variant}.onnx"
-    if record is None or not path.exists():
-        raise BuildError(f"the {precision} engine is built from the '{variant}' ONNX variant: build it first "
-                         f"(`make build`, or `rankserve build --target cpu --variants ...,{variant} --work-dir {work}`"
-                         + ("; int8_trt needs the ModelOpt venv: `make modelopt`" if variant == "int8_trt" else "") + ")")
+    if record is None or not path.exists() or not record.get("onnx_sha256"):
+        raise BuildError(f"the GPU build needs the '{variant}' ONNX variant of the CPU build, with its checksum in the "
+                         f"manifest: build it first (`make build`, or `rankserve build --target cpu --variants ...,{variant} "
+                         f"--work-dir {work}`" + ("; int8_trt needs the ModelOpt venv: `make modelopt`" if variant == "int8_trt" else "")
+                         + ")")
     if sha256(path) != record["onnx_sha256"]:
         raise BuildError(f"{path} does not match the checksum the manifest records for '{variant}'; rebuild the CPU variants")
     return path
 
 
+def _source_onnx(manifest: dict, work: Path, precision: str) -> Path:
+    """The ONNX file an engine of ``precision`` is built from, checked."""
+    return checked_onnx(manifest, work, SOURCE_VARIANT[precision])
+
+
 def build_gpu_repository(repo: Path, work: Path, dataset: Dataset, settings: BuildSettings,
                          log: Callable[[str], None] = print) -> dict:
     manifest = verify_repository(repo)
+    checked_onnx(manifest, work, "fp32")  # the inputs first (checked again when used): a clear error before any GPU work
+    for precision in settings.engine.precisions:
+        _source_onnx(manifest, work, precision)
     gpus = local_gpus()
     if not gpus:
         raise BuildError("no NVIDIA GPU is visible (nvidia-smi): build the engines on the GPU host, "
@@ -67,7 +77,7 @@ def build_gpu_repository(repo: Path, work: Path, dataset: Dataset, settings: Bui
                for q in dataset.split("heldout")]
     for _, feeds in heldout:
         profile_for(settings.engine, *feeds["input_ids"].shape)  # a clear error before TensorRT's own
-    fp32 = create_ranker(work / "fp32.onnx", RuntimeSettings(), settings.ort)
+    fp32 = create_ranker(checked_onnx(manifest, work, "fp32"), RuntimeSettings(), settings.ort)  # the reference scores
     reference = {qid: fp32.score(feeds) for qid, feeds in heldout}
     engines = manifest.setdefault("engines", {})
     for precision in settings.engine.precisions:

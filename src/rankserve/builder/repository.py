@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -28,6 +30,16 @@ from rankserve.data.catalog import Dataset
 from rankserve.settings import BuildSettings, RuntimeSettings
 
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 2
+"""Format 2 lists every file of every model folder (config, stage code, weights, warmup inputs)
+with its checksum; format 1 (no ``manifest_format``) left out ``model.py`` and the config's content."""
+BYTECODE_DIR = "__pycache__"
+"""Where a stub caches the compiled ``model.py``: never listed, removed before each start
+(:func:`remove_bytecode`)."""
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def _stage_sources() -> Path:
     """The tracked stage adapters (``<stage>/1/model.py``): package data of an installed wheel
     (``rankserve/model_repository``, see setup.py), else the checkout's ``model_repository/``
@@ -84,17 +96,37 @@ def write_serving_tokenizer(hf_tokenizer, path: Path) -> Path:
     return path
 
 
+def _previous_models(out: Path) -> set[str]:
+    """The model folders the manifest of an earlier build in ``out`` says rankserve made (any
+    manifest format; none when there is no readable manifest)."""
+    try:
+        models = json.loads((out / MANIFEST).read_text()).get("models")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {name for name in models if isinstance(name, str)} if isinstance(models, dict) else set()
+
+
 def _clear_stale_models(out: Path, keep: set[str]) -> None:
-    """Remove generated model folders of an earlier build that this build does not produce."""
+    """Remove the model folders of an earlier build that this build does not produce: only those
+    the earlier manifest lists (rankserve made them). Any other folder (another team's model, a
+    folder without a manifest entry) is refused with nothing deleted: serving refuses unlisted
+    model folders anyway."""
     tracked = {api.TOKENIZE_MODEL, api.RANK_MODEL, api.POSTPROCESS_MODEL}
-    for config in out.glob("*/config.pbtxt"):
-        name = config.parent.name
-        if name in keep:
+    previous = _previous_models(out)
+    stale, foreign = [], []
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+        if folder.name in keep and not folder.is_symlink():
             continue
-        if name in tracked:
-            config.unlink()
+        (stale if folder.name in previous and not folder.is_symlink() else foreign).append(folder)
+    if foreign:
+        raise BuildError(f"{out} holds folders no earlier rankserve build made (its {MANIFEST} does not list them): "
+                         f"{', '.join(p.name for p in foreign)}; nothing was deleted. A repository rankserve serves holds only "
+                         "the models it built: move them out, or build into another folder")
+    for folder in stale:
+        if folder.name in tracked and (folder / "config.pbtxt").exists():
+            (folder / "config.pbtxt").unlink()
         else:
-            shutil.rmtree(config.parent)
+            shutil.rmtree(folder)
 
 
 def build_repository(
@@ -184,6 +216,7 @@ def build_repository(
 
     source = Path(ranker_dir).resolve()
     manifest = {
+        "manifest_format": MANIFEST_FORMAT,
         "rankserve_version": __version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "target": settings.target,
@@ -260,13 +293,25 @@ def _loaded_variants(builds: list, settings: BuildSettings, hidden: int, log: Ca
     return {n: by_name[n] for n in names}, estimates
 
 
+def model_files(folder: Path) -> list[Path]:
+    """Every file of a model folder Triton or its stub may read (config, stage code, weights,
+    warmup inputs, any other), sorted; ``__pycache__`` left out (see :func:`remove_bytecode`).
+    A symbolic link to a folder is refused (a link to a file is listed as the file)."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        for d in list(dirs):
+            if (Path(root) / d).is_symlink():
+                raise BuildError(f"{Path(root) / d} is a symbolic link to a folder: a model folder holds its own files")
+        dirs[:] = sorted(d for d in dirs if d != BYTECODE_DIR)
+        files += [Path(root) / n for n in names]
+    return sorted(files)
+
+
 def model_entry(repo: Path, name: str) -> dict:
-    """A model's manifest entry: its config and the checksums of its version files (a model over
-    2 GB: its weights file too) and warmup inputs (the tracked ``model.py`` adapters excluded: they
-    follow the code, and ``refresh_configs`` renews them)."""
-    files = [p for p in sorted((repo / name / "1").iterdir()) if p.is_file() and p.suffix != ".py"]
-    files += sorted(p for p in (repo / name / configs.WARMUP_DIR).glob("*") if p.is_file())
-    return {"config": f"{name}/config.pbtxt", "files": {str(p.relative_to(repo)): sha256(p) for p in files}}
+    """A model's manifest entry: the checksum of every file of its folder, config and ``model.py``
+    included (``refresh_configs`` renews the entries of the configs and adapters it rewrites)."""
+    return {"config": f"{name}/config.pbtxt",
+            "files": {p.relative_to(repo).as_posix(): sha256(p) for p in model_files(repo / name)}}
 
 
 def wait_for_manifest(repo: str | Path, timeout_s: float, poll_s: float = 5.0, log=print) -> Path:
@@ -288,35 +333,124 @@ def wait_for_manifest(repo: str | Path, timeout_s: float, poll_s: float = 5.0, l
     return path
 
 
-def verify_repository(repo: str | Path) -> dict:
-    """Check that every file the manifest lists is present with its checksum; returns the manifest."""
+def _invalid(path: Path, why: str) -> BuildError:
+    return BuildError(f"{path} is not a valid rankserve manifest: {why}; rebuild the repository")
+
+
+def _manifest_models(manifest: object, path: Path) -> dict[str, dict]:
+    """The ``models`` of a format-2 manifest, each name, path and checksum checked for shape: a
+    name is one plain folder name, a path relative inside its model's folder (no ``..``)."""
+    if not isinstance(manifest, dict):
+        raise _invalid(path, "not a JSON object")
+    if manifest.get("manifest_format") != MANIFEST_FORMAT:
+        raise BuildError(f"{path} was written by an older rankserve (manifest format {manifest.get('manifest_format', 1)}, "
+                         f"this version checks format {MANIFEST_FORMAT}, which covers each model's code and config): "
+                         f"rebuild with `rankserve build --out {path.parent}`")
+    models = manifest.get("models")
+    if not isinstance(models, dict) or not models:
+        raise _invalid(path, "'models' must be an object naming at least one model")
+    for name, entry in models.items():
+        if not _MODEL_NAME.match(name):
+            raise _invalid(path, f"model name {name!r} is not a plain folder name")
+        if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict):
+            raise _invalid(path, f"models.{name} must be an object with 'config' and 'files'")
+        if entry.get("config") != f"{name}/config.pbtxt" or entry["config"] not in entry["files"]:
+            raise _invalid(path, f"models.{name}.config must be '{name}/config.pbtxt', listed in its files")
+        for rel, digest in entry["files"].items():
+            parts = rel.split("/") if isinstance(rel, str) else []
+            if (rel.startswith("/") or len(parts) < 2 or parts[0] != name
+                    or any(p in ("", ".", "..") for p in parts)):
+                raise _invalid(path, f"models.{name}: {rel!r} is not a path inside the model's folder {name}/")
+            if not isinstance(digest, str) or not _SHA256.match(digest):
+                raise _invalid(path, f"models.{name}: the checksum of {rel} is not a SHA-256 hex digest")
+    return models
+
+
+def verify_repository(repo: str | Path, current_adapters: bool = False) -> dict:
+    """Check that the repository holds exactly what its manifest lists: every folder Triton would
+    load is a listed model, every file of a model folder is listed, every listed file is present
+    with its checksum and inside the repository (symbolic links resolved); returns the manifest.
+
+    ``current_adapters``: a stage adapter (``model.py``) equal to this version's tracked one is
+    accepted whatever its recorded checksum (for :func:`refresh_configs`, which re-records it)."""
     repo = Path(repo)
     path = repo / MANIFEST
     if not path.exists():
         raise BuildError(f"{repo} has no {MANIFEST}: build it with `rankserve build --out {repo}`")
     try:
         manifest = json.loads(path.read_text())
-        models = manifest["models"]
-    except (ValueError, KeyError) as exc:
+    except ValueError as exc:
         raise BuildError(f"{path} is not a valid rankserve manifest: {exc}") from None
+    models = _manifest_models(manifest, path)
+    root = repo.resolve()
+    unlisted = sorted(p.name for p in repo.iterdir() if p.is_dir() and p.name not in models)
+    if unlisted:
+        raise BuildError(f"{repo} holds model folders {path} does not list: {', '.join(unlisted)} (Triton would load them "
+                         "unchecked); remove them or rebuild the repository")
     for name, entry in models.items():
-        if not (repo / entry["config"]).exists():
-            raise BuildError(f"{repo / entry['config']} is missing; rebuild the repository")
+        folder = repo / name
+        if folder.is_symlink() or not folder.is_dir():
+            raise BuildError(f"{folder} is missing (or a symbolic link); rebuild the repository")
         for rel, digest in entry["files"].items():
             file = repo / rel
-            if not file.exists():
+            if not file.is_file():
                 raise BuildError(f"{file} is missing; rebuild the repository")
-            if sha256(file) != digest:
+            if not file.resolve().is_relative_to(root):
+                raise BuildError(f"{file} points outside the repository ({file.resolve()}); rebuild the repository")
+            if sha256(file) != digest and not (current_adapters and _is_current_adapter(repo, rel)):
                 raise BuildError(f"{file} does not match its checksum in {path}; rebuild the repository")
-        onnx = repo / name / "1" / "model.onnx"
+        onnx = folder / "1" / "model.onnx"
         try:  # weights beside the graph must be covered by the checksums too
             needs = onnx_files.model_files(onnx)[1:] if onnx.exists() else []
         except Exception:  # noqa: BLE001 - not a readable ONNX graph: the server names the model that fails to load
             needs = []
         for needed in needs:
-            if str(needed.relative_to(repo)) not in entry["files"]:
+            if not needed.resolve().is_relative_to(root) or needed.relative_to(repo).as_posix() not in entry["files"]:
                 raise BuildError(f"{onnx} needs its weights file {needed.name}, which {path} does not list; "
                                  "rebuild the repository")
+        extra = [p for p in model_files(folder) if p.relative_to(repo).as_posix() not in entry["files"]]
+        if extra:
+            raise BuildError(f"{extra[0]} is not listed in {path} (Triton would load it unchecked); "
+                             "remove it or rebuild the repository")
+    return manifest
+
+
+def _stage_of(name: str) -> str:
+    return next((s for s in (api.RANK_MODEL, api.TOKENIZE_MODEL) if name.startswith(f"{s}_")), name)
+
+
+def _is_current_adapter(repo: Path, rel: str) -> bool:
+    name, *rest = rel.split("/")
+    source = STAGE_SOURCES / _stage_of(name) / "1" / "model.py"
+    return rest == ["1", "model.py"] and source.is_file() and (repo / rel).read_bytes() == source.read_bytes()
+
+
+def remove_bytecode(repo: str | Path) -> list[Path]:
+    """Remove every ``__pycache__`` folder of ``repo``'s model folders; the folders removed.
+
+    The Python-backend stub imports ``model.py`` with an isolated interpreter (``-I``: the
+    ``PYTHONDONTWRITEBYTECODE`` and ``PYTHONPYCACHEPREFIX`` of its environment are ignored), so it
+    reads and writes ``<version>/__pycache__`` beside the verified source; bytecode whose header
+    matches the source's size and time would run instead of it. Removed before every start, the
+    stub compiles the verified source afresh. Refuses (BuildError) when one cannot be removed."""
+    removed = []
+    for cache in sorted(Path(repo).glob(f"*/**/{BYTECODE_DIR}")):
+        if not cache.is_dir() or cache.is_symlink():
+            continue
+        try:
+            shutil.rmtree(cache)
+        except OSError as exc:
+            raise BuildError(f"cannot remove {cache} ({exc.strerror}): the server could run that bytecode instead of the "
+                             "verified model.py; remove it, or serve a copy of the repository") from None
+        removed.append(cache)
+    return removed
+
+
+def verify_for_start(repo: str | Path) -> dict:
+    """What runs before each start of tritonserver on ``repo``: :func:`verify_repository`, then
+    :func:`remove_bytecode`; returns the manifest."""
+    manifest = verify_repository(repo)
+    remove_bytecode(repo)
     return manifest
 
 
@@ -334,17 +468,19 @@ def expected_configs(manifest: dict, settings: BuildSettings) -> dict[str, str]:
 
 def refresh_configs(repo: str | Path, settings: BuildSettings) -> list[str]:
     """Rewrite the configs and stage adapters that differ from what this version generates (e.g.
-    after an upgrade that changed batching), leaving model files and manifest alone; returns the
-    models rewritten. Refuses when the set of models differs: that needs a rebuild."""
+    after an upgrade that changed batching), leaving model files alone, and record them in the
+    manifest; returns the models rewritten. Refuses when the set of models differs: that needs a
+    rebuild. An adapter that already equals this version's (a repository built in place, in the
+    checkout's ``model_repository/``, after a pull) is accepted and recorded."""
     repo = Path(repo)
-    manifest = verify_repository(repo)
+    manifest = verify_repository(repo, current_adapters=True)
     expected = expected_configs(manifest, settings)
     if set(expected) != set(manifest["models"]):
         raise BuildError(f"{repo} holds other models than this version lays out; rebuild the repository")
     changed = []
     for name, text in expected.items():
         adapter = repo / name / "1" / "model.py"
-        stage = next((s for s in (api.RANK_MODEL, api.TOKENIZE_MODEL) if name.startswith(f"{s}_")), name)
+        stage = _stage_of(name)
         source = STAGE_SOURCES / stage / "1" / "model.py"
         stale_adapter = adapter.exists() and source.exists() and adapter.read_bytes() != source.read_bytes()
         if (repo / name / "config.pbtxt").read_text() != text or stale_adapter:
@@ -353,4 +489,8 @@ def refresh_configs(repo: str | Path, settings: BuildSettings) -> list[str]:
             if stale_adapter:
                 install_stage(name, repo, source_stage=stage)
             changed.append(name)
+    entries = {name: model_entry(repo, name) for name in manifest["models"]}
+    if entries != manifest["models"]:
+        manifest["models"] = entries
+        (repo / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return changed

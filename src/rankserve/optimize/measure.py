@@ -31,10 +31,11 @@ def _scorer(spec: dict):
     if spec["kind"] == "pytorch":
         import torch
         from transformers import AutoModelForSequenceClassification
+        from rankserve.builder.export import load_options
 
         torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
         t0 = time.perf_counter()
-        model = AutoModelForSequenceClassification.from_pretrained(spec["path"]).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(spec["path"], **load_options(spec["path"])).eval()
         load = time.perf_counter() - t0
         accepted = inspect.signature(model.forward).parameters
         names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]

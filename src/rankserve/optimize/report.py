@@ -193,12 +193,13 @@ def run_report(repo: Path, data: Path, out: Path, log=print, heldout_queries: in
     log("measuring PyTorch FP32 eager (baseline)")
     base = _measure({**common, "name": "pytorch_fp32_eager", "kind": "pytorch", "path": str(ranker_dir)})
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from rankserve.builder.export import load_options
 
     dataset = Dataset.load(data)
     if heldout_queries:
         dataset = dataset.subset(heldout_queries)
-    model = AutoModelForSequenceClassification.from_pretrained(ranker_dir).eval()
-    quality = evaluate(dataset, torch_scorer(model, AutoTokenizer.from_pretrained(ranker_dir), settings["tokenize"]["max_length"]))
+    model = AutoModelForSequenceClassification.from_pretrained(ranker_dir, **load_options(ranker_dir)).eval()
+    quality = evaluate(dataset, torch_scorer(model, AutoTokenizer.from_pretrained(ranker_dir, trust_remote_code=False), settings["tokenize"]["max_length"]))
     rows.append({"variant": "pytorch_fp32_eager", "runtime": "pytorch eager", "precision": "fp32", "layers": layers,
                  "file_mb": sum(p.stat().st_size for p in ranker_dir.glob("*.safetensors")) / 2**20,
                  "ndcg@10": quality["ndcg@10"], "mrr": quality["mrr"], "top10_overlap": 1.0, "kendall_tau": 1.0,

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -190,6 +191,25 @@ def server_command(install: TritonInstall, repo: Path, backends: Path, s: ServeS
     ]
 
 
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0: sys.exit('prctl(PR_SET_PDEATHSIG) failed')\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(0)\n"  # the parent died before prctl: nobody to serve
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def die_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run through a tiny exec wrapper that asks Linux to send it SIGTERM when the thread
+    that started it exits (``PR_SET_PDEATHSIG``; kept across ``exec``), so a supervisor killed
+    outright (SIGKILL, OOM) leaves no server holding its ports: tritonserver stops gracefully on
+    SIGTERM, its stubs with it (a stub exits by itself once its server is gone). A wrapper
+    rather than ``preexec_fn`` (unsafe in a process with threads); Python is there anyway, unlike
+    ``setpriv --pdeathsig`` (util-linux 2.33+). Start the server from a thread that lives as long
+    as the server (the main thread does)."""
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS reports free on ``host`` right now."""
     with socket.socket() as s:
@@ -286,10 +306,12 @@ class EmbeddedServer:
         if self.settings.cache_dir:
             env[CACHE_ENV] = str(Path(self.settings.cache_dir).resolve())
         self.process = subprocess.Popen(
-            self.argv(install, backends) if self.argv else server_command(install, self.repo, backends, self.settings, self.admin_key),
+            die_with_parent(self.argv(install, backends) if self.argv
+                            else server_command(install, self.repo, backends, self.settings, self.admin_key)),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=self._tmp,  # the stubs' Python puts the working directory first on sys.path: an empty private one
             start_new_session=True,  # its own process group: stopping it reaches every stub
         )
         return self
@@ -327,16 +349,22 @@ class EmbeddedServer:
         self.stop()
         return ServeError(f"{what}:\n{detail}\n(full log: {self.log_path})")
 
-    def wait_ready(self) -> "EmbeddedServer":
+    def wait_ready(self, stop: threading.Event | None = None) -> "EmbeddedServer":
+        """Wait until the server and every model are ready; returns early (not ready) once ``stop`` is set."""
         deadline = time.monotonic() + self.settings.ready_timeout_s
         while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                return self
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
                 raise self._startup_error(f"tritonserver exited (code {code}) before it was ready")
             if self.is_ready():
                 self.stubs = stub_processes(self.process.pid)
                 return self
-            time.sleep(0.25)
+            if stop is not None:
+                stop.wait(0.25)
+            else:
+                time.sleep(0.25)
         raise self._startup_error(f"tritonserver not ready after {self.settings.ready_timeout_s:.0f} s")
 
     def health_problem(self) -> str | None:

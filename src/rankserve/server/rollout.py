@@ -23,7 +23,7 @@ from rankserve import releases as rel
 from rankserve.errors import RankserveError, ServeError
 from rankserve.server.embedded import EmbeddedServer, free_port
 from rankserve.server.proxy import TcpProxy
-from rankserve.server.supervisor import RestartBudget
+from rankserve.server.supervisor import STARTING_GRACE_S, RequestCounter, RestartPolicy
 from rankserve.settings import ServeSettings
 
 ROLES = ("http", "grpc", "metrics")
@@ -59,17 +59,25 @@ class ReleaseServer:
         """The release the pointer names that failed to start (not retried until the pointer moves)."""
         self.starts = 0
         self.switches: list[dict] = []
+        self._stop = threading.Event()
+        """Set by :meth:`run`'s ``stop``: a server still starting is abandoned at once."""
 
     # -- steps ----------------------------------------------------------------------------------
     def _start_server(self, name: str) -> EmbeddedServer:
         """A ready, healthy server on release ``name`` (raises, leaving nothing running, when not)."""
+        from rankserve.builder.repository import remove_bytecode
+
         repo = rel.check_release(self.releases, name)
+        remove_bytecode(repo)  # the stub would run bytecode found beside model.py (see remove_bytecode)
         self.starts += 1
         self.log_dir.mkdir(parents=True, exist_ok=True)
         server = EmbeddedServer(repo, internal_settings(self.settings), self.log_dir / f"tritonserver.{self.starts}.{name}.log")
         try:
             server.start()
-            server.wait_ready()
+            server.wait_ready(self._stop)
+            if self._stop.is_set():
+                server.stop(grace_s=STARTING_GRACE_S)
+                raise ServeError(f"release {name}: stop requested while its server was starting")
             problem = server.health_problem()
             if problem:
                 raise ServeError(f"release {name}: {problem} right after it was ready")
@@ -78,7 +86,11 @@ class ReleaseServer:
             raise
         return server
 
-    def start(self) -> "ReleaseServer":
+    def start(self, stop: threading.Event | None = None) -> "ReleaseServer":
+        """Start the proxy and a server on the current release; with ``stop`` set meanwhile, the
+        start is abandoned at once and ``server`` stays None."""
+        if stop is not None:
+            self._stop = stop
         name = rel.current(self.releases)
         if name is None:
             raise ServeError(f"{self.releases} has no current release: `rankserve promote NAME --releases {self.releases}` first "
@@ -88,6 +100,8 @@ class ReleaseServer:
             self.server = self._start_server(name)
         except BaseException:
             self.proxy.stop()
+            if self._stop.is_set():
+                return self
             raise
         self.release = name
         self.proxy.set_backend(backend_of(self.server))
@@ -118,8 +132,9 @@ class ReleaseServer:
 
     def run(self, stop: threading.Event) -> int | None:
         """Serve until ``stop`` is set: follow the pointer, replace a broken server; the last server's
-        exit code. Raises :class:`ServeError` when the restart budget is spent (the servers and the
+        exit code. Raises :class:`ServeError` when the restart policy gives up (the servers and the
         proxy are stopped either way)."""
+        self._stop = stop
         try:
             self._follow(stop)
         finally:
@@ -127,22 +142,35 @@ class ReleaseServer:
         return code
 
     def _follow(self, stop: threading.Event) -> None:
-        budget = RestartBudget(self.settings.max_restarts, self.settings.restart_window_s)
+        policy = RestartPolicy.of(self.settings)
+        taken = RequestCounter(self.server) if self.server is not None else None
+        up_since = time.monotonic()
         while not stop.wait(self.settings.health_interval_s):
             problem = self.server.health_problem() if self.server is not None else "no server"
             if problem:
-                if not budget.allow(time.monotonic()):
+                if taken is not None:
+                    taken.read()
+                delay = policy.after_failure(time.monotonic(), taken is not None and taken.served, time.monotonic() - up_since)
+                if delay is None:
                     raise ServeError(f"gave up: {self.settings.max_restarts} restarts within {self.settings.restart_window_s:.0f} s "
-                                     f"(last: {problem}); see {self.server.log_path if self.server else self.log_dir}")
+                                     f"of servers that broke before taking a request (last: {problem}); "
+                                     f"see {self.server.log_path if self.server else self.log_dir}")
+                if delay and stop.wait(delay):
+                    return
                 self.switch(self.release, f"{problem}: replacing the server", grace_s=self.settings.restart_grace_s)
+                taken, up_since = (RequestCounter(self.server) if self.server is not None else None), time.monotonic()
                 continue
+            if taken is not None:
+                taken.read()
             wanted = rel.current(self.releases)
             if wanted is None or wanted == self.release:
                 self.failed = None if wanted == self.release else self.failed
                 continue
             if wanted == self.failed:
                 continue
-            if not self.switch(wanted, f"{self.releases}/current -> {wanted}"):
+            if self.switch(wanted, f"{self.releases}/current -> {wanted}"):
+                taken, up_since = RequestCounter(self.server), time.monotonic()
+            else:
                 self.failed = wanted
 
     def close(self) -> int | None:

@@ -34,6 +34,7 @@ def init_cross_encoder(base_dir: str | Path | None = None, seed: int = 0):
     """Encoder weights from ``base_dir`` plus a freshly initialized one-logit scoring head."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from rankserve.builder.export import load_options
     from transformers.utils import logging as hf_logging
 
     base = Path(base_dir) if base_dir else pretrained_encoder_dir()
@@ -41,10 +42,10 @@ def init_cross_encoder(base_dir: str | Path | None = None, seed: int = 0):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "classifier weights newly initialized" notice is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, attn_implementation="eager")
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, attn_implementation="eager", **load_options(base))
     finally:
         hf_logging.set_verbosity(verbosity)
-    return model, AutoTokenizer.from_pretrained(base)
+    return model, AutoTokenizer.from_pretrained(base, trust_remote_code=False)
 
 
 def query_groups(dataset: Dataset, split: str) -> list[tuple[str, list[str], list[int]]]:
