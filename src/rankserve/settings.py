@@ -45,8 +45,13 @@ class TokenizeSettings:
     that holds its longest pair, so requests share a few shapes (the TensorRT rank stage batches only
     equal shapes). Empty: pad to the longest pair (the CPU stage batches ragged requests)."""
 
+    instances: int = 2
+    """Tokenize instances (Python stubs, ~50 MiB each). Two, because with one and a bounded queue
+    (:attr:`queue_size`) Triton 2.51 held requests in that queue for up to 0.5 s whenever the rank
+    stage was refusing (overload: refusals that should take milliseconds took 0.5 s; measured in
+    ``tests/e2e/test_served_batching.py``, 3 of 3 runs with one instance, 0 of 3 with two)."""
     queue_size: int = 32
-    """Requests the tokenize stage (one instance) may hold waiting; beyond it Triton refuses at once
+    """Requests the tokenize stage may hold waiting; beyond it Triton refuses at once
     ("exceeds maximum queue size", the SDK's ``Overloaded``). Each waiting request holds its body
     (up to :attr:`max_request_bytes`) in the server: 32 bounds that at 131 MB with the defaults.
     0: unbounded."""
@@ -78,6 +83,7 @@ class TokenizeSettings:
         _require(1 <= self.max_candidates <= 100_000, f"max_candidates must be in [1, 100000], got {self.max_candidates}")
         _require(self.max_text_bytes >= 16, f"max_text_bytes must be >= 16, got {self.max_text_bytes}")
         _require(self.queue_size >= 0, f"queue_size must be >= 0, got {self.queue_size}")
+        _require(1 <= self.instances <= 64, f"instances must be in [1, 64], got {self.instances}")
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def test_a_short_list_overtakes_a_long_one_only_under_deadline_scheduling(deadli
                 started = time.perf_counter()
                 client.rank(*long)
                 alone = time.perf_counter() - started
-            assert alone > 0.25, f"the long request takes {alone:.2f} s alone: too short to send the other one meanwhile"
+            assert alone > 0.2, f"the long request takes {alone:.2f} s alone: too short to send the other one meanwhile"
             orders[name], results, latency = _finish_order(f"http://{server.http_url}", server.metrics_url, long, short)
             short_latency[name] = latency["short"]
             stage_counters[name] = _stage_metrics(server.metrics_url)

@@ -25,7 +25,7 @@ from conftest import Serve, TINY, make_tiny_ranker
 from rankserve.builder import configs
 from rankserve.loadtest.cache_compare import METRICS_INTERVAL_S, compare_response_cache, model_counts, scrape_cache
 from rankserve.loadtest.timeline import read_timeline
-from rankserve.server.embedded import EmbeddedServer, find_triton, free_serve_settings, server_command
+from rankserve.server.embedded import EmbeddedServer, find_triton, free_serve_settings, new_admin_key, server_command
 from rankserve.settings import LoadTestSettings
 from rankserve_client import RankerClient
 
@@ -159,12 +159,14 @@ def test_a_model_reloaded_behind_a_cached_ensemble_leaves_stale_answers(tiny_rep
     build_repository(other, tmp_path / "other_repo", TINY, log=lambda _m: None)
     settings = free_serve_settings(exit_timeout_s=10, response_cache_bytes=2**20)
 
+    key = new_admin_key()
+
     def explicit(install, backends):
-        command = [a for a in server_command(install, repo, backends, settings, s.admin_key) if not a.startswith("--model-control-mode")]
+        command = [a for a in server_command(install, repo, backends, settings, key) if not a.startswith("--model-control-mode")]
         return command + ["--model-control-mode=explicit", "--load-model=*"]
 
     texts = _texts(dataset, 20)
-    with EmbeddedServer(repo, settings, tmp_path / "tritonserver.log", argv=explicit) as s:
+    with EmbeddedServer(repo, settings, tmp_path / "tritonserver.log", argv=explicit, admin_key=key) as s:
         url = f"http://{s.http_url}"
         old = _rank(url, "sofa", texts)
         shutil.copy(tmp_path / "other_repo" / "rank" / "1" / "model.onnx", repo / "rank" / "1" / "model.onnx")

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def repo(tiny_repo, tmp_path):
     copy = tmp_path / "repo"
-    shutil.copytree(tiny_repo, copy)
+    # the session's server may have served tiny_repo already: its stubs wrote __pycache__ there
+    shutil.copytree(tiny_repo, copy, ignore=shutil.ignore_patterns("__pycache__"))
     return copy
 
 

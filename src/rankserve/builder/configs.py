@@ -203,7 +203,7 @@ def cpu_repository(settings: BuildSettings, runtimes: Mapping[str, RuntimeSettin
     models = {
         api.TOKENIZE_MODEL: python_model(
             api.TOKENIZE_MODEL, (api.QUERY, api.TEXTS), api.ENCODED, to_parameters(settings.tokenize),
-            queue_size=settings.tokenize.queue_size,
+            instances=settings.tokenize.instances, queue_size=settings.tokenize.queue_size,
         ),
         api.POSTPROCESS_MODEL: python_model(
             api.POSTPROCESS_MODEL, (TensorSpec(api.LOGITS.name, api.LOGITS.dtype, (-1, 1)), api.TOP_K), api.RANKER_OUTPUTS,
@@ -251,6 +251,7 @@ def gpu_models(settings: BuildSettings, engines: Mapping[str, Sequence[Mapping]]
     were read from the ONNX file each engine was built from); postprocess is the CPU repository's."""
     models = {GPU_TOKENIZE_MODEL: python_model(GPU_TOKENIZE_MODEL, (api.QUERY, api.TEXTS), api.ENCODED,
                                                to_parameters(gpu_tokenize_settings(settings)),
+                                               instances=settings.tokenize.instances,
                                                queue_size=settings.tokenize.queue_size)}
     for precision, records in sorted(engines.items()):
         inputs = records[0]["inputs"]

@@ -200,9 +200,14 @@ def variant_bytes(weights: Mapping[str, Weights], runtimes: Mapping[str, tuple[s
             for name in weights}
 
 
-def shared_bytes() -> int:
-    """What every repository holds whatever variants it loads: the server, tokenize, postprocess."""
-    return SERVER_BYTES + 2 * LIGHT_STUB_BYTES
+def shared_bytes(tokenize_instances: int | None = None) -> int:
+    """What every repository holds whatever variants it loads: the server, the tokenize instances
+    (default: :attr:`TokenizeSettings.instances`), postprocess."""
+    if tokenize_instances is None:
+        from rankserve.settings import TokenizeSettings
+
+        tokenize_instances = TokenizeSettings().instances
+    return SERVER_BYTES + (tokenize_instances + 1) * LIGHT_STUB_BYTES
 
 
 def choose_loaded(requested: str, estimates: Mapping[str, int], fastest_first: list[str], budget: int,

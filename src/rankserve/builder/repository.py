@@ -282,12 +282,12 @@ def _loaded_variants(builds: list, settings: BuildSettings, hidden: int, log: Ca
     for b in cpu:
         log(f"      {b.name:<13} {memory.format_bytes(estimates[b.name]):>10} estimated when served  "
             f"{'loaded' if b.name in names else 'not loaded (built and gated; --load ' + b.name + ' serves it)'}")
-    total = memory.shared_bytes() + sum(estimates[n] for n in names)
+    total = memory.shared_bytes(settings.tokenize.instances) + sum(estimates[n] for n in names)
     if settings.memory_budget_bytes and total > settings.memory_budget_bytes:
         raise BuildError(f"the loaded variants {names} need an estimated {memory.format_bytes(total)}, more than the budget "
                          f"of {memory.format_bytes(settings.memory_budget_bytes)} (per variant: "
                          + ", ".join(f"{n} {memory.format_bytes(estimates[n])}" for n in estimates)
-                         + f"; server, tokenize and postprocess {memory.format_bytes(memory.shared_bytes())}); "
+                         + f"; server, tokenize and postprocess {memory.format_bytes(memory.shared_bytes(settings.tokenize.instances))}); "
                          "load fewer or smaller variants (--load int8_dynamic), or raise --memory-budget")
     by_name = {b.name: b for b in cpu}
     return {n: by_name[n] for n in names}, estimates

@@ -195,7 +195,7 @@ _DIE_WITH_PARENT = (
     "import ctypes, os, signal, sys\n"
     "if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0: sys.exit('prctl(PR_SET_PDEATHSIG) failed')\n"
     "if os.getppid() != int(sys.argv[1]): sys.exit(0)\n"  # the parent died before prctl: nobody to serve
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"  # a container's command names its program (rankserve, sh) by PATH
 )
 
 
