@@ -96,10 +96,10 @@ def _budget(text: str | None) -> int:
 
 
 def _exec_server(args) -> None:
-    from rankserve.server.embedded import restricted_server_argv
+    from rankserve.server.embedded import restricted_server_argv, sized_server_argv
 
     command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
-    argv = restricted_server_argv(command, args.admin_key_file)
+    argv = sized_server_argv(restricted_server_argv(command, args.admin_key_file))
     sys.stdout.flush()
     os.execvp(argv[0], argv)  # the same process: signals and the exit code are the server's
 
@@ -166,8 +166,6 @@ def _serve(args) -> None:
     if args.releases:
         if args.model_repository:
             raise RankserveError("--releases serves DIR/current: no --model-repository with it")
-        if args.admin_key_file:
-            raise RankserveError("--admin-key-file: not with --releases (each release's server has its own random key)")
         _serve_releases(args)
         return
     args.model_repository = args.model_repository or "model_repository"
@@ -227,6 +225,9 @@ def _serve_releases(args) -> None:
     from rankserve import releases
     from rankserve.server.rollout import ReleaseServer
 
+    from rankserve.server.embedded import read_admin_key
+
+    admin_key = read_admin_key(args.admin_key_file) if args.admin_key_file else None
     settings = _serve_settings(args)
     name = releases.current(args.releases)
     if name:
@@ -237,7 +238,7 @@ def _serve_releases(args) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     log_dir = Path(args.log_file).parent if args.log_file else Path(tempfile.mkdtemp(prefix="rankserve-serve-"))
-    server = ReleaseServer(args.releases, settings, log_dir, log=lambda msg: print(msg, flush=True)).start(stop)
+    server = ReleaseServer(args.releases, settings, log_dir, log=lambda msg: print(msg, flush=True), admin_key=admin_key).start(stop)
     if server.server is None:  # SIGTERM while the first server was starting
         print("stopped while starting (exit code None)", flush=True)
         return
@@ -608,7 +609,8 @@ def parser() -> argparse.ArgumentParser:
                    help="after --: the tritonserver arguments (checked for the flags the engines need)")
     s.set_defaults(func=_check_engines)
 
-    s = sub.add_parser("exec-server", help="container entrypoint: exec tritonserver with its APIs restricted by the key in a mounted file")
+    s = sub.add_parser("exec-server", help="container entrypoint: exec tritonserver with its APIs restricted by the key in a mounted file and its "
+                                                "Python stubs' regions sized for the repository's largest request")
     s.add_argument("--admin-key-file", default=os.environ.get("RANKSERVE_ADMIN_KEY_FILE", "/run/secrets/triton_admin_key"),
                    help="the key (a compose secret, a Kubernetes Secret volume; default: $RANKSERVE_ADMIN_KEY_FILE, "
                         "else /run/secrets/triton_admin_key)")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 
@@ -252,7 +253,8 @@ def test_a_full_tokenize_queue_is_refused_at_once_and_the_server_keeps_serving(t
         assert call(server.http_url) == "served" and server.health_problem() is None
 
 
-def test_rankserve_serve_takes_an_operators_admin_key_from_a_file(tiny_repo, tmp_path):
+@pytest.mark.parametrize("mode", ["repository", "releases"])
+def test_rankserve_serve_takes_an_operators_admin_key_from_a_file(tiny_repo, tmp_path, mode):
     import shutil
     import signal
     import subprocess
@@ -267,17 +269,27 @@ def test_rankserve_serve_takes_an_operators_admin_key_from_a_file(tiny_repo, tmp
     key_file = tmp_path / "admin_key"
     key_file.write_text("an-operators-key-0123456789\n")
     s = free_serve_settings()
-    proc = subprocess.Popen([sys.executable, "-m", "rankserve", "serve", "--model-repository", str(repo),
+    if mode == "releases":  # every release's server takes the operator's key, not a random one
+        from rankserve import releases
+
+        name, _ = releases.publish(repo, tmp_path / "releases")
+        releases.promote(tmp_path / "releases", name)
+        where = ["--releases", str(tmp_path / "releases")]
+    else:
+        where = ["--model-repository", str(repo)]
+    proc = subprocess.Popen([sys.executable, "-m", "rankserve", "serve", *where,
                              "--admin-key-file", str(key_file), "--http-port", str(s.http_port),
                              "--grpc-port", str(s.grpc_port), "--metrics-port", str(s.metrics_port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    ready = "serving release" if mode == "releases" else "tritonserver ready"
     try:
         deadline, lines = time.monotonic() + 120, []
         while time.monotonic() < deadline:
             lines.append(proc.stdout.readline())
-            if "tritonserver ready" in lines[-1] or not lines[-1]:
+            if ready in lines[-1] or not lines[-1]:
                 break
-        assert "tritonserver ready" in "".join(lines), "".join(lines)
+        assert ready in "".join(lines), "".join(lines)
         server = SimpleNamespace(http_url=f"127.0.0.1:{s.http_port}")
         assert _http(server, "GET", "/v2/models/stats")[0] == 403
         assert _http(server, "GET", "/v2/models/stats", headers={ADMIN_HEADER: "an-operators-key-0123456789"})[0] == 200

@@ -8,7 +8,7 @@ import pytest
 from rankserve.builder import configs
 from rankserve.errors import InvalidInput, ServeError
 from rankserve.server.embedded import (ADMIN_HEADER, RESTRICTED_APIS, read_admin_key, repository_stub_region_bytes,
-                                       restricted_api_args, restricted_server_argv)
+                                       restricted_api_args, restricted_server_argv, sized_server_argv)
 from rankserve.settings import BatchingSettings, BuildSettings, RuntimeSettings, ServeSettings, TokenizeSettings, stub_region_bytes
 from rankserve.stages.postprocess import postprocess
 from rankserve.stages.rank import check_encoded
@@ -108,6 +108,27 @@ def test_stub_regions_hold_the_largest_request_accepted(tmp_path):
         (tmp_path / name / "config.pbtxt").write_text(configs.to_text(config))
     assert repository_stub_region_bytes(tmp_path) == deadline
     assert repository_stub_region_bytes(tmp_path / "nothing") == 0
+
+
+@pytest.mark.parametrize("scheduling", ["arrival", "deadline"])
+def test_the_container_entrypoint_sizes_the_stub_regions_from_the_repository(tmp_path, scheduling):
+    """`rankserve exec-server` (compose, Kubernetes) raises a smaller shm-default-byte-size to what
+    the repository needs, so a deadline repository needs no hand-edited flag; never lowers it."""
+    for name, config in configs.cpu_repository(BuildSettings(batching=BatchingSettings(scheduling=scheduling)),
+                                               {"fp32": RuntimeSettings()}, "fp32").items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.pbtxt").write_text(configs.to_text(config))
+    needed = repository_stub_region_bytes(tmp_path)
+    flag = "--backend-config=python,shm-default-byte-size="
+    compose = ["tritonserver", f"--model-repository={tmp_path}", f"{flag}{16 * 2**20}", "--log-verbose=0"]
+    sized = sized_server_argv(compose)
+    assert [a for a in sized if a.startswith(flag)] == [f"{flag}{max(needed, 16 * 2**20)}"]
+    assert [a for a in sized if not a.startswith(flag)] == [a for a in compose if not a.startswith(flag)]
+    assert sized_server_argv(["tritonserver", "--model-repository", str(tmp_path)])[-1] == f"{flag}{needed}"
+    big = ["tritonserver", f"--model-repository={tmp_path}", f"{flag}{2**30}"]
+    assert sized_server_argv(big) == big
+    assert sized_server_argv(["tritonserver", f"--model-repository={tmp_path / 'nothing'}"]) == \
+        ["tritonserver", f"--model-repository={tmp_path / 'nothing'}"]
 
 
 def test_restricted_api_flags_and_the_key_file(tmp_path):

@@ -167,6 +167,35 @@ def repository_stub_region_bytes(repo: Path) -> int:
     return max(needed, stub_region_bytes(settings, BatchingSettings()))
 
 
+_SHM_FLAG = "--backend-config=python,shm-default-byte-size="
+
+
+def _flag_value(command: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``command`` (``--flag=V`` or ``--flag V``; the last one wins, as in Triton)."""
+    value = None
+    for i, arg in enumerate(command):
+        if arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+        elif arg == flag and i + 1 < len(command):
+            value = command[i + 1]
+    return value
+
+
+def sized_server_argv(command: list[str]) -> list[str]:
+    """``command`` (``tritonserver FLAGS...``) with each Python stub's region big enough for the largest
+    request its repository accepts (:func:`repository_stub_region_bytes`): a smaller or missing
+    ``shm-default-byte-size`` is raised to it, so a ``deadline`` repository served by a container
+    needs no hand-edited flag. The region never grows while serving (a region that must grow under
+    load is what Triton reports as a failed request)."""
+    repo = _flag_value(command, "--model-repository")
+    needed = repository_stub_region_bytes(Path(repo)) if repo else 0
+    given = [a for a in command if a.startswith(_SHM_FLAG)]
+    current = int(given[-1][len(_SHM_FLAG):]) if given and given[-1][len(_SHM_FLAG):].isdigit() else 0
+    if needed <= current:
+        return list(command)
+    return [a for a in command if not a.startswith(_SHM_FLAG)] + [f"{_SHM_FLAG}{needed}"]
+
+
 def server_command(install: TritonInstall, repo: Path, backends: Path, s: ServeSettings, admin_key: str) -> list[str]:
     return [
         str(install.binary),

@@ -49,8 +49,10 @@ class ReleaseServer:
     the server. ``log_dir``: each server start writes ``tritonserver.<n>.<release>.log`` there."""
 
     def __init__(self, releases: str | Path, settings: ServeSettings, log_dir: str | Path,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, admin_key: str | None = None) -> None:
+        """``admin_key``: the key of every server's restricted APIs (default: a random one per server)."""
         self.releases, self.settings, self.log_dir, self.log = Path(releases), settings, Path(log_dir), log
+        self.admin_key = admin_key
         self.proxy = TcpProxy(settings.host, {"http": settings.http_port, "grpc": settings.grpc_port,
                                               "metrics": settings.metrics_port})
         self.server: EmbeddedServer | None = None
@@ -71,7 +73,8 @@ class ReleaseServer:
         remove_bytecode(repo)  # the stub would run bytecode found beside model.py (see remove_bytecode)
         self.starts += 1
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        server = EmbeddedServer(repo, internal_settings(self.settings), self.log_dir / f"tritonserver.{self.starts}.{name}.log")
+        server = EmbeddedServer(repo, internal_settings(self.settings), self.log_dir / f"tritonserver.{self.starts}.{name}.log",
+                                admin_key=self.admin_key)
         try:
             server.start()
             server.wait_ready(self._stop)
