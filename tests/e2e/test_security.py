@@ -254,7 +254,7 @@ def test_a_full_tokenize_queue_is_refused_at_once_and_the_server_keeps_serving(t
 
 
 @pytest.mark.parametrize("mode", ["repository", "releases"])
-def test_rankserve_serve_takes_an_operators_admin_key_from_a_file(tiny_repo, tmp_path, mode):
+def test_rankserve_serve_takes_an_operators_admin_key_from_a_file(tiny_repo, tiny_ranker, dataset, tmp_path, mode):
     import shutil
     import signal
     import subprocess
@@ -270,8 +270,14 @@ def test_rankserve_serve_takes_an_operators_admin_key_from_a_file(tiny_repo, tmp
     key_file.write_text("an-operators-key-0123456789\n")
     s = free_serve_settings()
     if mode == "releases":  # every release's server takes the operator's key, not a random one
-        from rankserve import releases
+        import dataclasses
 
+        from conftest import TINY
+        from rankserve import releases
+        from rankserve.builder.repository import build_repository
+
+        repo = tmp_path / "gated"  # only a gated build is published
+        build_repository(tiny_ranker, repo, dataclasses.replace(TINY, variants=("fp32",)), log=lambda _m: None, dataset=dataset)
         name, _ = releases.publish(repo, tmp_path / "releases")
         releases.promote(tmp_path / "releases", name)
         where = ["--releases", str(tmp_path / "releases")]

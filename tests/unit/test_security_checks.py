@@ -98,7 +98,7 @@ def test_stub_regions_hold_the_largest_request_accepted(tmp_path):
     default = stub_region_bytes(TokenizeSettings(), BatchingSettings())
     assert TokenizeSettings().max_request_bytes + TokenizeSettings().max_encoded_bytes < default <= ServeSettings().shm_default_bytes
     # compose and Kubernetes mount 1 GiB of /dev/shm: every Python stub of a repository of all CPU variants fits
-    stubs = 2 + len(BuildSettings().variants + ("fused", "int8", "int8_dynamic", "bf16", "pruned", "pruned_int8"))
+    stubs = TokenizeSettings().instances + 1 + len(BuildSettings().variants + ("fused", "int8", "int8_dynamic", "bf16", "pruned", "pruned_int8"))
     assert stubs * ServeSettings().shm_default_bytes <= 2**30
     deadline = stub_region_bytes(TokenizeSettings(), BatchingSettings(scheduling="deadline"))
     assert deadline > ServeSettings().shm_default_bytes  # held requests: the embedded server sizes it from the repository
