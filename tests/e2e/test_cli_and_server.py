@@ -73,7 +73,7 @@ def test_serve_command_starts_reports_endpoints_and_stops_cleanly(tiny_repo, tmp
         banner = "".join(lines)
         assert "tritonserver ready" in banner, banner
         assert f"http://127.0.0.1:{s.http_port}" in banner and f"127.0.0.1:{s.grpc_port}" in banner
-        assert len(processes_mentioning(str(repo))) == 4  # the server and one stub per Python model
+        assert len(processes_mentioning(str(repo))) == 5  # the server and one stub per Python model instance (tokenize has two)
         proc.send_signal(stop_signal)
         rest = proc.communicate(timeout=60)[0]
     finally:
@@ -93,7 +93,7 @@ def test_embedded_server_binds_loopback_and_stops_its_stubs(tiny_repo, tmp_path)
         assert srv.is_ready()
         assert srv.models == ["postprocess", "rank", "ranker", "ranker_fp32", "tokenize"]
         stubs = [c for c in processes_mentioning(str(repo)) if "triton_python_backend_stub" in c]
-        assert len(stubs) == 3
+        assert len(stubs) == 4  # tokenize (two instances), rank, postprocess
         log = srv.log_path.read_text()
         assert f"127.0.0.1:{srv.settings.http_port}" in log and f"127.0.0.1:{srv.settings.grpc_port}" in log
     assert processes_mentioning(str(repo)) == []
@@ -133,7 +133,7 @@ def test_compose_health_check_passes_on_the_real_server(server):
     args[args.index("--url") + 1] = f"http://{server.http_url}"
     args[args.index("--model-repository") + 1] = str(server.repo)
     out = _rankserve("health", *args)
-    assert out.returncode == 0 and "3/3 Python-backend stubs running" in out.stdout, out.stderr
+    assert out.returncode == 0 and "4/4 Python-backend stubs running" in out.stdout, out.stderr
     args[args.index("--model") + 1] = "no_such_model"
     out = _rankserve("health", *args)
     assert out.returncode == 2 and "model no_such_model is not ready" in out.stderr

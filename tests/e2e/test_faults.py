@@ -94,7 +94,7 @@ def test_serve_gives_up_when_the_restart_budget_is_spent(tiny_repo, tmp_path):
     serve = Serve(_copy(tiny_repo, tmp_path), "--health-interval", "0.2", "--max-restarts", "0")
     try:
         serve.wait_for("SIGTERM stops it")
-        (stub,) = [s for s in stub_processes(serve.server_pid()) if s.model == "tokenize"]
+        stub = next(s for s in stub_processes(serve.server_pid()) if s.model == "tokenize")  # one of the tokenize instances
         os.kill(stub.pid, signal.SIGKILL)
         assert serve.proc.wait(timeout=60) == 2
     finally:
@@ -197,8 +197,8 @@ def test_health_probe_sees_a_dead_stub_that_triton_still_reports_ready(tiny_repo
     with EmbeddedServer(repo, free_serve_settings(), tmp_path / "tritonserver.log") as server:
         url = f"http://{server.http_url}"
         healthy, _ = _rankserve("health", "--url", url, "--model-repository", str(repo))
-        assert healthy.returncode == 0 and "3/3 Python-backend stubs running" in healthy.stdout, healthy.stderr
-        (stub,) = [s for s in server.stubs if s.model == "tokenize"]
+        assert healthy.returncode == 0 and "4/4 Python-backend stubs running" in healthy.stdout, healthy.stderr
+        stub = next(s for s in server.stubs if s.model == "tokenize")  # one of the two tokenize instances
         os.kill(stub.pid, signal.SIGKILL)
         time.sleep(0.5)
         with urllib.request.urlopen(f"{url}/v2/models/ranker/ready", timeout=5) as r:
@@ -206,7 +206,7 @@ def test_health_probe_sees_a_dead_stub_that_triton_still_reports_ready(tiny_repo
         sick, _ = _rankserve("health", "--url", url, "--model-repository", str(repo))
         # the Kubernetes readiness probe's form (compose's health check): not ready either
         not_ready, _ = _rankserve("health", "--url", url, "--model", "ranker", env={"RANKSERVE_MODEL_REPOSITORY": str(repo)})
-    assert not_ready.returncode == 2 and "model tokenize: 0 of 1 Python-backend stubs running" in not_ready.stderr
-    assert sick.returncode == 2 and "model tokenize: 0 of 1 Python-backend stubs running" in sick.stderr, sick.stderr
+    assert not_ready.returncode == 2 and "model tokenize: 1 of 2 Python-backend stubs running" in not_ready.stderr
+    assert sick.returncode == 2 and "model tokenize: 1 of 2 Python-backend stubs running" in sick.stderr, sick.stderr
     down, _ = _rankserve("health", "--url", url, "--model-repository", str(repo))
     assert down.returncode == 2 and "is not live" in down.stderr

@@ -297,8 +297,8 @@ def test_the_rules_the_adapter_and_the_dashboard_read_triton_counters_under_load
         # a dead stub: Triton keeps the model ready and fails its requests in the backend
         from rankserve_client import Unavailable
 
-        (stub,) = [s for s in server.stubs if s.model == "tokenize"]
-        os.kill(stub.pid, signal.SIGKILL)
+        for stub in [s for s in server.stubs if s.model == "tokenize"]:  # both instances: every request fails
+            os.kill(stub.pid, signal.SIGKILL)
         time.sleep(0.5)
         with RankerClient(f"http://{server.http_url}", retries=0) as client:
             for _ in range(3):

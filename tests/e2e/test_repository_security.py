@@ -66,7 +66,7 @@ def test_a_repository_changed_on_disk_is_refused_at_the_next_restart(tiny_repo, 
                 f.write("\n# edited after the build\n")
         else:
             shutil.copytree(repo / "postprocess", repo / "extra")
-        (stub,) = [s for s in stub_processes(serve.server_pid()) if s.model == "tokenize"]
+        stub = next(s for s in stub_processes(serve.server_pid()) if s.model == "tokenize")  # one of the tokenize instances
         os.kill(stub.pid, signal.SIGKILL)  # the supervisor restarts the server: the repository is verified again
         assert serve.proc.wait(timeout=60) == 2
     finally:

@@ -236,7 +236,7 @@ def test_serve_releases_gives_up_when_the_restart_budget_is_spent_and_leaves_not
     try:
         serve.wait_for("Ctrl-C or SIGTERM stops it.", timeout=180)
         regions = _regions(serve, set())
-        (stub,) = [s for s in stub_processes(serve.server_pid()) if s.model == "tokenize"]
+        stub = next(s for s in stub_processes(serve.server_pid()) if s.model == "tokenize")  # one of the tokenize instances
         os.kill(stub.pid, signal.SIGKILL)
         assert serve.proc.wait(timeout=60) == 2
     finally:

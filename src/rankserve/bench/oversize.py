@@ -49,25 +49,25 @@ def measure(repo: Path, requests: int, texts: int) -> dict:
 
     body = np.array([b"ab"] * texts, dtype=object)
     with EmbeddedServer(repo, free_serve_settings(exit_timeout_s=10)) as server:
-        (stub,) = [s for s in server.stubs if s.model == "tokenize"]
+        stubs = [s.pid for s in server.stubs if s.model == "tokenize"]  # its instances: either may take a request
         client = httpclient.InferenceServerClient(server.http_url, network_timeout=300, connection_timeout=300)
         cpu, wall, refused, messages = [], [], 0, set()
-        rss_before = _rss_mib(stub.pid)
+        rss_before = sum(_rss_mib(pid) for pid in stubs)
         for _ in range(requests):
             inputs = [httpclient.InferInput("query", [1], "BYTES"), httpclient.InferInput("texts", [texts], "BYTES")]
             inputs[0].set_data_from_numpy(np.array([b"sofa"], dtype=object))
             inputs[1].set_data_from_numpy(body)
-            c0, t0 = _cpu_s(stub.pid), time.perf_counter()
+            c0, t0 = sum(_cpu_s(pid) for pid in stubs), time.perf_counter()
             try:
                 client.infer("tokenize", inputs)
             except InferenceServerException as exc:
                 refused += str(exc.status()) == "400"
                 messages.add(exc.message().split("] ", 1)[-1][:90])
             wall.append(time.perf_counter() - t0)
-            cpu.append(_cpu_s(stub.pid) - c0)
+            cpu.append(sum(_cpu_s(pid) for pid in stubs) - c0)
         client.close()
         return {"refused": refused, "served": requests - refused, "cpu_s": statistics.median(cpu),
-                "wall_s": statistics.median(wall), "rss_growth_mib": _rss_mib(stub.pid) - rss_before,
+                "wall_s": statistics.median(wall), "rss_growth_mib": sum(_rss_mib(pid) for pid in stubs) - rss_before,
                 "message": sorted(messages)[0] if messages else "", "healthy": server.health_problem() is None}
 
 
