@@ -292,6 +292,21 @@ class RetryPolicy:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
 
 
+class RetryingClient:
+    """What the sync and asyncio clients share about retries: their :class:`RetryPolicy` (``retry_policy``)
+    and its ``retries`` and ``backoff``, as the clients had them before it."""
+
+    retry_policy: RetryPolicy
+
+    @property
+    def retries(self) -> int:
+        return self.retry_policy.retries
+
+    @property
+    def backoff(self) -> float:
+        return self.retry_policy.backoff
+
+
 def make_budget(retry_budget: Any) -> Optional[RetryBudget]:
     if retry_budget is DEFAULT_BUDGET:
         return RetryBudget()

@@ -12,7 +12,7 @@ from rankserve_client.errors import RankerError, Timeout
 T = TypeVar("T")
 
 
-class AsyncRankerClient:
+class AsyncRankerClient(c.RetryingClient):
     """The asyncio twin of :class:`RankerClient`: one connection pool shared by all tasks of a loop.
 
     Create it inside a running loop and ``await client.connect()`` (or use ``async with``), which
@@ -46,14 +46,6 @@ class AsyncRankerClient:
             import tritonclient.http as tc
             import tritonclient.http.aio as aio
         self._tc, self._aio, self._client = tc, aio, None
-
-    @property
-    def retries(self) -> int:
-        return self.retry_policy.retries
-
-    @property
-    def backoff(self) -> float:
-        return self.retry_policy.backoff
 
     async def connect(self) -> "AsyncRankerClient":
         if self._client is None:

@@ -53,7 +53,7 @@ def map_error(exc: BaseException) -> RankerError:
     return RankerError(f"{type(exc).__name__}: {exc}")
 
 
-class RankerClient:
+class RankerClient(c.RetryingClient):
     """Ranks candidates with a rankserve ranker over HTTP or gRPC.
 
     Thread-safe: over gRPC all threads share one channel; over HTTP each thread gets its own
@@ -110,14 +110,6 @@ class RankerClient:
         self._swept = time.monotonic()
         if check_api:
             self.check_api(model)
-
-    @property
-    def retries(self) -> int:
-        return self.retry_policy.retries
-
-    @property
-    def backoff(self) -> float:
-        return self.retry_policy.backoff
 
     # -- transport ---------------------------------------------------------------------------
     def _client(self, timeout: float):
