@@ -231,7 +231,8 @@ def _serve_releases(args) -> None:
     settings = _serve_settings(args)
     name = releases.current(args.releases)
     if name:
-        repo = releases.check_release(args.releases, name)
+        # the manifest only, for the budget: the server's start checks the release (every file hashed) once
+        repo = releases.release_repository(args.releases, name)
         manifest = releases.read_manifest(repo)
         _require_budget(str(repo), _budget(args.memory_budget) or manifest.get("serving", {}).get("memory_budget_bytes", 0))
     stop = threading.Event()
