@@ -7,7 +7,8 @@ import math
 import pytest
 
 from rankserve.errors import RankserveError
-from rankserve.loadtest.run import format_summary, protocol_of, summarize, summary_path, timeline_figures, verdict
+from rankserve.loadtest.run import (add_timeline, format_summary, protocol_of, summarize, summary_path, timeline_figures,
+                                    verdict)
 from rankserve.loadtest.timeline import TimelineWriter, read_timeline
 from rankserve.settings import LoadTestSettings
 
@@ -107,3 +108,17 @@ def test_the_transport_follows_the_url_scheme():
     assert protocol_of("h:8001", "grpc") == ("grpc://h:8001", "grpc") and protocol_of("h:8000") == ("http://h:8000", "http")
     with pytest.raises(ValueError, match="contradicts"):
         protocol_of("grpc://h:8001", "http")
+
+
+def test_a_run_stopped_after_2_of_30_s_gets_windows_of_the_part_that_ran(tmp_path):
+    writer = TimelineWriter(tmp_path / "timeline")
+    for i in range(20):
+        writer.write(100.0 + i / 10, 5.0, True, 0, 5)
+    writer.close()
+    base = {"requests": 0, "failures": 0, "p95_ms": float("nan"), "p99_over_p50": float("nan"), "settings": {"window_s": 60},
+            "triton_steps": {}, "partial": "interrupted (SIGINT), after 2 of 30 s"}
+    s = add_timeline(base, LoadTestSettings(duration_s=30), tmp_path / "timeline", origin=100.0, ran_s=2.0)
+    assert s["window_s"] == 1 and [w["requests"] for w in s["windows"]] == [10, 10] and s["successes"] == 20
+    assert s["slo"]["violations"] == ["partial run: interrupted (SIGINT), after 2 of 30 s"]
+    empty = verdict({"requests": 0, "failures": 0, "p95_ms": float("nan"), "p99_over_p50": float("nan")}, LoadTestSettings())
+    assert empty["slo"]["violations"] == ["no request completed"]

@@ -129,7 +129,7 @@ def verdict(summary: dict, settings: LoadTestSettings) -> dict:
     violations = []
     if requests == 0:
         violations.append("no request completed")
-    if ratio > settings.slo_max_failure_ratio:
+    if requests and ratio > settings.slo_max_failure_ratio:
         violations.append(f"{failures} of {requests} requests failed ({ratio:.2%}) > error budget {settings.slo_max_failure_ratio:.2%}")
     if requests and successes < settings.slo_min_successes:
         violations.append(f"{successes} successful requests < {settings.slo_min_successes}: too few to judge latency and throughput")
@@ -196,21 +196,23 @@ def timeline_figures(t: dict[str, np.ndarray], summary: dict) -> dict:
 
 
 def add_timeline(summary: dict, settings: LoadTestSettings, timeline_dir: Path, origin: float,
-                 samples: list | None = None) -> dict:
+                 samples: list | None = None, ran_s: float | None = None) -> dict:
     """The timeline's figures (error window, per-window latency, p95 drift, server memory growth)
-    added to ``summary``, and the verdict taken again with them. A run shorter than
-    ``settings.window_s`` is cut into shorter windows (``window_s`` in the summary)."""
+    added to ``summary``, and the verdict taken again with them. ``ran_s``: how long a run that was
+    stopped before its duration ran. A run shorter than ``settings.window_s`` is cut into shorter
+    windows (``window_s`` in the summary)."""
     t = read_timeline(timeline_dir)
-    window = window_length(settings.window_s, settings.duration_s)
+    duration = settings.duration_s if ran_s is None else min(ran_s, settings.duration_s)
+    window = window_length(settings.window_s, duration)
     summary["window_s"] = window
     if t["start"].size:
         summary.update(timeline_figures(t, summary))
         summary["error_window"] = error_window(t, origin)
-        summary["windows"] = windows(t, origin, window, settings.duration_s)
+        summary["windows"] = windows(t, origin, window, duration)
         full = [w for w in summary["windows"] if w["full"] and w["successes"]]
         summary["p95_drift"] = drift(full[0]["p95_ms"], full[-1]["p95_ms"]) if len(full) >= 2 else None
     if samples:
-        summary["resources"] = resource_growth(samples, origin, window, settings.duration_s)
+        summary["resources"] = resource_growth(samples, origin, window, duration)
         if summary["resources"] is not None:
             summary["resources"]["series"] = [[round(t - origin, 1), round(rss / 2**20, 1), round(shm / 2**20, 2)] for t, rss, shm in samples]
     return verdict(summary, settings)
@@ -386,11 +388,12 @@ def run_locust(host: str, settings: LoadTestSettings, out: Path, metrics_url: st
         raise RankserveError(f"locust produced no statistics (see {out / 'locust.log'}):\n"
                              + (out / "locust.log").read_text()[-2000:])
     summary = summarize(stats if stats.exists() else None, settings, per_step(before, scrape(metrics_url)))
-    if interrupted.is_set():
-        summary["partial"] = f"interrupted (SIGINT) after {time.time() - origin:.0f} of {settings.duration_s} s"
-    elif stopped:
-        summary["stopped_early"] = f"{stopped}, after {time.time() - origin:.0f} of {settings.duration_s} s"
-    summary = add_timeline(summary, settings, timeline_dir, origin, sampler.samples if sampler else None)
+    ran_s = None
+    if interrupted.is_set() or stopped:
+        ran_s = time.time() - origin
+        summary["partial" if interrupted.is_set() else "stopped_early"] = (
+            f"{'interrupted (SIGINT)' if interrupted.is_set() else stopped}, after {ran_s:.0f} of {settings.duration_s} s")
+    summary = add_timeline(summary, settings, timeline_dir, origin, sampler.samples if sampler else None, ran_s)
     summary["timeline_png"] = plot_timeline(summary, out / "timeline.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if interrupted.is_set():
@@ -479,9 +482,9 @@ def run_locust_at_fraction(host: str, settings: LoadTestSettings, out: Path, fra
                      slo_tail_vs_ideal=False, slo_max_slowdown_p99=0.0,
                      slo_max_p95_drift=0.0, slo_max_rss_growth=0.0, slo_max_shm_growth=0.0)
     saturated = run_locust(host, closed, out / "saturation", metrics_url, log=log)
-    if not saturated["requests"] or not saturated["p99_ms"] > 0:
-        raise RuntimeError(f"the saturation run completed {saturated['requests']} requests: no rate to pace at "
-                           f"(see {out / 'saturation' / 'locust.log'})")
+    if not saturated.get("successes") or not saturated["p99_ms"] > 0:
+        raise RankserveError(f"the saturation run had {saturated.get('successes', 0)} successful requests of "
+                             f"{saturated['requests']}: no rate to pace at (see {out / 'saturation' / 'summary.json'})")
     log(f"saturation: {saturated['requests_per_s']:.2f} req/s, {saturated['pairs_per_s']:.0f} pairs/s, "
         f"p50 {saturated['p50_ms']:.0f} ms, p99 {saturated['p99_ms']:.0f} ms with {settings.users} closed-loop users")
     zero = zero_load(host, settings, out, metrics_url, log)
