@@ -72,14 +72,19 @@ build: venv modelopt
 		--variants all --data artifacts/data --work-dir artifacts/variants $(if $(SCHEDULING),--scheduling $(SCHEDULING))
 
 # Headless Locust run (starts the embedded server unless HOST is given); non-zero exit when an SLO breaks.
+# HOST's scheme decides the transport (grpc://h:8001 is gRPC); PROTOCOL picks the embedded server's
+# (default http) and must agree with HOST if both are given. METRICS_URL (Triton's /metrics of HOST,
+# e.g. http://h:8002/metrics) adds the per-step queue and compute times.
 USERS ?= 4
 SPAWN_RATE ?= 2
 DURATION ?= 60
-PROTOCOL ?= http
+PROTOCOL ?=
 MODEL ?= ranker
+METRICS_URL ?=
+LOADTEST_TARGET = $(if $(PROTOCOL),--protocol $(PROTOCOL)) $(if $(HOST),--host $(HOST)) $(if $(METRICS_URL),--metrics-url $(METRICS_URL))
 loadtest: venv
 	$(BIN)/rankserve loadtest --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
-		--protocol $(PROTOCOL) --model $(MODEL) $(if $(HOST),--host $(HOST))
+		--model $(MODEL) $(LOADTEST_TARGET)
 
 # The tail at half of saturation: a closed-loop run with USERS users finds saturation, a one-user run
 # measures each list size's zero-load latency, then TAIL_RUNS runs of TAIL_DURATION s of Poisson
@@ -93,7 +98,7 @@ TAIL_REFERENCE ?= fifo
 loadtest-half: venv
 	$(BIN)/rankserve loadtest --saturation-fraction 0.5 --runs $(TAIL_RUNS) --slo-tail-vs-ideal --tail-reference $(TAIL_REFERENCE) \
 		--slo-max-slowdown-p99 $(TAIL_SLOWDOWN) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(TAIL_DURATION) \
-		--protocol $(PROTOCOL) --model $(MODEL) $(if $(HOST),--host $(HOST)) --out reports/loadtest/half
+		--model $(MODEL) $(LOADTEST_TARGET) --out reports/loadtest/half
 
 # Head-heavy traffic (query popularity Zipf, exponent ZIPF_S, over the WANDS queries, a fixed list per
 # query) against the embedded server without and then with Triton's response cache of CACHE_SIZE, in one
@@ -103,7 +108,7 @@ CACHE_SIZE ?= 256MiB
 WARMUP ?= 60
 loadtest-cache: venv
 	$(BIN)/rankserve loadtest --zipf $(ZIPF_S) --compare-response-cache $(CACHE_SIZE) --warmup $(WARMUP) \
-		--users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --protocol $(PROTOCOL) --model $(MODEL) \
+		--users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) $(if $(PROTOCOL),--protocol $(PROTOCOL)) --model $(MODEL) \
 		--out reports/loadtest/cache
 
 # Soak: 10 minutes of Poisson arrivals at 70% of saturation against the embedded server; fails on
@@ -113,7 +118,7 @@ SOAK_DURATION ?= 600
 soak: venv
 	$(BIN)/rankserve loadtest --saturation-fraction 0.7 --users $(USERS) --spawn-rate $(SPAWN_RATE) \
 		--duration $(SOAK_DURATION) --window 60 --slo-max-p95-drift 0.2 --slo-max-rss-growth 0.05 \
-		--slo-max-shm-growth 0.05 --protocol $(PROTOCOL) --model $(MODEL) --out reports/soak
+		--slo-max-shm-growth 0.05 $(if $(PROTOCOL),--protocol $(PROTOCOL)) --model $(MODEL) --out reports/soak
 
 # On a GPU host (NVIDIA driver + Container Toolkit, TRITON_ADMIN_KEY exported, `make build` done):
 # engines built, tested and measured in the TensorRT container, served by Triton, checked against

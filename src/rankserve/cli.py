@@ -352,11 +352,20 @@ def _rank(args) -> None:
 
 
 def _loadtest(args) -> None:
-    from rankserve.loadtest.run import format_summary, run
+    from rankserve.loadtest.run import LoadTestInterrupted, format_summary, protocol_of, run
 
-    settings = LoadTestSettings(users=args.users, spawn_rate=args.spawn_rate, duration_s=args.duration, protocol=args.protocol,
+    protocol = args.protocol or "http"
+    if args.host:  # the URL's scheme decides the transport; --protocol may only agree with it
+        try:
+            args.host, protocol = protocol_of(args.host, args.protocol)
+        except ValueError as exc:
+            raise RankserveError(f"--host {args.host} --protocol {args.protocol}: {exc}") from None
+    elif args.metrics_url:
+        raise RankserveError("--metrics-url is for --host (the embedded server's metrics are read without it)")
+    settings = LoadTestSettings(users=args.users, spawn_rate=args.spawn_rate, duration_s=args.duration, protocol=protocol,
                                 model=args.model, candidates_mean=args.candidates_mean, candidates_sigma=args.candidates_sigma,
                                 rate_per_s=args.rate, slo_p95_ms=args.slo_p95_ms, slo_max_failure_ratio=args.slo_max_failure_ratio,
+                                slo_min_successes=args.slo_min_successes, stop_after_failing_s=args.stop_after_failing,
                                 slo_max_tail_ratio=args.slo_max_tail_ratio, retries=args.retries, retry_backoff_s=args.retry_backoff,
                                 window_s=args.window, slo_max_p95_drift=args.slo_max_p95_drift,
                                 slo_max_rss_growth=args.slo_max_rss_growth, slo_max_shm_growth=args.slo_max_shm_growth,
@@ -370,12 +379,25 @@ def _loadtest(args) -> None:
         raise RankserveError("--saturation-fraction must be in (0, 1]")
     if args.saturation_fraction is None and (args.runs > 1 or args.slo_tail_vs_ideal or args.slo_max_slowdown_p99):
         raise RankserveError("--runs, --slo-tail-vs-ideal and --slo-max-slowdown-p99 need --saturation-fraction (a paced load)")
-    summary = run(settings, Path(args.out), args.host, Path(args.model_repository), args.metrics_url,
-                  fraction=args.saturation_fraction)
+    out = Path(args.out)
+    try:
+        summary = run(settings, out, args.host, Path(args.model_repository), args.metrics_url,
+                      fraction=args.saturation_fraction, log=lambda line: print(line, flush=True))
+    except LoadTestInterrupted as stop:
+        print(format_summary(stop.summary))
+        _announce_reports(stop.out)
+        print(f"rankserve loadtest: interrupted: partial summary in {stop.out / 'summary.json'}", file=sys.stderr)
+        raise SystemExit(130) from None
     print(format_summary(summary))
-    print(f"reports: {args.out}/summary.json, {args.out}/report.html, {args.out}/timeline.png, {args.out}/locust_stats.csv")
+    _announce_reports(out)
     if not summary["slo"]["passed"]:
         raise RankserveError("SLO broken: " + "; ".join(summary["slo"]["violations"]))
+
+
+def _announce_reports(out: Path) -> None:
+    """The report files the run wrote (only those that exist)."""
+    names = ("summary.json", "report.html", "timeline.png", "locust_stats.csv", "locust.log")
+    print("reports: " + ", ".join(str(out / n) for n in names if (out / n).exists()))
 
 
 def _compare_response_cache(args, settings: LoadTestSettings) -> None:
@@ -400,13 +422,21 @@ def _compare_response_cache(args, settings: LoadTestSettings) -> None:
 def _loadtest_summary(args) -> None:
     import json
 
-    from rankserve.loadtest.run import format_summary, summarize
+    from rankserve.loadtest.run import format_summary, summarize, summary_path
 
+    csv_path = Path(args.csv)
+    if not csv_path.is_file():
+        raise RankserveError(f"--csv {csv_path}: no such file (Locust's --csv PREFIX writes PREFIX_stats.csv)")
     settings = LoadTestSettings(slo_p95_ms=args.slo_p95_ms, slo_max_failure_ratio=args.slo_max_failure_ratio,
-                                slo_max_tail_ratio=args.slo_max_tail_ratio)
-    summary = summarize(Path(args.csv), settings, {})
-    Path(args.csv).with_name("summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                                slo_max_tail_ratio=args.slo_max_tail_ratio, slo_min_successes=args.slo_min_successes)
+    try:
+        summary = summarize(csv_path, settings, {})
+    except (ValueError, KeyError) as exc:
+        raise RankserveError(f"--csv {csv_path}: not a Locust stats CSV ({exc})") from None
+    target, kept = summary_path(csv_path, Path(args.out) if args.out else None)
+    target.write_text(json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary))
+    print(f"wrote {target}" + (f" (kept {kept}: the run's own summary, with its timeline figures and settings)" if kept else ""))
     if not summary["slo"]["passed"]:
         raise RankserveError("SLO broken: " + "; ".join(summary["slo"]["violations"]))
 
@@ -633,12 +663,15 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("loadtest", help="headless Locust run with reports and an SLO verdict (starts the embedded server if no --host)")
     d = LoadTestSettings()
     s.add_argument("--host", help="http://host:8000 or grpc://host:8001 (default: start the embedded server)")
-    s.add_argument("--metrics-url", help="Triton metrics endpoint of --host, for queue vs compute time per step")
+    s.add_argument("--metrics-url", help="Triton metrics endpoint of --host (e.g. http://HOST:8002/metrics), for queue vs "
+                                          "compute time per step; make: METRICS_URL=")
     s.add_argument("--model-repository", default="model_repository")
     s.add_argument("--users", type=int, default=d.users)
     s.add_argument("--spawn-rate", type=float, default=d.spawn_rate)
     s.add_argument("--duration", type=int, default=d.duration_s, help="seconds")
-    s.add_argument("--protocol", choices=["http", "grpc"], default=d.protocol)
+    s.add_argument("--protocol", choices=["http", "grpc"],
+                   help="transport of the embedded server (default http); with --host the URL's scheme decides "
+                        "(grpc:// is gRPC) and a contradicting --protocol is an error")
     s.add_argument("--model", default=d.model)
     s.add_argument("--candidates-mean", type=float, default=d.candidates_mean)
     s.add_argument("--candidates-sigma", type=float, default=d.candidates_sigma, help="log-normal spread of list sizes (0: fixed)")
@@ -646,7 +679,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--saturation-fraction", type=float,
                    help="first find saturation with a closed-loop run, then run paced at this fraction of its request rate")
     s.add_argument("--slo-p95-ms", type=float, default=d.slo_p95_ms)
-    s.add_argument("--slo-max-failure-ratio", type=float, default=d.slo_max_failure_ratio)
+    s.add_argument("--slo-max-failure-ratio", type=float, default=d.slo_max_failure_ratio,
+                   help="error budget: failed / all requests (default %(default)s: any failure breaks the SLO)")
+    s.add_argument("--slo-min-successes", type=int, default=d.slo_min_successes,
+                   help="fewest successful requests to judge latency and throughput on (default %(default)s)")
+    s.add_argument("--stop-after-failing", type=float, default=d.stop_after_failing_s, metavar="S",
+                   help="stop the run once every request for S seconds failed (default %(default)s; 0: never)")
     s.add_argument("--slo-max-tail-ratio", type=float, default=d.slo_max_tail_ratio,
                    help="p99/p50 ceiling (0: not checked; no server can keep a low one under Poisson arrivals, see loadtest/README.md)")
     s.add_argument("--runs", type=int, default=d.runs, help="paced runs after the saturation run (with --saturation-fraction)")
@@ -682,8 +720,11 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("loadtest-summary", help="summary.json and SLO verdict from a Locust stats CSV (e.g. a distributed run's master)")
     s.add_argument("--csv", required=True, help="the *_stats.csv Locust wrote")
+    s.add_argument("--out", help="where to write the summary (default: summary.json next to the CSV, or "
+                                 "summary-from-csv.json there when a `rankserve loadtest` summary.json exists: it is kept)")
     s.add_argument("--slo-p95-ms", type=float, default=d.slo_p95_ms)
     s.add_argument("--slo-max-failure-ratio", type=float, default=d.slo_max_failure_ratio)
+    s.add_argument("--slo-min-successes", type=int, default=d.slo_min_successes)
     s.add_argument("--slo-max-tail-ratio", type=float, default=d.slo_max_tail_ratio)
     s.set_defaults(func=_loadtest_summary)
 
@@ -727,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     except RankserveError as exc:
         print(f"rankserve {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"rankserve {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

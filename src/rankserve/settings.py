@@ -690,7 +690,14 @@ class LoadTestSettings:
     """0: every user sends its next request as soon as the last one is answered (closed loop, finds
     saturation); > 0: the users together send a Poisson stream of this many requests per second."""
     slo_p95_ms: float = 2000.0
+    """p95 latency of the successful requests."""
     slo_max_failure_ratio: float = 0.0
+    """The error budget: failed requests / all requests (0: any failure breaks the SLO)."""
+    slo_min_successes: int = 10
+    """Fewest successful requests whose latency and throughput the verdict will judge; a run with
+    fewer fails as too small to judge."""
+    stop_after_failing_s: float = 10.0
+    """Stop the run early once every request answered in this many seconds failed (0: never)."""
     slo_max_tail_ratio: float = 0.0
     """p99 / p50 ceiling (0: not checked). Withdrawn as a default target: under Poisson arrivals with
     log-normal list sizes no server can keep it (loadtest/README.md); kept for users who want it."""
@@ -739,6 +746,8 @@ class LoadTestSettings:
         _require(self.protocol in ("http", "grpc"), f"protocol must be http or grpc, got {self.protocol!r}")
         _require(1 <= self.candidates_mean <= self.candidates_max, "candidates_mean must be in [1, candidates_max]")
         _require(self.slo_p95_ms > 0 and 0 <= self.slo_max_failure_ratio <= 1, "SLOs: p95 > 0, failure ratio in [0, 1]")
+        _require(self.slo_min_successes >= 1 and self.stop_after_failing_s >= 0,
+                 "slo_min_successes must be >= 1 and stop_after_failing_s >= 0")
         _require(self.retries >= 0 and self.retry_backoff_s >= 0 and self.window_s >= 1, "retries, retry_backoff_s >= 0, window_s >= 1")
         _require(min(self.slo_max_p95_drift, self.slo_max_rss_growth, self.slo_max_shm_growth) >= 0, "drift and growth SLOs must be >= 0")
         _require(self.slo_max_slowdown_p99 == 0 or self.slo_max_slowdown_p99 >= 1, "slo_max_slowdown_p99 must be 0 (off) or >= 1")

@@ -34,10 +34,11 @@ def test_error_window_spans_failed_and_retried_requests(tmp_path):
     assert clean["first_s"] is None and clean["span_s"] == 0.0
 
 
-def test_windows_cut_full_windows_only_and_count_failures(tmp_path):
+def test_windows_hold_every_request_and_mark_the_partial_last_one(tmp_path):
     rows = [(100.0 + i, 10.0 + i, i != 3, 0, 5) for i in range(25)]  # 25 s of one request per second
     ws = windows(_timeline(tmp_path, rows), origin=100.0, window_s=10, duration_s=25)
-    assert [w["requests"] for w in ws] == [10, 10] and [w["failures"] for w in ws] == [1, 0]
+    assert [w["requests"] for w in ws] == [10, 10, 5] and [w["failures"] for w in ws] == [1, 0, 0]
+    assert [w["full"] for w in ws] == [True, True, False] and [w["successes"] for w in ws] == [9, 10, 5]
     assert ws[1]["p50_ms"] == pytest.approx(np.percentile([10.0 + i for i in range(10, 20)], 50))
     assert drift(100, 120) == pytest.approx(0.2) and math.isnan(drift(0, 5))
 

@@ -40,19 +40,25 @@ class TimelineWriter:
 
 
 def read_timeline(directory: str | Path) -> dict[str, np.ndarray]:
-    """All rows of every ``timeline-*.csv`` in ``directory``, as columns sorted by start time."""
+    """All rows of every ``timeline-*.csv`` in ``directory``, as columns sorted by start time (a line
+    cut short, as when a run is stopped while a user writes, is left out)."""
     rows = []
     for path in sorted(Path(directory).glob("timeline-*.csv")):
         with path.open(newline="") as f:
-            rows.extend(csv.DictReader(f))
-    rows.sort(key=lambda r: float(r["start"]))
+            for r in csv.DictReader(f):
+                try:
+                    rows.append((float(r["start"]), float(r["latency_ms"]), r["ok"] == "1", int(r["retries"]),
+                                 int(r["candidates"]), r["error"] or ""))
+                except (TypeError, ValueError):
+                    continue
+    rows.sort(key=lambda r: r[0])
     return {
-        "start": np.array([float(r["start"]) for r in rows]),
-        "latency_ms": np.array([float(r["latency_ms"]) for r in rows]),
-        "ok": np.array([r["ok"] == "1" for r in rows], dtype=bool),
-        "retries": np.array([int(r["retries"]) for r in rows], dtype=int),
-        "candidates": np.array([int(r["candidates"]) for r in rows], dtype=int),
-        "error": np.array([r["error"] for r in rows], dtype=object),
+        "start": np.array([r[0] for r in rows], dtype=float),
+        "latency_ms": np.array([r[1] for r in rows], dtype=float),
+        "ok": np.array([r[2] for r in rows], dtype=bool),
+        "retries": np.array([r[3] for r in rows], dtype=int),
+        "candidates": np.array([r[4] for r in rows], dtype=int),
+        "error": np.array([r[5] for r in rows], dtype=object),
     }
 
 
@@ -69,17 +75,31 @@ def error_window(t: dict[str, np.ndarray], origin: float) -> dict:
             "span_s": float(ends.max() - starts.min())}
 
 
+def window_length(window_s: int, duration_s: float) -> int:
+    """The window the timeline is cut into: ``window_s``, or for a run shorter than that, a quarter of
+    the run (at least 1 s), so a short run still shows how it went."""
+    return window_s if duration_s >= window_s else max(1, int(duration_s // 4))
+
+
 def windows(t: dict[str, np.ndarray], origin: float, window_s: float, duration_s: float) -> list[dict]:
-    """Requests started in each full window of ``window_s`` from ``origin``: count, failures,
-    p50/p95 latency of those that succeeded (a partial last window is left out)."""
+    """Requests started in each window of ``window_s`` from ``origin``: count, failures, p50/p95
+    latency of those that succeeded. Every request is in one window, so the windows add up to the
+    run's counts; the windows after the last full one within ``duration_s`` (requests started as the
+    run ended) are marked ``full: False`` and left out of drift figures."""
+    full_n = int(duration_s // window_s)
+    last = float(t["start"].max() - origin) if t["start"].size else 0.0
+    n = max(full_n, int(last // window_s) + 1) if t["start"].size else full_n
     out = []
-    for k in range(int(duration_s // window_s)):
+    for k in range(n):
         lo, hi = origin + k * window_s, origin + (k + 1) * window_s
         inside = (t["start"] >= lo) & (t["start"] < hi)
+        if k == 0:
+            inside |= t["start"] < lo
         ok = t["latency_ms"][inside & t["ok"]]
         p50, p95 = (np.percentile(ok, [50, 95]) if ok.size else (float("nan"), float("nan")))
-        out.append({"window": k, "from_s": k * window_s, "requests": int(inside.sum()),
-                    "failures": int((inside & ~t["ok"]).sum()), "p50_ms": float(p50), "p95_ms": float(p95)})
+        out.append({"window": k, "from_s": k * window_s, "requests": int(inside.sum()), "successes": int(ok.size),
+                    "failures": int((inside & ~t["ok"]).sum()), "p50_ms": float(p50), "p95_ms": float(p95),
+                    "full": k < full_n})
     return out
 
 

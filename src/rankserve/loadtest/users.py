@@ -119,7 +119,10 @@ class _RankerUser(User):
         except Exception as exc:  # noqa: BLE001 - reported to Locust as a failure
             exception = exc
         latency_ms = 1000 * (time.perf_counter() - start)
-        events.request.fire(request_type=self.protocol, name=self.model, response_time=latency_ms,
+        # a failure gets its own name, so that Locust's row for the model holds the successes alone (their
+        # latency and rate; a refused request answers in 1 ms) and the failures are counted once, in theirs
+        name = self.model if exception is None else f"{self.model} (failed)"
+        events.request.fire(request_type=self.protocol, name=name, response_time=latency_ms,
                             response_length=len(texts), exception=exception, context={"retries": self.retries})
         if timeline() is not None:
             timeline().write(wall, latency_ms, exception is None, self.retries, len(texts),
