@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS := build,serve,client,loadtest,bench,dev
 PYTEST_ARGS ?=
 
-.PHONY: venv system demo test test-fast build serve report ts checkov modelopt loadtest loadtest-half loadtest-cache soak gpu-check bench clean
+.PHONY: venv system demo test test-fast build serve report ts checkov modelopt loadtest loadtest-half loadtest-cache soak gpu-check bench docs-transcripts clean
 
 # (Re)create the venv and install the package with its extras whenever pyproject.toml changes.
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -137,6 +137,12 @@ bench: venv
 report: venv
 	$(BIN)/rankserve report --data artifacts/data $(if $(RANKER),--ranker $(RANKER) --out reports/$(notdir $(RANKER)) \
 		$(if $(MAX_NDCG_DROP),--max-ndcg-drop $(MAX_NDCG_DROP)),--model-repository model_repository --out reports/optimization)
+
+# The READMEs' command transcripts (the blocks after <!-- transcript: NAME -->): run their commands in a fresh
+# folder against a real server and rewrite the blocks; tests/e2e/test_first_hour_docs.py checks them.
+# RANKER=dir picks the ranker (default: artifacts/ranker if trained, else the tests' tiny random-weight one).
+docs-transcripts: venv
+	$(BIN)/python tests/transcripts.py --write $(if $(RANKER),--ranker $(RANKER))
 
 serve: venv
 	$(BIN)/rankserve serve --model-repository model_repository

@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from rankserve.cli_help import HelpFormatter
 from rankserve.errors import RankserveError
 from rankserve.settings import CALIBRATION_METHODS, CPU_VARIANTS, DYNAMIC_WEIGHTS, GPU_VARIANTS, SMOOTH_ALPHA, HARDWARE_COMPATIBILITY, SCHEDULING, TAIL_REFERENCES, DataSettings, LoadTestSettings, ServeSettings, TrainSettings, preset
 
@@ -159,7 +160,7 @@ def _serve(args) -> None:
     import tempfile
     import threading
 
-    from rankserve.builder.repository import remove_bytecode, verify_for_start, verify_repository
+    from rankserve.builder.repository import build_hint, recorded_ranker, remove_bytecode, verify_for_start, verify_repository
     from rankserve.server.embedded import EmbeddedServer
     from rankserve.server.supervisor import supervise
 
@@ -178,7 +179,8 @@ def _serve(args) -> None:
     cacheable = _cacheable_models(args.model_repository) if settings.response_cache_bytes else []
     if settings.response_cache_bytes and not cacheable:
         raise RankserveError(f"--response-cache: no model of {args.model_repository} is marked cacheable (response_cache in "
-                             "config.pbtxt; repositories built before it: `rankserve build` again, or `make demo` refreshes them)")
+                             "config.pbtxt; repositories built before it: build again, "
+                             f"{build_hint(args.model_repository, recorded_ranker(manifest))}, or `make demo` refreshes them)")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -486,16 +488,16 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("data", help="generate the demo catalog and judgments around the WANDS queries")
-    s.add_argument("--out", default="artifacts/data")
-    s.add_argument("--seed", type=int, default=DataSettings.seed)
+    s.add_argument("--out", default="artifacts/data", help="folder for queries, products and judgments (JSON lines)")
+    s.add_argument("--seed", type=int, default=DataSettings.seed, help="random seed, an integer")
     s.add_argument("--queries", help="WANDS query.csv (default: shared/data/wands/query.csv)")
     s.set_defaults(func=_data)
 
     s = sub.add_parser("train", help="fine-tune the demo cross-encoder and evaluate it next to BM25")
-    s.add_argument("--data", default="artifacts/data")
-    s.add_argument("--out", default="artifacts/ranker")
-    s.add_argument("--epochs", type=int, default=TrainSettings.epochs)
-    s.add_argument("--seed", type=int, default=TrainSettings.seed)
+    s.add_argument("--data", default="artifacts/data", help="the dataset folder `rankserve data` wrote")
+    s.add_argument("--out", default="artifacts/ranker", help="folder the fine-tuned ranker is saved to (Hugging Face format)")
+    s.add_argument("--epochs", type=int, default=TrainSettings.epochs, help="passes over the training queries (epochs)")
+    s.add_argument("--seed", type=int, default=TrainSettings.seed, help="random seed, an integer")
     s.add_argument("--frozen-layers", type=int, default=TrainSettings.frozen_layers,
                    help="bottom encoder layers (and the embeddings) kept as pre-trained")
     s.add_argument("--dropout", action="store_true", help="keep the encoder's dropout while training (slower; off by default)")
@@ -503,24 +505,29 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_train)
 
     s = sub.add_parser("build", help="export, check and lay out a ranker as a Triton model repository")
-    s.add_argument("--ranker", help="Hugging Face sequence-classification directory, one logit (cpu target)")
+    s.add_argument("--ranker", help="Hugging Face sequence-classification directory, one logit (no default: required for the "
+                                    "cpu target)")
     s.add_argument("--target", default="cpu", choices=["cpu", "gpu"],
                    help="gpu: TensorRT engines added to a repository the cpu build laid out (needs a GPU and TensorRT)")
-    s.add_argument("--out", default="model_repository")
-    s.add_argument("--preset", default="default")
-    s.add_argument("--max-length", type=int, help="override tokenize.max_length")
+    s.add_argument("--out", default="model_repository", help="the model repository folder to lay out")
+    s.add_argument("--preset", default="default", help="settings preset (rankserve.settings.PRESETS)")
+    s.add_argument("--max-length", type=int, help="longest (query, text) pair in tokens; longer pairs are truncated "
+                                                  "(default: the preset's tokenize.max_length, 128)")
     s.add_argument("--variants", default="fp32",
                    help=f"comma-separated, or 'all': {','.join(CPU_VARIANTS + GPU_VARIANTS)} (default fp32)")
-    s.add_argument("--data", help="dataset dir (queries/products/judgments.jsonl): calibration pairs and the accuracy gate")
-    s.add_argument("--work-dir", help="keep intermediate variant files (and the distilled pruned ranker) here")
+    s.add_argument("--data", help="dataset dir (queries/products/judgments.jsonl): calibration pairs and the accuracy gate "
+                                  "(default: none: fp32 only, no gate)")
+    s.add_argument("--work-dir", help="keep intermediate variant files (and the distilled pruned ranker) here (default: a "
+                                      "temporary folder, deleted after the build)")
     s.add_argument("--calibration-method", choices=CALIBRATION_METHODS, help="INT8 calibration (default percentile)")
-    s.add_argument("--calibration-pairs", type=int, help="real pairs used to calibrate INT8 (default 512)")
+    s.add_argument("--calibration-pairs", type=int, help="real (query, text) pairs used to calibrate INT8 (default 512 pairs)")
     s.add_argument("--dynamic-weights", choices=DYNAMIC_WEIGHTS,
                    help="int8_dynamic's weights: s8, s7 (7-bit values, no 16-bit saturation without VNNI), u8, or auto "
                         "(default: s8 where this CPU has VNNI/AMX-INT8, else s7)")
     s.add_argument("--smooth-alpha", type=_alpha_or_none, help=f"int8_dynamic's SmoothQuant strength in (0, 1), or 'none' (default {SMOOTH_ALPHA})")
-    s.add_argument("--max-ndcg-drop", type=float, help="accuracy gate: largest relative NDCG@10 drop (default 0.01)")
-    s.add_argument("--min-top-k-overlap", type=float, help="strict gate of the default ranker: least top-10 overlap with FP32 (default 0.95)")
+    s.add_argument("--max-ndcg-drop", type=float, help="accuracy gate: largest NDCG@10 drop, a fraction of FP32's (default 0.01)")
+    s.add_argument("--min-top-k-overlap", type=float, help="strict gate of the default ranker: least top-10 overlap with FP32, a "
+                                                           "fraction (default 0.95)")
     s.add_argument("--require-batch-invariance", action="store_true",
                    help="strict gate: a pair's score must not move with its batch neighbours (dynamic INT8's does), "
                         "so a request always gets the same ranking under any load")
@@ -530,24 +537,26 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--load", default="auto",
                    help="CPU variants the repository loads: auto (all when they fit the budget, else the fastest), "
                         "all, or a comma-separated list; the others are built and gated, not laid out")
-    s.add_argument("--memory-budget", help="host memory the served repository may take, e.g. 8GiB; the build refuses "
-                                           "loaded variants whose estimate exceeds it (serve checks it again)")
-    s.add_argument("--rank-instances", type=int, help="instances (processes) of each rank model (default 1)")
+    s.add_argument("--memory-budget", help="host memory the served repository may take, bytes or with a unit, e.g. 8GiB; the "
+                                           "build refuses loaded variants whose estimate exceeds it (serve checks it again; "
+                                           "default: none)")
+    s.add_argument("--rank-instances", type=int, help="instances (processes) of each rank model (default 1 instance)")
     s.add_argument("--share-weights", action="store_true",
                    help="ONNX Runtime reads the matrices of a model with a weights file (256 MiB or more) in place from the "
                         "mapped file: rank instances share one copy (no prepacking; `serve --cache-dir` shares "
                         "prepacked matrices instead)")
     s.add_argument("--version-compatible", choices=["true", "false"],
                    help="gpu: engines later TensorRT 10 releases can load (the server then needs "
-                        "--backend-config=tensorrt,version-compatible=true)")
+                        "--backend-config=tensorrt,version-compatible=true; default: the preset's, false)")
     s.add_argument("--hardware-compatibility", choices=HARDWARE_COMPATIBILITY,
-                   help="gpu: ampere_plus builds one engine (model.plan) for every Ampere or newer GPU")
+                   help="gpu: ampere_plus builds one engine (model.plan) for every Ampere or newer GPU (default: none, "
+                        "one engine per GPU type)")
     s.add_argument("--scheduling", choices=SCHEDULING,
                    help="rank stage: arrival (default; Triton's queue, each dynamic batch scored to its end) or deadline "
                         "(the stage's own queue, earliest deadline first per model call: short lists stop waiting behind "
                         "long ones, long lists are overtaken; loadtest/README.md)")
     s.add_argument("--deadline-slowdown", type=float,
-                   help="deadline scheduling: a request's deadline is arrival + this x its time alone (default 4)")
+                   help="deadline scheduling: a request's deadline is arrival + this x its time alone (default 4 x)")
     s.add_argument("--no-response-cache", action="store_true",
                    help="do not mark the ranker ensembles cacheable (response_cache in config.pbtxt; it only acts on a "
                         "server started with a response cache)")
@@ -557,14 +566,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model-repository", help="the repository to serve (default: model_repository)")
     s.add_argument("--releases", metavar="DIR",
                    help="serve the release DIR/current points at, behind a TCP proxy on the public ports, and switch to "
-                        "another release (rankserve promote / rollback) without dropping requests")
+                        "another release (rankserve promote / rollback) without dropping requests (default: none, serve "
+                        "--model-repository)")
     s.add_argument("--drain-timeout", type=float,
                    help=f"with --releases: seconds the old release's connections may stay open after a switch "
                         f"(default {ServeSettings.drain_timeout_s:g})")
-    s.add_argument("--host", default=ServeSettings.host)
-    s.add_argument("--http-port", type=int, default=ServeSettings.http_port)
-    s.add_argument("--grpc-port", type=int, default=ServeSettings.grpc_port)
-    s.add_argument("--metrics-port", type=int, default=ServeSettings.metrics_port)
+    s.add_argument("--host", default=ServeSettings.host, help="address the server listens on")
+    s.add_argument("--http-port", type=int, default=ServeSettings.http_port, help="TCP port of the HTTP (KServe v2) endpoint")
+    s.add_argument("--grpc-port", type=int, default=ServeSettings.grpc_port, help="TCP port of the gRPC endpoint")
+    s.add_argument("--metrics-port", type=int, default=ServeSettings.metrics_port, help="TCP port of the Prometheus metrics")
     s.add_argument("--log-file", help="tritonserver log (default: in a new temporary folder); restarts write NAME.1.log, ...")
     s.add_argument("--admin-key-file", help="the key of Triton's restricted APIs (shared memory, repository, config, "
                                             "statistics, trace, logging), one line in this file (default: a new random "
@@ -584,8 +594,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("publish", help="publish a built repository as an immutable release (refused unless its accuracy gate passed)")
-    s.add_argument("--model-repository", default="model_repository")
-    s.add_argument("--releases", metavar="DIR", help="the releases folder: the release becomes DIR/NAME")
+    s.add_argument("--model-repository", default="model_repository", help="the built repository to publish")
+    s.add_argument("--releases", metavar="DIR", help="the releases folder: the release becomes DIR/NAME (no default: "
+                                                     "required unless --stamp-only)")
     s.add_argument("--name", help="release name (default: r-<12 hex> of the repository's content)")
     s.add_argument("--stamp-only", action="store_true",
                    help="check the gate and write the gate stamp into the repository, publish nothing (before building "
@@ -609,31 +620,33 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP endpoint")
     s.add_argument("--model-repository", default=os.environ.get("RANKSERVE_MODEL_REPOSITORY", "/models"),
                    help="the repository it serves, for the expected stubs (default: $RANKSERVE_MODEL_REPOSITORY, else /models)")
-    s.add_argument("--model", help="also require this model to be ready (a readiness check, e.g. ranker)")
+    s.add_argument("--model", help="also require this model to be ready (a readiness check, e.g. ranker; default: none, "
+                                   "liveness only)")
     s.set_defaults(func=_health)
 
     s = sub.add_parser("rank", help="rank candidate texts for a query through a running server")
     s.add_argument("--url", default="127.0.0.1:8000",
                    help="host:port, http://host:port, grpc://host:port, or over TLS https://host[:port], grpcs://host:port")
     s.add_argument("--protocol", choices=["http", "grpc"], help="when the URL has no scheme (default http)")
-    s.add_argument("--model", default="ranker")
+    s.add_argument("--model", default="ranker", help="the ensemble to call (ranker_<variant> for one variant)")
     s.add_argument("--query", required=True)
     s.add_argument("--texts-file", required=True, help="one candidate text per line")
-    s.add_argument("--top-k", type=int)
-    s.add_argument("--timeout", type=float, default=30.0)
+    s.add_argument("--top-k", type=int, help="return only the best K candidates (default: all candidates)")
+    s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer")
     s.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
-                   help="sent with the request (HTTP header, gRPC metadata); repeatable")
-    s.add_argument("--token-env", metavar="VAR", help="send Authorization: Bearer $VAR (the gateway's token, kept off the command line)")
+                   help="sent with the request (HTTP header, gRPC metadata); repeatable (default: none)")
+    s.add_argument("--token-env", metavar="VAR", help="send Authorization: Bearer $VAR (the gateway's token, kept off the "
+                                                      "command line; default: no token)")
     s.add_argument("--ca-file", help="TLS: the CA bundle that signed the server's certificate (default: the system's)")
-    s.add_argument("--cert-file", help="mutual TLS: the client certificate (PEM), with --key-file")
-    s.add_argument("--key-file", help="mutual TLS: the client certificate's private key (PEM)")
+    s.add_argument("--cert-file", help="mutual TLS: the client certificate (PEM), with --key-file (default: none)")
+    s.add_argument("--key-file", help="mutual TLS: the client certificate's private key (PEM; default: none)")
     s.set_defaults(func=_rank)
 
     s = sub.add_parser("check-engines", help="refuse, with the reason, TensorRT engines this server's TensorRT or GPUs cannot run (run before tritonserver)")
     s.add_argument("--model-repository", default=os.environ.get("RANKSERVE_MODEL_REPOSITORY", "model_repository"),
                    help="default: $RANKSERVE_MODEL_REPOSITORY, else model_repository")
     s.add_argument("--wait", type=float, default=0, metavar="SECONDS",
-                   help="first wait this long for the repository's manifest (a release still being published)")
+                   help="first wait this many seconds for the repository's manifest (a release still being published)")
     s.add_argument("--require-engines", action="store_true",
                    help="refuse a repository without TensorRT engines (GPU replicas)")
     s.add_argument("server_args", nargs=argparse.REMAINDER,
@@ -649,115 +662,127 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_exec_server)
 
     s = sub.add_parser("gpu-check", help="on a GPU host: build engines, serve with docker compose, verify the TensorRT ensembles")
-    s.add_argument("--data", default="artifacts/data")
-    s.add_argument("--model-repository", default="model_repository")
-    s.add_argument("--url", default="http://127.0.0.1:8000")
+    s.add_argument("--data", default="artifacts/data", help="the dataset folder (held-out queries for the gate)")
+    s.add_argument("--model-repository", default="model_repository", help="the CPU build's repository the engines join")
+    s.add_argument("--url", default="http://127.0.0.1:8000", help="the HTTP endpoint of the Triton docker compose starts")
     s.add_argument("--out", default="reports/gpu", help="report.json and report.md")
     s.set_defaults(func=_gpu_check)
 
     s = sub.add_parser("engine-bench", help="in the TensorRT container: measure each engine at a grid of (pairs, tokens) with Polygraphy")
-    s.add_argument("--model-repository", default="/models")
-    s.add_argument("--out", default="gpu-engines.json")
+    s.add_argument("--model-repository", default="/models", help="the repository holding the engines (the container's mount)")
+    s.add_argument("--out", default="gpu-engines.json", help="the JSON file of the measurements")
     s.set_defaults(func=_engine_bench)
 
     s = sub.add_parser("loadtest", help="headless Locust run with reports and an SLO verdict (starts the embedded server if no --host)")
     d = LoadTestSettings()
     s.add_argument("--host", help="http://host:8000 or grpc://host:8001 (default: start the embedded server)")
     s.add_argument("--metrics-url", help="Triton metrics endpoint of --host (e.g. http://HOST:8002/metrics), for queue vs "
-                                          "compute time per step; make: METRICS_URL=")
-    s.add_argument("--model-repository", default="model_repository")
-    s.add_argument("--users", type=int, default=d.users)
-    s.add_argument("--spawn-rate", type=float, default=d.spawn_rate)
+                                         "compute time per step; make: METRICS_URL= (default: none with --host; the embedded "
+                                         "server's otherwise)")
+    s.add_argument("--model-repository", default="model_repository", help="what the embedded server serves (without --host)")
+    s.add_argument("--users", type=int, default=d.users, help="concurrent Locust users")
+    s.add_argument("--spawn-rate", type=float, default=d.spawn_rate, help="users started per second (users/s)")
     s.add_argument("--duration", type=int, default=d.duration_s, help="seconds")
     s.add_argument("--protocol", choices=["http", "grpc"],
                    help="transport of the embedded server (default http); with --host the URL's scheme decides "
                         "(grpc:// is gRPC) and a contradicting --protocol is an error")
-    s.add_argument("--model", default=d.model)
-    s.add_argument("--candidates-mean", type=float, default=d.candidates_mean)
-    s.add_argument("--candidates-sigma", type=float, default=d.candidates_sigma, help="log-normal spread of list sizes (0: fixed)")
+    s.add_argument("--model", default=d.model, help="the ensemble the users call")
+    s.add_argument("--candidates-mean", type=float, default=d.candidates_mean, help="mean list size per request, candidates")
+    s.add_argument("--candidates-sigma", type=float, default=d.candidates_sigma,
+                   help="log-normal spread of list sizes, sigma of log(candidates) (0: fixed)")
     s.add_argument("--rate", type=float, default=d.rate_per_s, help="requests/s all users together aim at (0: back to back)")
     s.add_argument("--saturation-fraction", type=float,
-                   help="first find saturation with a closed-loop run, then run paced at this fraction of its request rate")
-    s.add_argument("--slo-p95-ms", type=float, default=d.slo_p95_ms)
+                   help="first find saturation with a closed-loop run, then run paced at this fraction of its request rate "
+                        "(default: none, no saturation run)")
+    s.add_argument("--slo-p95-ms", type=float, default=d.slo_p95_ms, help="SLO: p95 latency of successful requests, ms")
     s.add_argument("--slo-max-failure-ratio", type=float, default=d.slo_max_failure_ratio,
-                   help="error budget: failed / all requests (default %(default)s: any failure breaks the SLO)")
+                   help="SLO error budget: most failed requests, a fraction of all requests (default %(default)s: any "
+                        "failure breaks the SLO)")
     s.add_argument("--slo-min-successes", type=int, default=d.slo_min_successes,
-                   help="fewest successful requests to judge latency and throughput on (default %(default)s)")
+                   help="fewest successful requests to judge latency and throughput on, requests (default %(default)s)")
     s.add_argument("--stop-after-failing", type=float, default=d.stop_after_failing_s, metavar="S",
                    help="stop the run once every request for S seconds failed (default %(default)s; 0: never)")
     s.add_argument("--slo-max-tail-ratio", type=float, default=d.slo_max_tail_ratio,
-                   help="p99/p50 ceiling (0: not checked; no server can keep a low one under Poisson arrivals, see loadtest/README.md)")
+                   help="p99/p50 ceiling, a ratio (0: not checked; no server can keep a low one under Poisson arrivals, see "
+                        "loadtest/README.md)")
     s.add_argument("--runs", type=int, default=d.runs, help="paced runs after the saturation run (with --saturation-fraction)")
     s.add_argument("--slo-tail-vs-ideal", action="store_true",
                    help="paced: p99 of each list-size bucket <= the ideal single FIFO server's p99 (same arrivals, sizes, speed)")
     s.add_argument("--slo-max-slowdown-p99", type=float, default=d.slo_max_slowdown_p99,
-                   help="paced: p99 of latency / own zero-load latency per list-size bucket (0: not checked)")
+                   help="paced: p99 of latency / own zero-load latency per list-size bucket, a ratio (0: not checked)")
     s.add_argument("--tail-reference", choices=TAIL_REFERENCES, default=d.tail_reference,
                    help="the ideal server --slo-tail-vs-ideal compares with: fifo (default; for a rank stage scheduled by "
                         "arrival) or deadline (for one built with --scheduling deadline); both are reported")
-    s.add_argument("--retries", type=int, default=d.retries, help="SDK retries per request (0: failures count at once)")
+    s.add_argument("--retries", type=int, default=d.retries, help="SDK retries per request, requests (0: failures count at once)")
     s.add_argument("--retry-backoff", type=float, default=d.retry_backoff_s, help="SDK backoff base, seconds")
     s.add_argument("--window", type=int, default=d.window_s, help="seconds per window of the timeline (latency, failures)")
     s.add_argument("--slo-max-p95-drift", type=float, default=d.slo_max_p95_drift,
-                   help="most relative p95 change, first to last full window (0: not checked)")
+                   help="most p95 change, first to last full window, a fraction of the first (0: not checked)")
     s.add_argument("--slo-max-rss-growth", type=float, default=d.slo_max_rss_growth,
-                   help="most relative growth of the embedded server's RSS, first to last window (0: not checked)")
+                   help="most growth of the embedded server's RSS, first to last window, a fraction (0: not checked)")
     s.add_argument("--slo-max-shm-growth", type=float, default=d.slo_max_shm_growth,
-                   help="the same for the Python backend's /dev/shm (0: not checked)")
+                   help="the same for the Python backend's /dev/shm, a fraction (0: not checked)")
     s.add_argument("--zipf", type=float, nargs="?", const=d.zipf_s, metavar="S",
                    help=f"head-heavy traffic: query popularity Zipf with exponent S (default {d.zipf_s:g}) over the WANDS "
                         "queries, each query always with the same candidate list")
     s.add_argument("--compare-response-cache", metavar="SIZE",
                    help="run the workload twice on the embedded server, without and with a response cache of SIZE (e.g. "
-                        "256MiB): pairs/s, p50/p99, hit ratio, identical answers, bounded memory (OUT/comparison.json)")
+                        "256MiB; bytes or with a unit): pairs/s, p50/p99, hit ratio, identical answers, bounded memory "
+                        "(OUT/comparison.json; default: off)")
     s.add_argument("--min-cache-speedup", type=float, default=3.0,
                    help="with --compare-response-cache: least pairs/s ratio, cache on / off (0: not checked)")
     s.add_argument("--warmup", type=int, default=0, metavar="S",
                    help="with --compare-response-cache: each arm first runs the workload S seconds, reported apart, so "
                         "the measured run meets a cache that has seen the popular queries (default 0: from an empty cache)")
-    s.add_argument("--out", default="reports/loadtest")
+    s.add_argument("--out", default="reports/loadtest", help="folder of the run's reports")
     s.set_defaults(func=_loadtest)
 
     s = sub.add_parser("loadtest-summary", help="summary.json and SLO verdict from a Locust stats CSV (e.g. a distributed run's master)")
     s.add_argument("--csv", required=True, help="the *_stats.csv Locust wrote")
     s.add_argument("--out", help="where to write the summary (default: summary.json next to the CSV, or "
                                  "summary-from-csv.json there when a `rankserve loadtest` summary.json exists: it is kept)")
-    s.add_argument("--slo-p95-ms", type=float, default=d.slo_p95_ms)
-    s.add_argument("--slo-max-failure-ratio", type=float, default=d.slo_max_failure_ratio)
-    s.add_argument("--slo-min-successes", type=int, default=d.slo_min_successes)
-    s.add_argument("--slo-max-tail-ratio", type=float, default=d.slo_max_tail_ratio)
+    s.add_argument("--slo-p95-ms", type=float, default=d.slo_p95_ms, help="SLO: p95 latency of successful requests, ms")
+    s.add_argument("--slo-max-failure-ratio", type=float, default=d.slo_max_failure_ratio,
+                   help="SLO error budget: most failed requests, a fraction of all requests")
+    s.add_argument("--slo-min-successes", type=int, default=d.slo_min_successes,
+                   help="fewest successful requests to judge on, requests")
+    s.add_argument("--slo-max-tail-ratio", type=float, default=d.slo_max_tail_ratio, help="p99/p50 ceiling, a ratio (0: not checked)")
     s.set_defaults(func=_loadtest_summary)
 
     s = sub.add_parser("bench", help="ranker (Triton) vs the model alone in process vs a FastAPI + PyTorch server with "
                                       "dynamic batching (and the naive one), same workload; targets >= 3x and >= 0.9")
-    s.add_argument("--model-repository", default="model_repository")
-    s.add_argument("--ranker", default="artifacts/ranker")
-    s.add_argument("--concurrency", type=int, default=4)
+    s.add_argument("--model-repository", default="model_repository", help="the repository Triton serves")
+    s.add_argument("--ranker", default="artifacts/ranker", help="the Hugging Face ranker the PyTorch baselines load")
+    s.add_argument("--concurrency", type=int, default=4, help="concurrent clients (users) per setup")
     s.add_argument("--duration", type=float, default=30.0, help="seconds per setup")
-    s.add_argument("--out", default="reports/bench")
+    s.add_argument("--out", default="reports/bench", help="folder of bench.json, ratios.json, targets.json, bench.png")
     s.add_argument("--no-naive", action="store_true", help="skip the footnote setup: FastAPI + PyTorch FP32 without batching")
     s.set_defaults(func=_bench)
 
     s = sub.add_parser("report", help="measure every variant side by side: size, load, memory, latency, throughput, quality")
-    s.add_argument("--model-repository", default="model_repository")
-    s.add_argument("--data", default="artifacts/data")
-    s.add_argument("--out", default="reports/optimization")
+    s.add_argument("--model-repository", default="model_repository", help="the built repository whose variants are measured")
+    s.add_argument("--data", default="artifacts/data", help="the dataset folder (held-out queries for quality)")
+    s.add_argument("--out", default="reports/optimization", help="folder of report.md, report.json and the plots")
     s.add_argument("--ranker", help="build this ranker's variants first (all loaded, into OUT/model_repository) and report on "
-                                    "them, instead of --model-repository")
+                                    "them, instead of --model-repository (default: none)")
     s.add_argument("--variants", default=REPORT_VARIANTS, help=f"with --ranker (default {REPORT_VARIANTS})")
     s.add_argument("--preset", default="default", help="with --ranker: build preset")
-    s.add_argument("--max-ndcg-drop", type=float, help="with --ranker: accuracy gate (a random-weight ranker has no quality to keep)")
-    s.add_argument("--min-top-k-overlap", type=float, help="with --ranker: strict gate of the default ranker (top-10 overlap with FP32)")
+    s.add_argument("--max-ndcg-drop", type=float, help="with --ranker: accuracy gate, largest NDCG@10 drop as a fraction of "
+                                                       "FP32's (a random-weight ranker has no quality to keep; default 0.01)")
+    s.add_argument("--min-top-k-overlap", type=float, help="with --ranker: strict gate of the default ranker, least top-10 "
+                                                           "overlap with FP32 as a fraction (default 0.95)")
     s.add_argument("--require-batch-invariance", action="store_true", help="with --ranker: strict gate needs batch-invariant scores")
     s.add_argument("--heldout-queries", type=int, help="gate and quality on only this many held-out queries (a large ranker "
-                                                       "scores a few pairs a second on a small CPU)")
+                                                       "scores a few pairs a second on a small CPU; default: all queries)")
     s.set_defaults(func=_report)
 
     s = sub.add_parser("demo", help="data, training (cached), build, serve, rank real queries over HTTP and gRPC")
-    s.add_argument("--work", default="artifacts")
-    s.add_argument("--model-repository", default="model_repository")
+    s.add_argument("--work", default="artifacts", help="folder of the data, the trained ranker and the variants' files")
+    s.add_argument("--model-repository", default="model_repository", help="the repository the demo builds and serves")
     s.add_argument("--retrain", action="store_true", help="train again even if a ranker is cached")
     s.set_defaults(func=_demo)
+    for command in (p, *sub.choices.values()):  # --help shows every default (rankserve.cli_help)
+        command.formatter_class = HelpFormatter
     return p
 
 

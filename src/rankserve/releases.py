@@ -124,7 +124,9 @@ def gate_summary(manifest: dict) -> dict:
 def read_manifest(repo: Path) -> dict:
     path = repo / MANIFEST
     if not path.is_file():
-        raise ReleaseError(f"{repo} has no {MANIFEST}: not a built model repository (`rankserve build --out {repo}`)")
+        from rankserve.builder.repository import build_hint
+
+        raise ReleaseError(f"{repo} has no {MANIFEST}: not a built model repository (build one with {build_hint(repo)})")
     try:
         return json.loads(path.read_text())
     except ValueError as exc:

@@ -126,7 +126,7 @@ def test_a_manifest_of_the_older_format_is_refused_with_the_way_out(repo):
     manifest = _manifest(repo)
     del manifest["manifest_format"]
     _save(repo, manifest)
-    with pytest.raises(BuildError, match=r"older rankserve \(manifest format 1.*rebuild with `rankserve build --out"):
+    with pytest.raises(BuildError, match=r"older rankserve \(manifest format 1.*rebuild with `rankserve build --ranker \S+ --out \S+`"):
         verify_repository(repo)
 
 

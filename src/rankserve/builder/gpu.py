@@ -22,7 +22,8 @@ from rankserve.builder.consistency import ensemble_problems, onnx_signature, req
 from rankserve.builder.engine import (SOURCE_VARIANT, build_engine, compare_to_reference, engine_model_name,
                                       engine_record, local_gpus, plan_filename, profile_for, run_engine,
                                       tensorrt_version)
-from rankserve.builder.repository import MANIFEST, install_stage, model_entry, sha256, verify_repository
+from rankserve.builder.repository import (MANIFEST, build_hint, install_stage, model_entry, recorded_ranker, sha256,
+                                          verify_repository)
 from rankserve.data.catalog import Dataset
 from rankserve.errors import BuildError
 from rankserve.optimize.gate import gate, require
@@ -37,9 +38,11 @@ def checked_onnx(manifest: dict, work: Path, variant: str) -> Path:
     record = manifest["variants"].get(variant)
     path = work / f"{variant}.onnx"
     if record is None or not path.exists() or not record.get("onnx_sha256"):
+        cpu_build = build_hint("model_repository", recorded_ranker(manifest),
+                               f" --variants fp32,{variant} --data artifacts/data --work-dir {work}")
         raise BuildError(f"the GPU build needs the '{variant}' ONNX variant of the CPU build, with its checksum in the "
-                         f"manifest: build it first (`make build`, or `rankserve build --target cpu --variants ...,{variant} "
-                         f"--work-dir {work}`" + ("; int8_trt needs the ModelOpt venv: `make modelopt`" if variant == "int8_trt" else "")
+                         f"manifest: build it first (`make build`, or {cpu_build}"
+                         + ("; int8_trt needs the ModelOpt venv: `make modelopt`" if variant == "int8_trt" else "")
                          + ")")
     if sha256(path) != record["onnx_sha256"]:
         raise BuildError(f"{path} does not match the checksum the manifest records for '{variant}'; rebuild the CPU variants")

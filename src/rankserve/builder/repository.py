@@ -172,6 +172,8 @@ def build_repository(
         log(f"      served path (serving tokenizer, rank stage batching and re-padding) vs PyTorch on each pair alone: "
             f"max abs difference {serving_diff:.2e}")
         if dataset is None:
+            log("[4/5] variants: skipped (fp32 only; other variants, the accuracy gate and the runtime choice by "
+                "measurement need --data)")
             builds = [VariantBuild("fp32", fp32_onnx, RuntimeSettings(), "fp32", None, {})]
         else:
             log(f"[4/5] variants {list(settings.variants)}: build, check, accuracy gate on "
@@ -182,15 +184,17 @@ def build_repository(
         hidden = hidden_size(ranker.model.config)
         served, estimates = _loaded_variants(builds, settings, hidden, log, ranker.tokenizer)
         default = next(iter(served.values()))  # the named variant, else the fastest loaded one passing the strict gate
+        strict_rule = (f"the fastest loaded variant passing the strict gate: NDCG@{settings.gate.k} within "
+                       f"{100 * settings.gate.max_ndcg_drop:g}% of FP32 and top-{settings.gate.k} overlap >= "
+                       f"{settings.gate.min_top_k_overlap:g}")
         why = ("named by --default" if settings.default_variant else
-               f"the fastest loaded variant passing the strict gate: NDCG@{settings.gate.k} within "
-               f"{100 * settings.gate.max_ndcg_drop:g}% of FP32 and top-{settings.gate.k} overlap >= {settings.gate.min_top_k_overlap:g}")
+               "the only variant built: the FP32 reference" if dataset is None else strict_rule)
         if not settings.default_variant and not is_strict(default):
-            raise BuildError(f"none of the loaded variants {list(served)} passes the strict gate ({why.split(': ', 1)[1]}): "
+            raise BuildError(f"none of the loaded variants {list(served)} passes the strict gate ({strict_rule.split(': ', 1)[1]}): "
                              "load one that does (fp32 always does), or name the default with --default")
         model_configs = configs.cpu_repository(settings, {n: b.runtime for n, b in served.items()}, default.name)
         log(f"[5/5] laying out {out}: loaded {list(served)}, default ranker = {default.name} "
-            f"({default.pairs_per_s:.0f} pairs/s at build; {why})")
+            f"({build_speed(default)}; {why})")
         out.mkdir(parents=True, exist_ok=True)
         _clear_stale_models(out, set(model_configs))
         for name, b in served.items():
@@ -258,6 +262,12 @@ def build_repository(
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"done in {manifest['build_seconds']} s: {len(model_configs)} models, manifest {out / MANIFEST}")
     return manifest
+
+
+def build_speed(build) -> str:
+    """The build's measured speed of a variant, or that none was measured (a build without --data
+    times nothing: printing 0 pairs/s would read as a measurement)."""
+    return f"{build.pairs_per_s:.0f} pairs/s at build" if build.speed else "speed not measured: no --data"
 
 
 def hidden_size(config) -> int:
@@ -333,6 +343,25 @@ def wait_for_manifest(repo: str | Path, timeout_s: float, poll_s: float = 5.0, l
     return path
 
 
+RANKER_PLACEHOLDER = "RANKER_DIR"
+
+
+def build_hint(out: str | Path, ranker: str | Path | None = None, extra: str = "") -> str:
+    """A ``rankserve build`` command that works as printed (``--ranker`` is required): with the
+    ranker directory when known (an earlier manifest records it), else :data:`RANKER_PLACEHOLDER`,
+    which the hint explains."""
+    known = ranker is not None and Path(ranker).is_dir()
+    command = f"`rankserve build --ranker {ranker if known else RANKER_PLACEHOLDER} --out {out}{extra}`"
+    return command if known else (f"{command} ({RANKER_PLACEHOLDER}: your Hugging Face cross-encoder directory; "
+                                  "`make demo` trains the demo's into artifacts/ranker)")
+
+
+def recorded_ranker(manifest: object) -> str | None:
+    ranker = manifest.get("ranker") if isinstance(manifest, dict) else None
+    source = ranker.get("source") if isinstance(ranker, dict) else None
+    return source if isinstance(source, str) else None
+
+
 def _invalid(path: Path, why: str) -> BuildError:
     return BuildError(f"{path} is not a valid rankserve manifest: {why}; rebuild the repository")
 
@@ -345,7 +374,7 @@ def _manifest_models(manifest: object, path: Path) -> dict[str, dict]:
     if manifest.get("manifest_format") != MANIFEST_FORMAT:
         raise BuildError(f"{path} was written by an older rankserve (manifest format {manifest.get('manifest_format', 1)}, "
                          f"this version checks format {MANIFEST_FORMAT}, which covers each model's code and config): "
-                         f"rebuild with `rankserve build --out {path.parent}`")
+                         f"rebuild with {build_hint(path.parent, recorded_ranker(manifest))}")
     models = manifest.get("models")
     if not isinstance(models, dict) or not models:
         raise _invalid(path, "'models' must be an object naming at least one model")
@@ -376,7 +405,7 @@ def verify_repository(repo: str | Path, current_adapters: bool = False) -> dict:
     repo = Path(repo)
     path = repo / MANIFEST
     if not path.exists():
-        raise BuildError(f"{repo} has no {MANIFEST}: build it with `rankserve build --out {repo}`")
+        raise BuildError(f"{repo} has no {MANIFEST}: build it with {build_hint(repo)}")
     try:
         manifest = json.loads(path.read_text())
     except ValueError as exc:

@@ -257,6 +257,9 @@ def run_report(repo: Path, data: Path, out: Path, log=print, heldout_queries: in
         "page_cache_evicted": ready["page_cache_evicted"],
         "ratios_vs_fp32": ratios_vs_fp32(rows),
     }
+    report["pareto"] = pareto_variants(rows)
+    for r in rows:
+        r["pareto"] = r["variant"] in report["pareto"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report))
@@ -293,6 +296,25 @@ def int8_comparison(manifest: dict) -> list[dict]:
             for name, v in manifest["variants"].items() if v["precision"] == "int8" and v.get("gate")]
 
 
+REFERENCE = "pytorch_fp32_eager"
+"""The baseline row: measured for comparison, never served, so never on the Pareto front."""
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The names whose (speed, quality) no other point dominates (as fast or faster and as good or
+    better, one of them strictly): the variants worth serving. Equal points are all kept. Sorted
+    fastest first."""
+    front = [n for n, (x, y) in points.items()
+             if not any((ox >= x and oy >= y) and (ox > x or oy > y) for o, (ox, oy) in points.items() if o != n)]
+    return sorted(front, key=lambda n: (-points[n][0], -points[n][1], n))
+
+
+def pareto_variants(rows: list[dict]) -> list[str]:
+    """The served variants on the Pareto front of pairs/s (batch 32, length 64) and NDCG@10."""
+    return pareto_front({r["variant"]: (r["throughput_fixed"][TARGET_BATCH], r["ndcg@10"]) for r in rows
+                         if r["variant"] != REFERENCE})
+
+
 def render_markdown(report: dict) -> str:
     m = report["machine"]
     ceilings = ", ".join(f"{k.upper()} {v:,.0f} GFLOP/s" for k, v in m["gemm_gflops"].items())
@@ -303,14 +325,20 @@ def render_markdown(report: dict) -> str:
         f"Default `ranker` variant: **{report['default_variant']}**. Each variant measured in a fresh process, one after another in one run.",
         "",
         "## Quality and speed", "",
-        f"| variant | runtime | precision | layers | file MB | load s | model memory MB | latency b=1 ms | pairs/s b=32 len {report['fixed_length']} | vs PyTorch | NDCG@10 | MRR | top-10 overlap | Kendall tau | gate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| variant | runtime | precision | layers | file MB | load s | model memory MB | latency b=1 ms | pairs/s b=32 len {report['fixed_length']} | vs PyTorch | NDCG@10 | MRR | top-10 overlap | Kendall tau | gate | Pareto |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    pareto = report.get("pareto") or []
     for r in report["variants"]:
+        on_front = "reference" if r["variant"] == REFERENCE else ("**yes**" if r["variant"] in pareto else "dominated")
         lines.append(
             f"| {r['variant']} | {r['runtime']} | {r['precision']} | {r['layers']} | {r['file_mb']:.1f} | {r['load_s']:.2f} | {r['model_peak_mb']:.0f} | "
             f"{r['latency_b1_ms']:.1f} | {_rate(r['throughput_fixed'][TARGET_BATCH])} | {r['speedup_vs_pytorch_b32_len64']:.2f}x | "
-            f"{r['ndcg@10']:.4f} | {r['mrr']:.3f} | {r['top10_overlap']:.3f} | {r['kendall_tau']:.3f} | {r.get('gate', '')} |")
+            f"{r['ndcg@10']:.4f} | {r['mrr']:.3f} | {r['top10_overlap']:.3f} | {r['kendall_tau']:.3f} | {r.get('gate', '')} | {on_front} |")
+    if pareto:
+        lines += ["", f"Worth serving (the Pareto front of pairs/s at batch {TARGET_BATCH}, length {report['fixed_length']}, and "
+                  f"NDCG@10: no other variant is as fast and as good, one of them strictly), fastest first: "
+                  f"{', '.join(pareto)}. The others are dominated; the gate decides which may be the default."]
     ranker = report.get("ranker") or {}
     if "server_ready_s" in report:
         lines += ["", "## Ready time and memory as Triton serves each variant", "",
@@ -383,15 +411,7 @@ def plot(report: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["variants"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.scatter(r["throughput_fixed"][TARGET_BATCH], r["ndcg@10"], s=60)
-        ax.annotate(r["variant"], (r["throughput_fixed"][TARGET_BATCH], r["ndcg@10"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel(f"pairs/s (batch {TARGET_BATCH}, length {report['fixed_length']})")
-    ax.set_ylabel("NDCG@10 (held-out queries)")
-    ax.set_title("Speed vs ranking quality")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig, _labels = speed_vs_ndcg_figure(report)
     fig.savefig(out / "speed_vs_ndcg.png", dpi=110)
     plt.close(fig)
 
@@ -407,3 +427,96 @@ def plot(report: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "throughput_vs_batch.png", dpi=110)
     plt.close(fig)
+
+
+def speed_vs_ndcg_figure(report: dict):
+    """Speed vs NDCG@10: the Pareto front drawn as a staircase through its variants (filled), the
+    dominated variants hollow, the PyTorch reference grey; every point labelled, labels placed so
+    that no two overlap. Returns the figure and its label texts (drawn on Agg)."""
+    import matplotlib.pyplot as plt
+
+    rows = report["variants"]
+    points = {r["variant"]: (r["throughput_fixed"][TARGET_BATCH], r["ndcg@10"]) for r in rows}
+    front = report.get("pareto") or pareto_variants(rows)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for name, (x, y) in points.items():
+        if name == REFERENCE:
+            ax.scatter(x, y, s=50, marker="s", color="0.55", zorder=3)
+        elif name in front:
+            ax.scatter(x, y, s=60, color="C0", zorder=4)
+        else:
+            ax.scatter(x, y, s=60, facecolors="none", edgecolors="C3", linewidths=1.5, zorder=4)
+    steps = sorted(points[n] for n in front)
+    if steps:
+        xs, ys = zip(*steps)
+        ax.step(xs, ys, where="pre", color="C0", alpha=0.6, zorder=2)
+    ax.scatter([], [], s=60, color="C0", label="Pareto front: worth serving")
+    ax.scatter([], [], s=60, facecolors="none", edgecolors="C3", linewidths=1.5, label="dominated (as fast and as good exists)")
+    if REFERENCE in points:
+        ax.scatter([], [], s=50, marker="s", color="0.55", label="PyTorch FP32 eager (reference, not served)")
+    ax.set_xlabel(f"pairs/s (batch {TARGET_BATCH}, length {report['fixed_length']})")
+    ax.set_ylabel("NDCG@10 (held-out queries)")
+    ax.set_title("Speed vs ranking quality")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.25, y=0.25)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    labels = place_labels(ax, points)
+    return fig, labels
+
+
+_OFFSETS = [(dx * r, dy * r) for r in (8, 16, 26, 38, 52) for dx, dy in
+            ((1, 0.6), (1, -1.4), (-1, 0.6), (-1, -1.4), (0, 1.2), (0, -2), (1.4, -0.4), (-1.4, -0.4))]
+"""Candidate label offsets from a point, in points: nearest first, around it."""
+
+
+def place_labels(ax, points: dict[str, tuple[float, float]], fontsize: float = 8):
+    """Label each point at the first offset (:data:`_OFFSETS`) where its text overlaps no label
+    placed before, no point, no legend and stays inside the axes, measured on the renderer; a
+    label moved away from its point gets a thin leader line. Points are labelled top to bottom,
+    right to left, so a cluster's labels fan out. Returns the texts."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    pad = 2  # pixels between boxes
+    to_px = ax.transData.transform
+    marks = [_box(*to_px(xy), 5) for xy in points.values()]
+    legend = ax.get_legend()
+    taken = [legend.get_window_extent(renderer).padded(pad)] if legend else []
+    inside = ax.get_window_extent(renderer)
+    texts = []
+    for name, xy in sorted(points.items(), key=lambda item: (-item[1][1], -item[1][0])):
+        text = None
+        for i, (dx, dy) in enumerate(_OFFSETS):
+            if text is not None:
+                text.remove()
+            ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+            text = ax.annotate(name, xy, textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, ha=ha, va="center",
+                               zorder=5)
+            box = text_box(text, renderer).padded(pad)
+            clear = (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0 and box.y1 <= inside.y1
+                     and not any(box.overlaps(other) for other in taken + marks))
+            if clear or i == len(_OFFSETS) - 1:
+                break
+        if abs(dx) > 8 or abs(dy) > 12:
+            text.remove()
+            text = ax.annotate(name, xy, textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, ha=ha, va="center",
+                               zorder=5, arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6, "shrinkA": 0, "shrinkB": 4})
+        taken.append(text_box(text, renderer).padded(pad))
+        texts.append(text)
+    return texts
+
+
+def text_box(text, renderer):
+    """The window extent of a label's text alone (an annotation's own extent includes its leader line)."""
+    from matplotlib.text import Text
+
+    if hasattr(text, "update_positions"):  # an annotation places its text from the point at draw time
+        text.update_positions(renderer)
+    return Text.get_window_extent(text, renderer)
+
+
+def _box(x: float, y: float, half: float):
+    from matplotlib.transforms import Bbox
+
+    return Bbox([[x - half, y - half], [x + half, y + half]])

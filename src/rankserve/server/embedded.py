@@ -320,7 +320,9 @@ class EmbeddedServer:
 
     def start(self) -> "EmbeddedServer":
         if not self.models:
-            raise ServeError(f"{self.repo} holds no model (no */config.pbtxt): run `rankserve build` first")
+            from rankserve.builder.repository import build_hint
+
+            raise ServeError(f"{self.repo} holds no model (no */config.pbtxt): build one first with {build_hint(self.repo)}")
         install = find_triton()
         self._tmp = Path(tempfile.mkdtemp(prefix="rankserve-triton-"))
         backends = make_backend_directory(install, self._tmp / "backends")
