@@ -47,6 +47,26 @@ test("timeouts, a server that is down, and a model that is not a ranker", { skip
   await assert.rejects(new RankerClient(url!).checkApi("tokenize"), ApiMismatch);
 });
 
+test("rank on a model that is not a ranker is an ApiMismatch, as in the Python SDK", { skip }, async () => {
+  for (const model of ["tokenize", "rank", "postprocess"]) {
+    await assert.rejects(new RankerClient(url!, { model }).rank("sofa", ["gray sofa"]), ApiMismatch, model);
+    await assert.rejects(new RankerClient(url!).rank("sofa", ["gray sofa"], { model }), ApiMismatch, model);
+  }
+  await assert.rejects(new RankerClient(url!).rank("sofa", ["gray sofa"], { model: "no_such_model" }), BadRequest);
+  // without the check, an answer lacking indices and scores is still an ApiMismatch, not a TypeError
+  await assert.rejects(new RankerClient(url!, { checkApi: false }).rank("sofa", ["gray sofa"], { model: "tokenize" }), ApiMismatch);
+  const client = new RankerClient(url!);
+  let metadata = 0;
+  const send = (client as any).send.bind(client);
+  (client as any).send = (method: string, path: string, ...rest: unknown[]) => {
+    if (method === "GET") metadata++;
+    return send(method, path, ...rest);
+  };
+  await client.rank("sofa", ["gray sofa"]);
+  await client.rank("sofa", ["gray sofa"]);
+  assert.equal(metadata, 1); // checked once per model
+});
+
 test("a long list goes out at most chunkConcurrency chunks at a time, merged in order", { skip }, async () => {
   const many = Array.from({ length: 300 }, (_, i) => ({ id: i, text: `${texts[i % texts.length]} model ${i}` }));
   const whole = await new RankerClient(url!).rank("salon chair", many, { topK: 40 });
