@@ -57,6 +57,24 @@ export interface RankedItem {
   rank: number;
 }
 /**
+ * How much of a request the ranker's vocabulary covers: tokens its tokenizer could only map to the unknown token (`[UNK]`)
+ * and all tokens, of the query and of the candidate texts, as the ranker read them (after truncation; special tokens and
+ * padding not counted). Summed over chunks; the query counted once.
+ */
+export interface TokenCounts {
+  queryUnknown: number;
+  queryTokens: number;
+  textsUnknown: number;
+  textsTokens: number;
+}
+/** `rank`'s result: the ranked items, best first, with `tokenCounts` when the server reports them (the `token_counts` output). */
+export type Ranking = RankedItem[] & { tokenCounts?: TokenCounts };
+/** More than half of the query is unknown to the ranker's vocabulary: its scores mean little (the server's threshold). */
+export function queryMostlyUnknown(counts: TokenCounts): boolean {
+  return counts.queryTokens > 0 && counts.queryUnknown / counts.queryTokens > 0.5;
+}
+
+/**
  * Retry throttling as gRPC does it (gRFC A6, "retryThrottling"), shared by every call of a client (pass one object to several
  * clients to share it). The bucket starts full at `maxTokens`; every attempt that reached a server and failed with a retryable
  * error takes one token, every successful call gives back `tokenRatio`; `Overloaded` is retried only while more than half the
@@ -440,7 +458,7 @@ export class RankerClient {
   }
 
   /** Rank `items` for `query`, best first; long lists go out in chunks merged by score. */
-  async rank(query: string, items: ItemLike[], options: RankOptions = {}): Promise<RankedItem[]> {
+  async rank(query: string, items: ItemLike[], options: RankOptions = {}): Promise<Ranking> {
     const all = toItems(items);
     if (!query.trim()) throw new BadRequest("query must be a non-empty string");
     if (all.length === 0) throw new BadRequest("items is empty: send at least one candidate");
@@ -462,10 +480,17 @@ export class RankerClient {
       if (!Array.isArray(out.indices) || !Array.isArray(out.scores) || out.indices.length !== out.scores.length) {
         throw new ApiMismatch(`model '${model}' answered without matching indices and scores (outputs: ${JSON.stringify(Object.keys(out))}): it is not a ranker`);
       }
-      return out.indices.map((index, i) => ({ position: start + index, score: out.scores[i] }));
+      const counts = Array.isArray(out.token_counts) && out.token_counts.length === 4 ? out.token_counts.map(Number) : undefined;
+      return { counts, scored: out.indices.map((index, i) => ({ position: start + index, score: out.scores[i] })) };
     });
-    const merged = parts.flat().sort((a, b) => b.score - a.score || a.position - b.position);
-    return merged.slice(0, topK ?? merged.length).map((m, r) => ({ id: all[m.position].id, text: all[m.position].text, score: m.score, rank: r + 1 }));
+    const merged = parts.flatMap((p) => p.scored).sort((a, b) => b.score - a.score || a.position - b.position);
+    const ranking: Ranking = merged.slice(0, topK ?? merged.length).map((m, r) => ({ id: all[m.position].id, text: all[m.position].text, score: m.score, rank: r + 1 }));
+    if (parts.every((p) => p.counts)) {
+      const rows = parts.map((p) => p.counts!);
+      ranking.tokenCounts = { queryUnknown: rows[0][0], queryTokens: rows[0][1], textsUnknown: rows.reduce((n, r) => n + r[2], 0),
+                              textsTokens: rows.reduce((n, r) => n + r[3], 0) };
+    }
+    return ranking;
   }
 
   /** Closes the kept-alive connections (the process can exit without waiting for them to time out). */

@@ -1,7 +1,7 @@
 // Runs against a real rankserve tritonserver: RANKSERVE_URL=http://127.0.0.1:PORT npm test
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { ApiMismatch, BadRequest, RankerClient, Timeout, Unavailable } from "../src/index.js";
+import { ApiMismatch, BadRequest, queryMostlyUnknown, RankerClient, Timeout, Unavailable } from "../src/index.js";
 
 const url = process.env.RANKSERVE_URL;
 const skip = url ? false : "set RANKSERVE_URL to a running rankserve server";
@@ -65,6 +65,16 @@ test("rank on a model that is not a ranker is an ApiMismatch, as in the Python S
   await client.rank("sofa", ["gray sofa"]);
   await client.rank("sofa", ["gray sofa"]);
   assert.equal(metadata, 1); // checked once per model
+});
+
+test("the result carries the unknown-token counts: a Chinese query is mostly unknown, an English one is not", { skip }, async () => {
+  const chinese = await new RankerClient(url!, { chunkSize: 2 }).rank("天蓝色抱枕", [...texts, "😀 pillow"]);
+  assert.equal(chinese.length, 5);
+  assert.deepEqual([chinese.tokenCounts!.queryUnknown, chinese.tokenCounts!.queryTokens, chinese.tokenCounts!.textsUnknown], [4, 5, 1]);
+  assert.equal(queryMostlyUnknown(chinese.tokenCounts!), true);
+  const english = await new RankerClient(url!).rank("salon chair", texts);
+  assert.deepEqual([english.tokenCounts!.queryUnknown, english.tokenCounts!.queryTokens, english.tokenCounts!.textsUnknown], [0, 2, 0]);
+  assert.ok(english.tokenCounts!.textsTokens > 10 && !queryMostlyUnknown(english.tokenCounts!));
 });
 
 test("a long list goes out at most chunkConcurrency chunks at a time, merged in order", { skip }, async () => {
