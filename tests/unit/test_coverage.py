@@ -63,3 +63,13 @@ def test_shares_of_nothing_are_zero_and_the_threshold_is_more_than_half():
     assert TokenCounts(0, 0, 0, 0).query_share == 0.0 == TokenCounts(0, 0, 0, 0).texts_share
     assert not TokenCounts(2, 4, 0, 1).query_mostly_unknown and MOSTLY_UNKNOWN == 0.5
     assert TokenCounts(3, 5, 0, 1).query_mostly_unknown
+
+
+def test_the_vocabulary_table_of_the_demo_tokenizer():
+    from rankserve.bench.vocabulary import default_tokenizer, measure, table
+
+    rows = {r["language"]: r for r in measure(default_tokenizer())}
+    assert rows["English"]["unknown"] == 0 and rows["Russian"]["unknown"] == 0
+    assert rows["Chinese"]["unknown_share"] > 0.5 and rows["emoji"]["unknown_share"] == 1.0
+    assert rows["Russian"]["chars_per_token"] < 2 < rows["English"]["chars_per_token"]  # Cyrillic cut into single letters
+    assert table(list(rows.values())).count("\n") == len(rows) + 1
