@@ -73,3 +73,17 @@ def test_the_vocabulary_table_of_the_demo_tokenizer():
     assert rows["Chinese"]["unknown_share"] > 0.5 and rows["emoji"]["unknown_share"] == 1.0
     assert rows["Russian"]["chars_per_token"] < 2 < rows["English"]["chars_per_token"]  # Cyrillic cut into single letters
     assert table(list(rows.values())).count("\n") == len(rows) + 1
+
+
+@pytest.mark.parametrize("make", ["decoder_tokenizer", "roberta_tokenizer"])
+def test_other_pair_templates_count_the_query_and_texts_apart(make, tmp_path):
+    """Qwen-like (no [CLS]/[SEP], `q t <eos>`) and RoBERTa-like (`<s> q </s></s> t </s>`, no token types) tokenizers."""
+    import tiny_rankers
+
+    hf = getattr(tiny_rankers, make)(tmp_path)
+    tok = load_tokenizer(write_serving_tokenizer(hf, tmp_path / "tokenizer.json"), SETTINGS)
+    unknown = unknown_token_id(tok)
+    assert unknown == tok.token_to_id("<unk>")
+    _, counts = encode_request(tok, "sofa 枕", ["sofa", "枕 table"], (), unknown, count=True)
+    texts_tokens = sum(len(tok.encode(t, add_special_tokens=False).ids) for t in ("sofa", "枕 table"))
+    assert counts == TokenCounts(1, 2, 1, texts_tokens)

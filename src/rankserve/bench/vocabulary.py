@@ -4,6 +4,7 @@ unknown token ([UNK]) and how finely the text is cut (characters per token).
 
     python -m rankserve.bench.vocabulary                       # the demo ranker's (all-MiniLM-L6-v2's) tokenizer
     python -m rankserve.bench.vocabulary --tokenizer model_repository/tokenize/1/tokenizer.json
+    python -m rankserve.bench.vocabulary --cost                # what counting costs the tokenize stage
 
 A token that is not [UNK] is not understood either: the encoder learnt from the data it was trained
 on (all-MiniLM-L6-v2: English), and text cut into single characters carries little meaning to it."""
@@ -66,13 +67,48 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def counting_cost(tokenizer_json: str | Path, repeats: int = 15) -> list[tuple[int, float, float]]:
+    """Median milliseconds of the tokenize stage's encoding of one request without and with the
+    unknown-token counts, for 100 and 1000 WANDS-like candidates."""
+    import statistics
+    import tempfile
+    import time
+
+    from transformers import PreTrainedTokenizerFast
+
+    from rankserve.builder.repository import write_serving_tokenizer
+    from rankserve.data.wands import load_queries
+    from rankserve.settings import TokenizeSettings
+    from rankserve.stages.tokenize import encode_request, load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), pad_token="[PAD]")
+        tokenizer = load_tokenizer(write_serving_tokenizer(hf, Path(tmp) / "tokenizer.json"), TokenizeSettings())
+    unknown = unknown_token_id(tokenizer)
+    texts = [f"{q.text} | {q.query_class} product {i}" for i, q in enumerate(load_queries())]
+    rows = []
+    for n in (100, 1000):
+        times = {False: [], True: []}
+        for _ in range(repeats):
+            for count in (False, True):
+                start = time.perf_counter()
+                encode_request(tokenizer, "turquoise pillows", texts[:n], (), unknown, count=count)
+                times[count].append((time.perf_counter() - start) * 1e3)
+        rows.append((n, statistics.median(times[False]), statistics.median(times[True])))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", help="a tokenizer.json (default: all-MiniLM-L6-v2's, the demo ranker's)")
+    p.add_argument("--cost", action="store_true", help="also time the tokenize stage's encoding without and with the counts")
     args = p.parse_args(argv)
     path = args.tokenizer or default_tokenizer()
     print(f"tokenizer: {path}")
     print(table(measure(path)))
+    if args.cost:
+        for n, plain, counted in counting_cost(path):
+            print(f"{n} candidates: encoding {plain:.2f} ms, with the counts {counted:.2f} ms (median)")
 
 
 if __name__ == "__main__":
