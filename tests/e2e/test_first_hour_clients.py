@@ -171,3 +171,31 @@ def test_a_query_the_ranker_cannot_read_is_counted_shown_and_warned_about(server
             counts = ranked.token_counts
             assert (counts.query_unknown, counts.query_tokens, counts.texts_unknown) == (4, 5, 1) and counts.query_mostly_unknown
             assert len(ranked) == 4 and ranked[0].rank == 1
+
+
+def test_with_the_response_cache_a_hit_has_the_outputs_its_first_request_asked_for(tiny_repo, tmp_path):
+    """Triton's cache key is the model and the inputs, not the outputs asked for: after a client that asked only for
+    indices and scores, a hit has no token counts. The SDK then reports None (no error) and `rank` prints no counts."""
+    import numpy as np
+    import tritonclient.http as th
+
+    from rankserve.server import embedded
+
+    settings = embedded.free_serve_settings(exit_timeout_s=10, response_cache_bytes=16 * 2**20)
+    with embedded.EmbeddedServer(tiny_repo, settings, tmp_path / "tritonserver.log") as cached:
+        inputs = [th.InferInput("query", [1], "BYTES"), th.InferInput("texts", [len(TEXTS)], "BYTES")]
+        inputs[0].set_data_from_numpy(np.array(["天蓝色抱枕".encode()], dtype=object))
+        inputs[1].set_data_from_numpy(np.array([t.encode() for t in TEXTS], dtype=object))
+        plain = th.InferenceServerClient(cached.http_url)
+        plain.infer("ranker", inputs, outputs=[th.InferRequestedOutput("indices"), th.InferRequestedOutput("scores")])
+        plain.close()
+        for url in (f"http://{cached.http_url}", f"grpc://{cached.grpc_url}"):
+            with RankerClient(url) as client:
+                hit = client.rank("天蓝色抱枕", TEXTS)
+                assert len(hit) == 3 and hit.token_counts is None
+                fresh = client.rank("天蓝色抱枕", TEXTS[:2])  # a miss: computed, with the counts
+                assert fresh.token_counts is not None and fresh.token_counts.query_unknown == 4
+        texts = tmp_path / "texts.txt"
+        texts.write_text("\n".join(TEXTS) + "\n")
+        out = rankserve("rank", "--url", f"http://{cached.http_url}", "--query", "天蓝色抱枕", "--texts-file", str(texts))
+        assert out.returncode == 0 and "unknown tokens" not in out.stdout and out.stderr == ""
