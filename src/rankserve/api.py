@@ -23,8 +23,13 @@ TEXTS = TensorSpec("texts", "STRING", (-1,))
 TOP_K = TensorSpec("top_k", "INT32", (1,), optional=True)
 INDICES = TensorSpec("indices", "INT32", (-1,))
 SCORES = TensorSpec("scores", "FP32", (-1,))
+# How much of the request the ranker's vocabulary covers (rankserve.stages.coverage): INT64
+# [query unknown, query tokens, texts unknown, texts tokens]. An extra output: clients that ask
+# only for indices and scores get only those, and the API check does not require it.
+TOKEN_COUNTS = TensorSpec("token_counts", "INT64", (4,))
 RANKER_INPUTS = (QUERY, TEXTS, TOP_K)
 RANKER_OUTPUTS = (INDICES, SCORES)
+RANKER_EXTRA_OUTPUTS = (TOKEN_COUNTS,)
 
 # Stage models and the tensors between them.
 TOKENIZE_MODEL = "tokenize"

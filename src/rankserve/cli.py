@@ -329,7 +329,9 @@ def _rank(args) -> None:
 
     from rankserve_client import RankerClient, RankerError
 
-    texts = [line.strip() for line in Path(args.texts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from rankserve.candidates import read_candidates, shorten
+
+    candidates = read_candidates(args.texts_file)
     headers = {}
     for header in args.header:
         name, sep, value = header.partition(":")
@@ -343,14 +345,25 @@ def _rank(args) -> None:
     try:
         with RankerClient(args.url, args.protocol, model=args.model, timeout=args.timeout, headers=headers,
                           ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file) as client:
-            results = client.rank(args.query, texts, args.top_k)
+            results = client.rank(args.query, [(c.line, c.text) for c in candidates], args.top_k)
     except RankerError as exc:
         raise RankserveError(f"{type(exc).__name__}: {exc}") from None
     except ValueError as exc:  # options the SDK refuses (a CA file for http://, a missing file)
         raise RankserveError(str(exc)) from None
-    print(f"query: {args.query!r}  ({len(texts)} candidates, {client.protocol})")
+    counts = results.token_counts
+    coverage = "" if counts is None else (f"; unknown tokens: query {_share(counts.query_unknown, counts.query_tokens)}, "
+                                          f"candidates {_share(counts.texts_unknown, counts.texts_tokens)}")
+    print(f"query: {shorten(args.query)!r}  ({len(candidates)} candidates, {client.protocol}{coverage})")
     for r in results:
-        print(f"{r.rank:>4}. {r.score:+8.4f}  [{r.id}] {r.text}")
+        print(f"{r.rank:>4}. {r.score:+8.4f}  [line {r.id}] {shorten(r.text)}")
+    if counts is not None and counts.query_mostly_unknown:
+        print(f"rankserve rank: warning: {_share(counts.query_unknown, counts.query_tokens)} of the query's tokens are unknown "
+              f"to the ranker's vocabulary ([UNK]): it cannot read most of the query, so these scores mean little "
+              f"(the demo ranker reads English: README.md, 'Languages')", file=sys.stderr)
+
+
+def _share(unknown: int, total: int) -> str:
+    return f"{unknown}/{total} ({unknown / total:.0%})" if total else "0/0"
 
 
 def _loadtest(args) -> None:
@@ -630,7 +643,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--protocol", choices=["http", "grpc"], help="when the URL has no scheme (default http)")
     s.add_argument("--model", default="ranker", help="the ensemble to call (ranker_<variant> for one variant)")
     s.add_argument("--query", required=True)
-    s.add_argument("--texts-file", required=True, help="one candidate text per line")
+    s.add_argument("--texts-file", required=True, metavar="PATH",
+                   help="UTF-8, one candidate text per line ('-': standard input); results name the line; blank lines are skipped")
     s.add_argument("--top-k", type=int, help="return only the best K candidates (default: all candidates)")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer")
     s.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",

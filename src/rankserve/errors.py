@@ -45,6 +45,10 @@ class ConfigError(RankserveError):
     """A settings object, a model configuration or a manifest is invalid."""
 
 
+class UsageError(RankserveError):
+    """A command's own input cannot be used (a file that is missing, unreadable or not UTF-8)."""
+
+
 class BuildError(RankserveError):
     """A build step failed (bad ranker directory, export failure, numeric check failure...)."""
 

@@ -39,7 +39,7 @@ def test_rank_command_reports_bad_input_cleanly(server, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     out = _rankserve("rank", "--url", server.http_url, "--query", "sofa", "--texts-file", str(empty))
-    assert out.returncode == 2 and "BadRequest: items is empty" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and f"{empty}: no candidate texts" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_curl_example(server):

@@ -17,7 +17,7 @@ def test_typescript_sdk_against_the_server(server):
     out = subprocess.run(["node", "--test", "dist/test/client.test.js"], cwd=TS, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "RANKSERVE_URL": f"http://{server.http_url}"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert "# pass 5" in out.stdout and "# fail 0" in out.stdout and "# skipped 0" in out.stdout
+    assert "# pass 7" in out.stdout and "# fail 0" in out.stdout and "# skipped 0" in out.stdout
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed: the TypeScript SDK cannot run here")

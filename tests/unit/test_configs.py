@@ -20,7 +20,10 @@ def test_ensemble_exposes_the_public_api():
     ranker = _repo()[api.RANKER_MODEL]
     assert [(i.name, i.dims, i.optional) for i in ranker.input] == [
         ("query", [1], False), ("texts", [-1], False), ("top_k", [1], True)]
-    assert [(o.name, o.dims) for o in ranker.output] == [("indices", [-1]), ("scores", [-1])]
+    assert [(o.name, o.dims) for o in ranker.output] == [("indices", [-1]), ("scores", [-1]), ("token_counts", [4])]
+    # the token counts come straight from the tokenize step, which declares them
+    assert dict(ranker.ensemble_scheduling.step[0].output_map)["token_counts"] == "token_counts"
+    assert "token_counts" in [o.name for o in _repo()[api.TOKENIZE_MODEL].output]
 
 
 def test_one_rank_model_and_one_ensemble_per_variant_and_the_default_is_ranker():

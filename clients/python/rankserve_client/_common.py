@@ -26,6 +26,8 @@ DEFAULT_CHUNK = 1000  # the server's default TokenizeSettings.max_candidates
 DEFAULT_CHUNK_CONCURRENCY = 4  # chunks of one long list in flight at once (asyncio client)
 API_INPUTS = {"query": "BYTES", "texts": "BYTES", "top_k": "INT32"}
 API_OUTPUTS = {"indices": "INT32", "scores": "FP32"}
+TOKEN_COUNTS = "token_counts"  # an extra output (INT64 [4]) of servers that count unknown tokens
+MOSTLY_UNKNOWN = 0.5  # the server's threshold (rankserve.stages.coverage)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,47 @@ class RankedItem:
     text: str
     score: float
     rank: int
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """How much of a request the ranker's vocabulary covers: tokens its tokenizer could only map to the
+    unknown token (``[UNK]``) and all tokens, of the query and of the candidate texts, as the ranker read
+    them (after truncation; special tokens and padding not counted)."""
+
+    query_unknown: int
+    query_tokens: int
+    texts_unknown: int
+    texts_tokens: int
+
+    @property
+    def query_unknown_share(self) -> float:
+        return self.query_unknown / self.query_tokens if self.query_tokens else 0.0
+
+    @property
+    def texts_unknown_share(self) -> float:
+        return self.texts_unknown / self.texts_tokens if self.texts_tokens else 0.0
+
+    @property
+    def query_mostly_unknown(self) -> bool:
+        """More than half of the query is unknown to the ranker: its scores mean little."""
+        return self.query_unknown_share > MOSTLY_UNKNOWN
+
+
+class Ranking(list):
+    """The result of ``rank``: a list of :class:`RankedItem`, best first, with ``token_counts``
+    (:class:`TokenCounts`, summed over the chunks; the query counted once), or None when the model
+    does not report them (a repository built before they existed, or ``check_api=False``)."""
+
+    token_counts: Optional[TokenCounts] = None
+
+
+def token_counts(arrays: Sequence[Optional[np.ndarray]]) -> Optional[TokenCounts]:
+    """One request's counts from each chunk's ``token_counts`` output (None if any lacks it)."""
+    if not arrays or any(a is None for a in arrays):
+        return None
+    rows = [np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]
+    return TokenCounts(int(rows[0][0]), int(rows[0][1]), sum(int(r[2]) for r in rows), sum(int(r[3]) for r in rows))
 
 
 ItemLike = Union[str, Tuple[Any, str], Item, Any]
@@ -205,8 +248,9 @@ def merge(parts: Sequence[tuple[int, np.ndarray, np.ndarray]], items: Sequence[I
     return [RankedItem(items[int(idx[o])].id, items[int(idx[o])].text, float(sc[o]), r + 1) for r, o in enumerate(order)]
 
 
-def check_metadata(model: str, metadata: dict) -> None:
-    """Raise :class:`ApiMismatch` unless ``model`` exposes the ranker API (names and datatypes)."""
+def check_metadata(model: str, metadata: dict) -> bool:
+    """Raise :class:`ApiMismatch` unless ``model`` exposes the ranker API (names and datatypes); True if it
+    also has the optional ``token_counts`` output."""
     inputs = {t["name"]: t["datatype"] for t in metadata.get("inputs", [])}
     outputs = {t["name"]: t["datatype"] for t in metadata.get("outputs", [])}
     missing = [f"input {k}:{v}" for k, v in API_INPUTS.items() if inputs.get(k) != v]
@@ -214,6 +258,18 @@ def check_metadata(model: str, metadata: dict) -> None:
     if missing:
         raise ApiMismatch(f"model {model!r} does not speak the ranker API: lacks or mistypes {', '.join(missing)} "
                           f"(has inputs {inputs}, outputs {outputs})")
+    return outputs.get(TOKEN_COUNTS) == "INT64"
+
+
+def requested_outputs(tc, counted: bool) -> list:
+    return [tc.InferRequestedOutput(name) for name in (*API_OUTPUTS, *([TOKEN_COUNTS] if counted else []))]
+
+
+def ranking(parts: Sequence[tuple[int, np.ndarray, np.ndarray]], items: Sequence[Item], top_k: int | None,
+            counts: Sequence[Optional[np.ndarray]]) -> Ranking:
+    result = Ranking(merge(parts, items, top_k))
+    result.token_counts = token_counts(counts)
+    return result
 
 
 class RetryBudget:

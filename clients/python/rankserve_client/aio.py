@@ -46,6 +46,7 @@ class AsyncRankerClient(c.RetryingClient):
             import tritonclient.http as tc
             import tritonclient.http.aio as aio
         self._tc, self._aio, self._client = tc, aio, None
+        self._counted: dict[str, bool] = {}  # model -> it has the token_counts output (learnt by check_api)
 
     async def connect(self) -> "AsyncRankerClient":
         if self._client is None:
@@ -106,11 +107,11 @@ class AsyncRankerClient(c.RetryingClient):
             metadata = await self._call(lambda cl: cl.get_model_metadata(model, as_json=True, headers=sent))
         else:
             metadata = await self._call(lambda cl: cl.get_model_metadata(model, headers=sent))
-        c.check_metadata(model, metadata)
+        self._counted[model] = c.check_metadata(model, metadata)
 
     async def rank(self, query: str, items: Iterable[c.ItemLike], top_k: Optional[int] = None,
                    model: Optional[str] = None, timeout: Optional[float] = None,
-                   headers: Optional[c.Headers] = None) -> list[c.RankedItem]:
+                   headers: Optional[c.Headers] = None) -> c.Ranking:
         """Rank ``items`` for ``query``, best first; see :meth:`RankerClient.rank`."""
         all_items = c.to_items(items)
         c.validate(query, all_items, top_k)
@@ -127,12 +128,13 @@ class AsyncRankerClient(c.RetryingClient):
             texts = [it.text for it in all_items[start:end]]
             k = None if top_k is None else min(top_k, end - start)
             inputs = c.build_inputs(self._tc, query, texts, k)
-            outputs = [self._tc.InferRequestedOutput(name) for name in c.API_OUTPUTS]
+            outputs = c.requested_outputs(self._tc, counted)
             result = await self._call(lambda cl: cl.infer(model, inputs, outputs=outputs, headers=sent), timeout)
-            return start, result.as_numpy("indices"), result.as_numpy("scores")
+            return (start, result.as_numpy("indices"), result.as_numpy("scores")), result.as_numpy(c.TOKEN_COUNTS) if counted else None
 
-        parts = await asyncio.gather(*(one(s, e) for s, e in c.chunks(len(all_items), self.chunk_size)))
-        return c.merge(list(parts), all_items, top_k)
+        counted = self._counted.get(model, False)
+        done = await asyncio.gather(*(one(s, e) for s, e in c.chunks(len(all_items), self.chunk_size)))
+        return c.ranking([part for part, _ in done], all_items, top_k, [counts for _, counts in done])
 
     async def close(self) -> None:
         if self._client is not None:

@@ -108,6 +108,7 @@ class RankerClient(c.RetryingClient):
         self._grpc = None
         self._http: dict[int, list] = {}  # thread id -> [thread, client, its timeout]
         self._swept = time.monotonic()
+        self._counted: dict[str, bool] = {}  # model -> it has the token_counts output (learnt by check_api)
         if check_api:
             self.check_api(model)
 
@@ -219,12 +220,13 @@ class RankerClient(c.RetryingClient):
                 return client.get_model_metadata(model, as_json=True, client_timeout=_timeout, headers=sent)
             return client.get_model_metadata(model, headers=sent)
 
-        c.check_metadata(model, self._call(fetch))
+        self._counted[model] = c.check_metadata(model, self._call(fetch))
 
     def rank(self, query: str, items: Iterable[c.ItemLike], top_k: Optional[int] = None,
              model: Optional[str] = None, timeout: Optional[float] = None,
-             headers: Optional[c.Headers] = None) -> list[c.RankedItem]:
+             headers: Optional[c.Headers] = None) -> c.Ranking:
         """Rank ``items`` for ``query``, best first; at most ``top_k`` results; ``headers`` add to the client's.
+        The list has ``token_counts`` (:class:`TokenCounts`) when the model reports them.
 
         Items are strings (id = position), ``(id, text)`` pairs or objects with ``id`` and ``text``.
         Lists longer than ``chunk_size`` go out in several requests and are merged by score (each
@@ -233,12 +235,13 @@ class RankerClient(c.RetryingClient):
         c.validate(query, all_items, top_k)
         model = model or self.model
         sent = self._headers(headers)
-        parts = []
+        parts, counts = [], []
+        counted = self._counted.get(model, False)
         for start, end in c.chunks(len(all_items), self.chunk_size):
             texts = [it.text for it in all_items[start:end]]
             k = None if top_k is None else min(top_k, end - start)
             inputs = c.build_inputs(self._tc, query, texts, k)
-            outputs = [self._tc.InferRequestedOutput(name) for name in c.API_OUTPUTS]
+            outputs = c.requested_outputs(self._tc, counted)
 
             def infer(client, t, inputs=inputs, outputs=outputs):
                 if self.protocol == "grpc":
@@ -247,7 +250,8 @@ class RankerClient(c.RetryingClient):
 
             result = self._call(infer, timeout)
             parts.append((start, result.as_numpy("indices"), result.as_numpy("scores")))
-        return c.merge(parts, all_items, top_k)
+            counts.append(result.as_numpy(c.TOKEN_COUNTS) if counted else None)
+        return c.ranking(parts, all_items, top_k, counts)
 
     def close(self) -> None:
         with self._lock:

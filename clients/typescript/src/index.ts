@@ -37,7 +37,7 @@ export class Overloaded extends Unavailable {}
 export class Timeout extends RankerError {}
 /** The server failed while handling the request (HTTP 5xx). */
 export class ServerError extends RankerError {}
-/** The model does not expose the ranker API. */
+/** The model does not expose the ranker API (thrown by `checkApi`, which `rank` runs before a model's first call). */
 export class ApiMismatch extends RankerError {}
 /** The server or its gateway refused the credentials (HTTP 401): a missing or wrong token in `headers`. Never retried. */
 export class Unauthenticated extends RankerError {}
@@ -56,6 +56,24 @@ export interface RankedItem {
   /** 1 = best */
   rank: number;
 }
+/**
+ * How much of a request the ranker's vocabulary covers: tokens its tokenizer could only map to the unknown token (`[UNK]`)
+ * and all tokens, of the query and of the candidate texts, as the ranker read them (after truncation; special tokens and
+ * padding not counted). Summed over chunks; the query counted once.
+ */
+export interface TokenCounts {
+  queryUnknown: number;
+  queryTokens: number;
+  textsUnknown: number;
+  textsTokens: number;
+}
+/** `rank`'s result: the ranked items, best first, with `tokenCounts` when the server reports them (the `token_counts` output). */
+export type Ranking = RankedItem[] & { tokenCounts?: TokenCounts };
+/** More than half of the query is unknown to the ranker's vocabulary: its scores mean little (the server's threshold). */
+export function queryMostlyUnknown(counts: TokenCounts): boolean {
+  return counts.queryTokens > 0 && counts.queryUnknown / counts.queryTokens > 0.5;
+}
+
 /**
  * Retry throttling as gRPC does it (gRFC A6, "retryThrottling"), shared by every call of a client (pass one object to several
  * clients to share it). The bucket starts full at `maxTokens`; every attempt that reached a server and failed with a retryable
@@ -166,6 +184,9 @@ export interface ClientOptions {
   chunkConcurrency?: number;
   /** Sent with every call, e.g. `{ Authorization: "Bearer <token>" }` for a gateway; a call's own headers add to or replace them. */
   headers?: Record<string, string>;
+  /** Check the model's metadata before its first `rank` (once per model and client) and throw `ApiMismatch` if it is not
+   * a ranker, as the Python SDK does at connect. Default true. */
+  checkApi?: boolean;
   /** For https:// URLs, PEM contents: `ca` the CA bundle that signed the server's certificate (default: Node's CAs),
    * `cert` and `key` a client certificate for mutual TLS. */
   tls?: TlsOptions;
@@ -280,8 +301,11 @@ export class RankerClient {
   readonly chunkSize: number;
   readonly chunkConcurrency: number;
   readonly headers: Record<string, string>;
+  readonly checkApiFirst: boolean;
   private readonly secure: boolean;
   private readonly agent: http.Agent;
+  /** model -> its API check, done once (dropped when it failed, so a later call checks again). */
+  private readonly checked = new Map<string, Promise<void>>();
 
   /** `url`: `http://host:port`, `https://host[:port]` (or `host:port`). Safe to share across concurrent calls. */
   constructor(url: string, options: ClientOptions = {}) {
@@ -296,6 +320,7 @@ export class RankerClient {
     this.headers = mergeHeaders(options.headers);
     this.agent = this.secure ? new https.Agent({ keepAlive: true, ca: tls.ca, cert: tls.cert, key: tls.key }) : new http.Agent({ keepAlive: true });
     this.model = options.model ?? "ranker";
+    this.checkApiFirst = options.checkApi ?? true;
     this.timeoutMs = options.timeoutMs ?? 10_000;
     this.retries = options.retries ?? 3;
     this.backoffMs = options.backoffMs ?? 100;
@@ -414,17 +439,33 @@ export class RankerClient {
       ...Object.entries(API_INPUTS).filter(([k, v]) => inputs[k] !== v).map(([k, v]) => `input ${k}:${v}`),
       ...Object.entries(API_OUTPUTS).filter(([k, v]) => outputs[k] !== v).map(([k, v]) => `output ${k}:${v}`),
     ];
-    if (missing.length) throw new ApiMismatch(`model '${model}' does not speak the ranker API: lacks or mistypes ${missing.join(", ")}`);
+    if (missing.length) {
+      throw new ApiMismatch(`model '${model}' does not speak the ranker API: lacks or mistypes ${missing.join(", ")} `
+        + `(has inputs ${JSON.stringify(inputs)}, outputs ${JSON.stringify(outputs)})`);
+    }
+  }
+
+  /** `checkApi(model)` once per model (unless the client was made with `checkApi: false`). */
+  private ensureApi(model: string, headers: Record<string, string> | undefined): Promise<void> {
+    if (!this.checkApiFirst) return Promise.resolve();
+    let check = this.checked.get(model);
+    if (!check) {
+      check = this.checkApi(model, { headers });
+      this.checked.set(model, check);
+      check.catch(() => this.checked.delete(model));
+    }
+    return check;
   }
 
   /** Rank `items` for `query`, best first; long lists go out in chunks merged by score. */
-  async rank(query: string, items: ItemLike[], options: RankOptions = {}): Promise<RankedItem[]> {
+  async rank(query: string, items: ItemLike[], options: RankOptions = {}): Promise<Ranking> {
     const all = toItems(items);
     if (!query.trim()) throw new BadRequest("query must be a non-empty string");
     if (all.length === 0) throw new BadRequest("items is empty: send at least one candidate");
     const { topK, model = this.model, timeoutMs = this.timeoutMs, headers } = options;
     if (topK !== undefined && (!Number.isInteger(topK) || topK < 1)) throw new BadRequest(`topK must be a positive integer, got ${topK}`);
     if (topK !== undefined && topK > all.length) throw new BadRequest(`topK is ${topK} but there are only ${all.length} items: send topK <= ${all.length}, or omit it for all`);
+    await this.ensureApi(model, headers);
     const starts: number[] = [];
     for (let s = 0; s < all.length; s += this.chunkSize) starts.push(s);
     const parts = await inOrder(starts, this.chunkConcurrency, async (start) => {
@@ -435,11 +476,21 @@ export class RankerClient {
       ];
       if (topK !== undefined) inputs.push({ name: "top_k", datatype: "INT32", shape: [1], data: [Math.min(topK, texts.length)] });
       const body = await this.request("POST", `/v2/models/${model}/infer`, JSON.stringify({ inputs }), headers, timeoutMs);
-      const out = Object.fromEntries((body.outputs as V2Tensor[]).map((t) => [t.name, t.data as number[]]));
-      return out.indices.map((index, i) => ({ position: start + index, score: out.scores[i] }));
+      const out = Object.fromEntries((Array.isArray(body.outputs) ? (body.outputs as V2Tensor[]) : []).map((t) => [t?.name, t?.data as number[]]));
+      if (!Array.isArray(out.indices) || !Array.isArray(out.scores) || out.indices.length !== out.scores.length) {
+        throw new ApiMismatch(`model '${model}' answered without matching indices and scores (outputs: ${JSON.stringify(Object.keys(out))}): it is not a ranker`);
+      }
+      const counts = Array.isArray(out.token_counts) && out.token_counts.length === 4 ? out.token_counts.map(Number) : undefined;
+      return { counts, scored: out.indices.map((index, i) => ({ position: start + index, score: out.scores[i] })) };
     });
-    const merged = parts.flat().sort((a, b) => b.score - a.score || a.position - b.position);
-    return merged.slice(0, topK ?? merged.length).map((m, r) => ({ id: all[m.position].id, text: all[m.position].text, score: m.score, rank: r + 1 }));
+    const merged = parts.flatMap((p) => p.scored).sort((a, b) => b.score - a.score || a.position - b.position);
+    const ranking: Ranking = merged.slice(0, topK ?? merged.length).map((m, r) => ({ id: all[m.position].id, text: all[m.position].text, score: m.score, rank: r + 1 }));
+    if (parts.every((p) => p.counts)) {
+      const rows = parts.map((p) => p.counts!);
+      ranking.tokenCounts = { queryUnknown: rows[0][0], queryTokens: rows[0][1], textsUnknown: rows.reduce((n, r) => n + r[2], 0),
+                              textsTokens: rows.reduce((n, r) => n + r[3], 0) };
+    }
+    return ranking;
   }
 
   /** Closes the kept-alive connections (the process can exit without waiting for them to time out). */

@@ -1,7 +1,7 @@
 // Runs against a real rankserve tritonserver: RANKSERVE_URL=http://127.0.0.1:PORT npm test
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { ApiMismatch, BadRequest, RankerClient, Timeout, Unavailable } from "../src/index.js";
+import { ApiMismatch, BadRequest, queryMostlyUnknown, RankerClient, Timeout, Unavailable } from "../src/index.js";
 
 const url = process.env.RANKSERVE_URL;
 const skip = url ? false : "set RANKSERVE_URL to a running rankserve server";
@@ -45,6 +45,36 @@ test("timeouts, a server that is down, and a model that is not a ranker", { skip
   await assert.rejects(new RankerClient("http://127.0.0.1:1", { retries: 2, backoffMs: 20 }).rank("sofa", ["x"]), Unavailable);
   assert.ok(Date.now() - started < 5000);
   await assert.rejects(new RankerClient(url!).checkApi("tokenize"), ApiMismatch);
+});
+
+test("rank on a model that is not a ranker is an ApiMismatch, as in the Python SDK", { skip }, async () => {
+  for (const model of ["tokenize", "rank", "postprocess"]) {
+    await assert.rejects(new RankerClient(url!, { model }).rank("sofa", ["gray sofa"]), ApiMismatch, model);
+    await assert.rejects(new RankerClient(url!).rank("sofa", ["gray sofa"], { model }), ApiMismatch, model);
+  }
+  await assert.rejects(new RankerClient(url!).rank("sofa", ["gray sofa"], { model: "no_such_model" }), BadRequest);
+  // without the check, an answer lacking indices and scores is still an ApiMismatch, not a TypeError
+  await assert.rejects(new RankerClient(url!, { checkApi: false }).rank("sofa", ["gray sofa"], { model: "tokenize" }), ApiMismatch);
+  const client = new RankerClient(url!);
+  let metadata = 0;
+  const send = (client as any).send.bind(client);
+  (client as any).send = (method: string, path: string, ...rest: unknown[]) => {
+    if (method === "GET") metadata++;
+    return send(method, path, ...rest);
+  };
+  await client.rank("sofa", ["gray sofa"]);
+  await client.rank("sofa", ["gray sofa"]);
+  assert.equal(metadata, 1); // checked once per model
+});
+
+test("the result carries the unknown-token counts: a Chinese query is mostly unknown, an English one is not", { skip }, async () => {
+  const chinese = await new RankerClient(url!, { chunkSize: 2 }).rank("天蓝色抱枕", [...texts, "😀 pillow"]);
+  assert.equal(chinese.length, 5);
+  assert.deepEqual([chinese.tokenCounts!.queryUnknown, chinese.tokenCounts!.queryTokens, chinese.tokenCounts!.textsUnknown], [4, 5, 1]);
+  assert.equal(queryMostlyUnknown(chinese.tokenCounts!), true);
+  const english = await new RankerClient(url!).rank("salon chair", texts);
+  assert.deepEqual([english.tokenCounts!.queryUnknown, english.tokenCounts!.queryTokens, english.tokenCounts!.textsUnknown], [0, 2, 0]);
+  assert.ok(english.tokenCounts!.textsTokens > 10 && !queryMostlyUnknown(english.tokenCounts!));
 });
 
 test("a long list goes out at most chunkConcurrency chunks at a time, merged in order", { skip }, async () => {

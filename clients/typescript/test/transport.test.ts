@@ -1,5 +1,6 @@
 // Retries, the retry budget and status-first classification, without a server: a local HTTP listener answers as a gateway
 // in front of the server would (its own pages and statuses; no Triton here). Run by tests/e2e/test_typescript_sdk.py.
+// `checkApi: false` where a test is about the inference call: every request here gets the same answer.
 import assert from "node:assert/strict";
 import * as http from "node:http";
 import type { AddressInfo } from "node:net";
@@ -30,7 +31,7 @@ async function gateway(status: number, body: string, headers: Record<string, str
 test("a gateway's HTML 413 is RequestTooLarge at once, not a retried Unavailable", async () => {
   const g = await gateway(413, NGINX_413, { "Content-Type": "text/html" });
   const retries: number[] = [];
-  const client = new RankerClient(g.url, { onRetry: (_e, n) => retries.push(n) });
+  const client = new RankerClient(g.url, { onRetry: (_e, n) => retries.push(n), checkApi: false });
   try {
     await assert.rejects(client.rank("sofa", ["gray sofa"]), (err: any) => err instanceof RequestTooLarge && err instanceof BadRequest && /too large/.test(err.message));
     assert.equal(g.seen.requests, 1);
@@ -72,7 +73,7 @@ test("status first: 4xx are never retried whatever the body; 429 and a gateway's
 
 test("a shed call is retried a few times, then the budget stops retrying (before: 4 attempts per call)", async () => {
   const g = await gateway(429, JSON.stringify({ error: "rate limited" }));
-  const client = new RankerClient(g.url, { overloadBackoffMs: 1 });
+  const client = new RankerClient(g.url, { overloadBackoffMs: 1, checkApi: false });
   try {
     for (let i = 0; i < 20; i++) await assert.rejects(client.rank("sofa", ["gray sofa"]), Overloaded);
     assert.ok(g.seen.requests <= 24, `${g.seen.requests} requests for 20 calls`); // 10 tokens, retries while above 5
@@ -86,7 +87,7 @@ test("a shed call is retried a few times, then the budget stops retrying (before
 test("Retry-After is honoured; a long one is not waited for", async () => {
   const g = await gateway(503, "", { "Retry-After": "0.2" });
   const delays: number[] = [];
-  const client = new RankerClient(g.url, { onRetry: (_e, _n, d) => delays.push(d) });
+  const client = new RankerClient(g.url, { onRetry: (_e, _n, d) => delays.push(d), checkApi: false });
   try {
     await assert.rejects(client.rank("sofa", ["gray sofa"]), (err: any) => err instanceof Overloaded && err.retryAfterMs === 200);
     assert.equal(g.seen.requests, 3);
@@ -96,7 +97,7 @@ test("Retry-After is honoured; a long one is not waited for", async () => {
     await g.close();
   }
   const long = await gateway(429, "{}", { "Retry-After": "3600" });
-  const patient = new RankerClient(long.url);
+  const patient = new RankerClient(long.url, { checkApi: false });
   try {
     await assert.rejects(patient.rank("sofa", ["gray sofa"]), (err: any) => err instanceof Overloaded && err.retryAfterMs === 3_600_000);
     assert.equal(long.seen.requests, 1);
@@ -121,7 +122,7 @@ test("the budget as gRPC's retry throttling; overload waits longer; a refused co
   const fresh = new RetryState(defaults, defaults.retryBudget);
   const shed = [0, 1, 2].map(() => fresh.delayAfter(new Overloaded("Exceeds maximum queue size")));
   assert.ok(shed[0]! >= 250 && shed[0]! <= 500 && shed[1]! >= 500 && shed[1]! <= 1000 && shed[2] === undefined, String(shed));
-  await assert.rejects(new RankerClient("http://127.0.0.1:1", { backoffMs: 1, retryBudget: defaults.retryBudget }).rank("sofa", ["x"]), Unavailable);
+  await assert.rejects(new RankerClient("http://127.0.0.1:1", { backoffMs: 1, retryBudget: defaults.retryBudget, checkApi: false }).rank("sofa", ["x"]), Unavailable);
   assert.equal(defaults.retryBudget!.tokens, 7); // the three shed attempts above; the 4 refused connections cost nothing
   defaults.close();
 });

@@ -162,7 +162,8 @@ def _encoded(input_names: Sequence[str]) -> tuple[TensorSpec, ...]:
 def ensemble(name: str, rank_model: str, tokenize_model: str = api.TOKENIZE_MODEL,
              rank_inputs: Sequence[str] = api.MODEL_INPUT_NAMES, response_cache: bool = False) -> mc.ModelConfig:
     """The public ``ranker`` API wired as ``tokenize_model`` -> ``rank_model`` -> postprocess; only
-    the encoded tensors the rank model takes (``rank_inputs``) flow between the first two.
+    the encoded tensors the rank model takes (``rank_inputs``) flow between the first two. The
+    tokenize step's ``token_counts`` is an output of the ensemble as it is.
 
     ``response_cache``: the ensemble's answers may be kept in the server's response cache, keyed by
     the ensemble's name, version and inputs (query, texts, top_k). Triton 2.51 caches top-level
@@ -171,12 +172,12 @@ def ensemble(name: str, rank_model: str, tokenize_model: str = api.TOKENIZE_MODE
     if response_cache:
         config.response_cache.enable = True
     _io(config.input, api.RANKER_INPUTS)
-    _io(config.output, api.RANKER_OUTPUTS)
+    _io(config.output, (*api.RANKER_OUTPUTS, *api.RANKER_EXTRA_OUTPUTS))
     encoded = [t.name for t in _encoded(rank_inputs)]
     steps = config.ensemble_scheduling.step
     tokenize = steps.add(model_name=tokenize_model, model_version=-1)
     tokenize.input_map.update({api.QUERY.name: api.QUERY.name, api.TEXTS.name: api.TEXTS.name})
-    tokenize.output_map.update({t: t for t in encoded})
+    tokenize.output_map.update({t: t for t in (*encoded, api.TOKEN_COUNTS.name)})
     rank = steps.add(model_name=rank_model, model_version=-1)
     rank.input_map.update({t: t for t in encoded})
     rank.output_map.update({api.LOGITS.name: api.LOGITS.name})
@@ -184,6 +185,10 @@ def ensemble(name: str, rank_model: str, tokenize_model: str = api.TOKENIZE_MODE
     post.input_map.update({api.LOGITS.name: api.LOGITS.name, api.TOP_K.name: api.TOP_K.name})
     post.output_map.update({t.name: t.name for t in api.RANKER_OUTPUTS})
     return config
+
+
+TOKENIZE_OUTPUTS = (*api.ENCODED, api.TOKEN_COUNTS)
+"""The tokenize stages' outputs: the encoded pairs and the request's token counts."""
 
 
 def rank_model_name(variant: str, default: str) -> str:
@@ -202,7 +207,7 @@ def cpu_repository(settings: BuildSettings, runtimes: Mapping[str, RuntimeSettin
         raise ValueError(f"default variant {default!r} is not among {sorted(runtimes)}")
     models = {
         api.TOKENIZE_MODEL: python_model(
-            api.TOKENIZE_MODEL, (api.QUERY, api.TEXTS), api.ENCODED, to_parameters(settings.tokenize),
+            api.TOKENIZE_MODEL, (api.QUERY, api.TEXTS), TOKENIZE_OUTPUTS, to_parameters(settings.tokenize),
             instances=settings.tokenize.instances, queue_size=settings.tokenize.queue_size,
         ),
         api.POSTPROCESS_MODEL: python_model(
@@ -249,7 +254,7 @@ def gpu_models(settings: BuildSettings, engines: Mapping[str, Sequence[Mapping]]
     """``tokenize_gpu``, and one TensorRT rank model and one ``ranker_trt_<precision>`` ensemble per
     engine family the manifest records (``engines``: precision -> engine records, whose ``inputs``
     were read from the ONNX file each engine was built from); postprocess is the CPU repository's."""
-    models = {GPU_TOKENIZE_MODEL: python_model(GPU_TOKENIZE_MODEL, (api.QUERY, api.TEXTS), api.ENCODED,
+    models = {GPU_TOKENIZE_MODEL: python_model(GPU_TOKENIZE_MODEL, (api.QUERY, api.TEXTS), TOKENIZE_OUTPUTS,
                                                to_parameters(gpu_tokenize_settings(settings)),
                                                instances=settings.tokenize.instances,
                                                queue_size=settings.tokenize.queue_size)}

@@ -10,6 +10,7 @@ import numpy as np
 
 from rankserve.errors import InvalidInput
 from rankserve.settings import TokenizeSettings
+from rankserve.stages.coverage import TokenCounts, count_encodings
 
 
 def decode_texts(values: np.ndarray | None, what: str, max_bytes: int, truncate: bool = False) -> list[str]:
@@ -141,16 +142,24 @@ def load_tokenizer(path: str | Path, settings: TokenizeSettings):
 def encode_pairs(tokenizer, query: str, texts: Sequence[str], buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
     """Encode (query, text) pairs into int64 ``input_ids``, ``attention_mask``, ``token_type_ids``,
     padded to the longest pair, or up to the smallest of ``buckets`` that holds it."""
+    return encode_request(tokenizer, query, texts, buckets)[0]
+
+
+def encode_request(tokenizer, query: str, texts: Sequence[str], buckets: Sequence[int] = (),
+                   unknown_id: int | None = None, count: bool = False) -> tuple[dict[str, np.ndarray], TokenCounts | None]:
+    """:func:`encode_pairs`, and with ``count`` the request's :class:`TokenCounts` (unknown tokens:
+    ``unknown_id``, see :func:`rankserve.stages.coverage.unknown_token_id`)."""
     encodings = tokenizer.encode_batch([(query, text) for text in texts])
     encoded = {
         "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
         "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
         "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
     }
+    counts = count_encodings(encodings, encoded["input_ids"], encoded["attention_mask"], unknown_id) if count else None
     width = encoded["input_ids"].shape[1]
     target = next((b for b in buckets if b >= width), width)
     if target > width:
         pad = tokenizer.padding
         fill = {"input_ids": pad["pad_id"], "attention_mask": 0, "token_type_ids": pad["pad_type_id"]}
         encoded = {k: np.pad(v, ((0, 0), (0, target - width)), constant_values=fill[k]) for k, v in encoded.items()}
-    return encoded
+    return encoded, counts
