@@ -133,6 +133,13 @@ def test_h2_streams_open_with_the_clients_headers_and_end_with_the_servers_end_s
     assert h2.open == set() and h2.at_boundary
 
 
+def test_bytes_that_are_not_http2_are_left_alone():
+    h2 = H2Streams()
+    h2.feed(H2_PREFACE[:5], from_client=True)
+    h2.feed(b"\x16\x03\x01\x02\x00" + _frame(HEADERS, 0x4, 1), from_client=True)  # a TLS ClientHello, say
+    assert not h2.readable and h2.open == set()
+
+
 def test_goaway_frame_names_the_last_stream_and_no_error():
     assert goaway_frame(7) == bytes([0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0])
 

@@ -47,6 +47,8 @@ class H2Streams:
         self.open: set[int] = set()
         self.last_client_stream = 0
         self._preface = len(H2_PREFACE)
+        self.readable = True
+        """False once the client's first bytes were not HTTP/2's preface (TLS, say): nothing is read or sent then."""
         self._buf = {True: b"", False: b""}
         self._skip = {True: 0, False: 0}
 
@@ -55,8 +57,14 @@ class H2Streams:
         return self._skip[False] == 0 and not self._buf[False]
 
     def feed(self, data: bytes, from_client: bool) -> None:
+        if not self.readable:
+            return
         if from_client and self._preface:
             cut = min(self._preface, len(data))
+            seen = len(H2_PREFACE) - self._preface
+            if data[:cut] != H2_PREFACE[seen:seen + cut]:
+                self.readable = False
+                return
             data, self._preface = data[cut:], self._preface - cut
         while data:
             if self._skip[from_client]:  # the rest of a frame's payload
@@ -105,15 +113,19 @@ class _Connection:
             if w is not None and not w.is_closing():
                 w.close()
 
+    @property
+    def http2(self) -> bool:
+        return self.h2 is not None and self.h2.readable
+
     def send_goaway(self) -> None:
         """Tell an HTTP/2 client to start no new call here, if the server's bytes are between frames now."""
         self.goaway_wanted = True
-        if self.h2 is not None and not self.goaway_sent and self.h2.at_boundary and not self.client.is_closing():
+        if self.http2 and not self.goaway_sent and self.h2.at_boundary and not self.client.is_closing():
             self.client.write(goaway_frame(self.h2.last_client_stream))
             self.goaway_sent = True
 
     def idle(self, now: float, quiet_s: float) -> bool:
-        if self.h2 is not None:  # HTTP/2: no call open, and the client was told to go away
+        if self.http2:  # HTTP/2: no call open, and the client was told to go away
             return self.goaway_sent and not self.h2.open and now - self.last_activity >= quiet_s
         return not self.awaiting_backend and now - self.last_activity >= quiet_s
 
