@@ -76,3 +76,29 @@ def test_calls_take_the_addresses_in_turn_and_a_retry_goes_to_the_next(monkeypat
     assert Addresses("ipv4:127.0.0.1:8001,127.0.0.1:9001").all == ["ipv4:127.0.0.1:8001,127.0.0.1:9001"]  # a gRPC resolver target
     with pytest.raises(ValueError, match="empty address"):
         Addresses("h1:8000,,h2:8000")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_each_retry_of_a_call_goes_to_the_next_address(scheme):
+    """Real sockets, nothing listening: every attempt is refused, and the attempts alternate."""
+    from rankserve_client import RankerClient
+
+    a, b = _closed_port(), _closed_port()
+    tried: list[str] = []
+    client = RankerClient(f"{scheme}://127.0.0.1:{a},127.0.0.1:{b}", retries=3, backoff=0, check_api=False,
+                          on_retry=lambda error, attempt, delay: tried.append(str(error)))
+    with client:
+        with pytest.raises(Unavailable) as final:
+            client.rank("sofa", ["gray sofa"])
+        tried.append(str(final.value))
+        assert len(tried) == 4 and client.addresses.all == [f"127.0.0.1:{a}", f"127.0.0.1:{b}"]
+        if scheme == "grpc":  # gRPC names the address it could not reach
+            assert [a if f":{a}:" in t else b if f":{b}:" in t else None for t in tried] == [a, b, a, b]
+        else:  # tritonclient's HTTP error does not: one connection per address was opened by this thread
+            assert client.open_http_clients == 2
