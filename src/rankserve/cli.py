@@ -204,7 +204,7 @@ def _serve(args) -> None:
         print(f"  response cache  {cache}")
         print(f"  watching the server and its {len(server.stubs)} Python-backend stubs every {settings.health_interval_s:g} s; "
               "a broken server is restarted", flush=True)
-        print(f"Ctrl-C or SIGTERM stops it: new connections are refused at once, requests in flight finish (at most "
+        print(f"Ctrl-C or SIGTERM stops it. New connections are then refused at once, requests in flight finish (at most "
               f"{settings.drain_timeout_s:g} s, --drain-timeout), then tritonserver stops.", flush=True)
 
     verified = [args.model_repository]  # just verified above: the first start only removes bytecode
@@ -256,7 +256,7 @@ def _serve_releases(args) -> None:
     print(f"  through a TCP proxy to tritonserver on {server.server.http_url}; logs {log_dir}")
     print(f"  following {args.releases}/current (rankserve promote / rollback): a new release is started, "
           "switched to when ready, and the old one drained; a broken server is replaced the same way", flush=True)
-    print(f"Ctrl-C or SIGTERM stops it: new connections are refused at once, requests in flight finish (at most "
+    print(f"Ctrl-C or SIGTERM stops it. New connections are then refused at once, requests in flight finish (at most "
           f"{s.drain_timeout_s:g} s, --drain-timeout), then tritonserver stops.", flush=True)
     code = server.run(stop)
     print(f"stopped (exit code {code})", flush=True)
