@@ -162,7 +162,7 @@ def _serve(args) -> None:
 
     from rankserve.builder.repository import build_hint, recorded_ranker, remove_bytecode, verify_for_start, verify_repository
     from rankserve.server.embedded import EmbeddedServer
-    from rankserve.server.supervisor import supervise
+    from rankserve.server.supervisor import Front, internal_settings, supervise
 
     if args.releases:
         if args.model_repository:
@@ -190,22 +190,24 @@ def _serve(args) -> None:
     def make_server() -> EmbeddedServer:  # each start writes its own log, kept for reading after a restart
         log = first_log.with_name(f"{first_log.stem}.{len(starts)}{first_log.suffix}") if starts else first_log
         starts.append(log)
-        return EmbeddedServer(args.model_repository, settings, log, admin_key=admin_key)
+        return EmbeddedServer(args.model_repository, internal_settings(settings), log, admin_key=admin_key)
 
     def ready(server: EmbeddedServer) -> None:
         if len(starts) > 1:
             return
+        s = settings
         print(f"tritonserver ready: models {', '.join(server.models)}")
-        print(f"  HTTP     http://{server.http_url}  (POST /v2/models/ranker/infer)")
-        print(f"  gRPC     {server.grpc_url}")
-        print(f"  metrics  {server.metrics_url}")
+        print(f"  HTTP     http://{s.host}:{s.http_port}  (POST /v2/models/ranker/infer)")
+        print(f"  gRPC     {s.host}:{s.grpc_port}")
+        print(f"  metrics  http://{s.host}:{s.metrics_port}/metrics")
         print(f"  log      {server.log_path}")
         size = settings.response_cache_bytes
         cache = f"{size / 2**20:g} MiB (Triton local cache) for {', '.join(cacheable)}" if size else "off"
         print(f"  response cache  {cache}")
         print(f"  watching the server and its {len(server.stubs)} Python-backend stubs every {settings.health_interval_s:g} s; "
               "a broken server is restarted", flush=True)
-        print("Ctrl-C or SIGTERM stops it.", flush=True)
+        print(f"Ctrl-C or SIGTERM stops it. New connections are then refused at once, requests in flight finish (at most "
+              f"{settings.drain_timeout_s:g} s, --drain-timeout), then tritonserver stops.", flush=True)
 
     verified = [args.model_repository]  # just verified above: the first start only removes bytecode
 
@@ -215,8 +217,12 @@ def _serve(args) -> None:
         else:
             verify_for_start(args.model_repository)
 
-    code = supervise(make_server, settings, stop, log=lambda msg: print(msg, flush=True), on_ready=ready,
-                     before_start=before_start)
+    front = Front(settings, log=lambda msg: print(msg, flush=True)).start()  # the public ports, or a clear error
+    try:
+        code = supervise(make_server, settings, stop, log=lambda msg: print(msg, flush=True), on_ready=ready,
+                         before_start=before_start, front=front)
+    finally:
+        front.stop()
     print(f"stopped (exit code {code})", flush=True)
 
 
@@ -253,7 +259,8 @@ def _serve_releases(args) -> None:
     print(f"  through a TCP proxy to tritonserver on {server.server.http_url}; logs {log_dir}")
     print(f"  following {args.releases}/current (rankserve promote / rollback): a new release is started, "
           "switched to when ready, and the old one drained; a broken server is replaced the same way", flush=True)
-    print("Ctrl-C or SIGTERM stops it.", flush=True)
+    print(f"Ctrl-C or SIGTERM stops it. New connections are then refused at once, requests in flight finish (at most "
+          f"{s.drain_timeout_s:g} s, --drain-timeout), then tritonserver stops.", flush=True)
     code = server.run(stop)
     print(f"stopped (exit code {code})", flush=True)
 
@@ -581,9 +588,10 @@ def parser() -> argparse.ArgumentParser:
                    help="serve the release DIR/current points at, behind a TCP proxy on the public ports, and switch to "
                         "another release (rankserve promote / rollback) without dropping requests (default: none, serve "
                         "--model-repository)")
-    s.add_argument("--drain-timeout", type=float,
-                   help=f"with --releases: seconds the old release's connections may stay open after a switch "
-                        f"(default {ServeSettings.drain_timeout_s:g})")
+    s.add_argument("--drain-timeout", type=float, metavar="SECONDS",
+                   help=f"the bound on requests in flight at a stop (SIGTERM, Ctrl-C) and, with --releases, at a switch: "
+                        f"new connections are refused at once, each open one is closed once its request is answered, "
+                        f"the rest after this many seconds; then tritonserver stops (default {ServeSettings.drain_timeout_s:g})")
     s.add_argument("--host", default=ServeSettings.host, help="address the server listens on")
     s.add_argument("--http-port", type=int, default=ServeSettings.http_port, help="TCP port of the HTTP (KServe v2) endpoint")
     s.add_argument("--grpc-port", type=int, default=ServeSettings.grpc_port, help="TCP port of the gRPC endpoint")
@@ -630,9 +638,12 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_releases)
 
     s = sub.add_parser("health", help="probe for containers: the server is live and every Python-backend stub runs")
-    s.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP endpoint")
-    s.add_argument("--model-repository", default=os.environ.get("RANKSERVE_MODEL_REPOSITORY", "/models"),
-                   help="the repository it serves, for the expected stubs (default: $RANKSERVE_MODEL_REPOSITORY, else /models)")
+    s.add_argument("--url", default="127.0.0.1:8000",
+                   help="the server: host:port, http://host:port, grpc://host:port, or over TLS https://host[:port], "
+                        "grpcs://host:port (default 127.0.0.1:8000, HTTP)")
+    s.add_argument("--model-repository", default=os.environ.get("RANKSERVE_MODEL_REPOSITORY"),
+                   help="the repository it serves, for the expected stubs (default: $RANKSERVE_MODEL_REPOSITORY, else the "
+                        "repository of the tritonserver listening on the URL's port on this host)")
     s.add_argument("--model", help="also require this model to be ready (a readiness check, e.g. ranker; default: none, "
                                    "liveness only)")
     s.set_defaults(func=_health)

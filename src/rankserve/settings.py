@@ -632,9 +632,10 @@ class ServeSettings:
     stale under ``rankserve serve``: its server never reloads a model (model control ``none``) and
     a restart empties the cache (see the README, "Response cache")."""
     drain_timeout_s: float = 10.0
-    """``rankserve serve --releases``: after a switch, how long the old server's connections may
-    stay open; each is closed as soon as it is between requests, the rest at this timeout (their
-    clients get a connection error the SDKs retry)."""
+    """The bound on requests in flight when ``rankserve serve`` stops (SIGTERM, Ctrl-C) and, with
+    ``--releases``, after a switch: new connections are refused at once, each open one is closed as
+    soon as it is between requests (gRPC: sent GOAWAY, closed once its calls are done), the rest at
+    this timeout (their clients get a connection error the SDKs retry); then tritonserver stops."""
 
     def __post_init__(self) -> None:
         ports = (self.http_port, self.grpc_port, self.metrics_port)

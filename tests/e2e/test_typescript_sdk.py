@@ -26,4 +26,4 @@ def test_typescript_sdk_retries_budget_and_status_classification():
     assert (TS / "dist" / "test" / "transport.test.js").exists(), "build the SDK first: `make ts` (part of `make test`)"
     out = subprocess.run(["node", "--test", "dist/test/transport.test.js"], cwd=TS, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert "# pass 7" in out.stdout and "# fail 0" in out.stdout and "# skipped 0" in out.stdout
+    assert "# pass 8" in out.stdout and "# fail 0" in out.stdout and "# skipped 0" in out.stdout

@@ -6,14 +6,14 @@
 ...         print(r.rank, r.score, r.text)
 """
 
-from rankserve_client._common import Item, RankedItem, Ranking, RetryBudget, TokenCounts
+from rankserve_client._common import Item, RankedItem, Ranking, RetryBudget, TokenCounts, parse_url
 from rankserve_client.client import RankerClient
 from rankserve_client.errors import (ApiMismatch, BadRequest, Overloaded, PermissionDenied, RankerError, RequestTooLarge, ServerError,
                                      Timeout, TlsError, Unauthenticated, Unavailable)
 
 __all__ = ["RankerClient", "AsyncRankerClient", "Item", "RankedItem", "RankerError", "BadRequest", "Unavailable",
-           "Overloaded", "Timeout", "Ranking", "TokenCounts", "ServerError", "ApiMismatch", "Unauthenticated", "PermissionDenied", "TlsError", "RequestTooLarge",
-           "RetryBudget"]
+           "Overloaded", "Timeout", "Ranking", "TokenCounts", "ServerError", "ApiMismatch", "Unauthenticated", "PermissionDenied",
+           "TlsError", "RequestTooLarge", "RetryBudget", "parse_url"]
 __version__ = "0.1.0"
 
 

@@ -112,9 +112,14 @@ def to_items(items: Iterable[ItemLike]) -> list[Item]:
 SCHEMES = {"http": ("http", False), "https": ("http", True), "grpc": ("grpc", False), "grpcs": ("grpc", True)}
 
 
-def parse_url(url: str, protocol: str | None, tls: bool | None = None) -> tuple[str, str, bool]:
+def parse_url(url: str, protocol: str | None = None, tls: bool | None = None) -> tuple[str, str, bool]:
     """``(protocol, host:port, tls)`` from ``http://``, ``https://``, ``grpc://``, ``grpcs://`` (gRPC over
-    TLS) or a bare ``h:p`` with ``protocol`` (``http`` or ``grpc``) and ``tls``."""
+    TLS) or a bare ``h:p`` with ``protocol`` (``http`` or ``grpc``) and ``tls``. The one parser of
+    server URLs: the clients, ``rankserve rank`` and ``rankserve health`` all use it. ``host:port`` may be
+    several, comma-separated (``http://a:8000,b:8000``: :class:`Addresses`)."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"a server URL is needed (host:port, http://, https://, grpc:// or grpcs://), got {url!r}")
+    url = url.strip()
     scheme, sep, rest = url.partition("://")
     if sep:
         if scheme not in SCHEMES:
@@ -209,6 +214,57 @@ def merge_headers(protocol: str, *layers: Headers | None) -> dict[str, str] | No
             merged = {k: v for k, v in merged.items() if k.lower() != key.lower()}
             merged[key] = value
     return merged or None
+
+
+FAILED_ADDRESS_S = 2.0
+"""How long an address whose server refused or dropped a call is tried last (``Addresses``)."""
+
+
+def split_addresses(address: str) -> list[str]:
+    """``a:8000,b:8000`` -> ``["a:8000", "b:8000"]``; a gRPC resolver target (``ipv4:...``, ``dns:...``) stays one."""
+    if address.startswith(RESOLVER_SCHEMES):
+        return [address]
+    parts = [a.strip() for a in address.split(",")]
+    if not all(parts):
+        raise ValueError(f"empty address in {address!r}: write host:port[,host:port...]")
+    return parts
+
+
+class Addresses:
+    """The servers a client calls: one, or several for failover (``http://a:8000,b:8000``, the same
+    replicas behind different addresses). Each call starts at the next address in turn, skipping one
+    that failed in the last :data:`FAILED_ADDRESS_S` seconds; each retry of a call goes to the next
+    address, so a server that is stopping (it refuses connections while it drains), restarting or
+    gone costs a retrying client no failed call while another one answers. Thread-safe."""
+
+    def __init__(self, address: str) -> None:
+        self.all = split_addresses(address)
+        self._turn = 0
+        self._failed_at: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.all)
+
+    def first(self) -> int:
+        """The index of the address a new call starts at."""
+        if len(self.all) == 1:
+            return 0
+        with self._lock:
+            now = time.monotonic()
+            order = [(self._turn + k) % len(self.all) for k in range(len(self.all))]
+            self._turn = (self._turn + 1) % len(self.all)
+            healthy = [i for i in order if now - self._failed_at.get(i, -math.inf) >= FAILED_ADDRESS_S]
+            return (healthy or order)[0]
+
+    def after(self, index: int, error: RankerError) -> int:
+        """The index of the address a retry after ``error`` at ``index`` goes to."""
+        if len(self.all) == 1:
+            return index
+        if error.retryable:
+            with self._lock:
+                self._failed_at[index] = time.monotonic()
+        return (index + 1) % len(self.all)
 
 
 GRPC_MAX_MESSAGE = 2**31 - 1

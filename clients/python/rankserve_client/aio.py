@@ -38,6 +38,10 @@ class AsyncRankerClient(c.RetryingClient):
         self.retry_budget = c.make_budget(retry_budget)
         self.check_api_on_connect = check_api
         self.on_retry = on_retry
+        self.addresses = c.Addresses(self.address)
+        if load_balancing and len(self.addresses) > 1:
+            raise ValueError("load_balancing takes one name (or a resolver target such as ipv4:h1:8001,h2:8001), "
+                             "not a comma-separated list of addresses")
         self.target, self.channel_args = c.grpc_channel(self.address, load_balancing) if self.protocol == "grpc" else (self.address, None)
         if self.protocol == "grpc":
             import tritonclient.grpc as tc
@@ -47,17 +51,26 @@ class AsyncRankerClient(c.RetryingClient):
             import tritonclient.http.aio as aio
         self._tc, self._aio, self._client = tc, aio, None
         self._counted: dict[str, bool] = {}  # model -> it has the token_counts output (learnt by check_api)
+        self._clients: dict[int, Any] = {}  # address index -> client
+
+    def _client_of(self, index: int):
+        """The transport client of address ``index`` (created on first use)."""
+        if index not in self._clients:
+            address = self.target if self.protocol == "grpc" and len(self.addresses) == 1 else self.addresses.all[index]
+            if self.protocol == "grpc":
+                client = self._aio.InferenceServerClient(address, channel_args=self.channel_args,
+                                                         **c.grpc_tls_kwargs(self.tls, self.tls_files))
+            elif self.tls:
+                client = c.aio_http_client_class(self._aio.InferenceServerClient)(address, ssl=True,
+                                                                                 ssl_context=c.ssl_context(self.tls_files))
+            else:
+                client = c.aio_http_client_class(self._aio.InferenceServerClient)(address)
+            self._clients[index] = client
+        return self._clients[index]
 
     async def connect(self) -> "AsyncRankerClient":
         if self._client is None:
-            if self.protocol == "grpc":
-                self._client = self._aio.InferenceServerClient(self.target, channel_args=self.channel_args,
-                                                               **c.grpc_tls_kwargs(self.tls, self.tls_files))
-            elif self.tls:
-                self._client = c.aio_http_client_class(self._aio.InferenceServerClient)(self.address, ssl=True,
-                                                                                       ssl_context=c.ssl_context(self.tls_files))
-            else:
-                self._client = c.aio_http_client_class(self._aio.InferenceServerClient)(self.address)
+            self._client = self._client_of(0)
         if self.check_api_on_connect:
             try:
                 await self.check_api()
@@ -71,14 +84,16 @@ class AsyncRankerClient(c.RetryingClient):
             await self.connect()
         timeout = self.timeout if timeout is None else timeout
         state = c.RetryState(self.retry_policy, self.retry_budget)
+        index = self.addresses.first()
         while True:
             seen, token = c.watch_responses()
             try:
-                result = await asyncio.wait_for(fn(self._client), timeout)
+                result = await asyncio.wait_for(fn(self._client_of(index)), timeout)
             except asyncio.TimeoutError:
                 raise Timeout(f"no answer within {timeout} s") from None
             except Exception as exc:  # noqa: BLE001 - mapped to the SDK's hierarchy below
                 error = c.with_retry_after(c.explain(map_error(exc), self.tls, self.tls_files), seen)
+                index = self.addresses.after(index, error)
                 delay = state.delay_after(error)
                 if delay is None:
                     raise error from None
@@ -137,9 +152,9 @@ class AsyncRankerClient(c.RetryingClient):
         return c.ranking([part for part, _ in done], all_items, top_k, [counts for _, counts in done])
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        clients, self._clients, self._client = list(self._clients.values()), {}, None
+        for client in clients:
+            await client.close()
 
     async def __aenter__(self) -> "AsyncRankerClient":
         return await self.connect()

@@ -72,7 +72,8 @@ class RankerClient(c.RetryingClient):
                  refresh_s: float = 60.0, headers: Optional[c.Headers] = None, tls: Optional[bool] = None,
                  ca_file: Optional[str] = None, cert_file: Optional[str] = None, key_file: Optional[str] = None) -> None:
         """``url``: ``http://host:8000``, ``grpc://host:8001``, over TLS ``https://host`` or ``grpcs://host:8001``,
-        or ``host:port`` with ``protocol`` (and ``tls=True``).
+        or ``host:port`` with ``protocol`` (and ``tls=True``); several comma-separated addresses
+        (``http://a:8000,b:8000``) for failover: calls take them in turn, a retry goes to the next one.
         ``timeout``: seconds per call; ``retries``: extra attempts when the server is unavailable (down,
         restarting: exponential backoff from ``backoff`` s); ``overload_retries`` (default ``min(retries, 2)``):
         extra attempts when it shed the request (``Overloaded``: longer backoff from ``overload_backoff`` s, or the ``Retry-After``
@@ -95,9 +96,13 @@ class RankerClient(c.RetryingClient):
         self.on_retry = on_retry
         if load_balancing and self.protocol != "grpc":
             raise ValueError("load_balancing is for gRPC; HTTP clients open several connections and a Service spreads them")
+        self.addresses = c.Addresses(self.address)
+        if load_balancing and len(self.addresses) > 1:
+            raise ValueError("load_balancing takes one name (or a resolver target such as ipv4:h1:8001,h2:8001), "
+                             "not a comma-separated list of addresses")
         self.target, self.channel_args = c.grpc_channel(self.address, load_balancing) if self.protocol == "grpc" else (self.address, None)
         self.refresh_s = refresh_s if self.channel_args else None
-        self._grpc_born = 0.0
+        self._grpc_born: dict[int, float] = {}
         self._retired: list = []
         if self.protocol == "grpc":
             import tritonclient.grpc as tc
@@ -105,31 +110,34 @@ class RankerClient(c.RetryingClient):
             import tritonclient.http as tc
         self._tc = tc
         self._lock = threading.Lock()
-        self._grpc = None
-        self._http: dict[int, list] = {}  # thread id -> [thread, client, its timeout]
+        self._grpc: dict[int, Any] = {}  # address index -> client
+        self._http: dict[tuple[int, int], list] = {}  # (thread id, address index) -> [thread, client, its timeout]
         self._swept = time.monotonic()
         self._counted: dict[str, bool] = {}  # model -> it has the token_counts output (learnt by check_api)
         if check_api:
             self.check_api(model)
 
     # -- transport ---------------------------------------------------------------------------
-    def _client(self, timeout: float):
+    def _client(self, timeout: float, index: int = 0):
+        """The transport client of address ``index`` (of :attr:`addresses`) for this thread."""
         if self.protocol == "grpc":
             with self._lock:
                 now = time.monotonic()
-                if self._grpc is not None and self.refresh_s and now - self._grpc_born > self.refresh_s:
+                client = self._grpc.get(index)
+                if client is not None and self.refresh_s and now - self._grpc_born.get(index, now) > self.refresh_s:
                     # a new channel resolves the name again (gRPC's DNS resolver does not poll): calls on the
                     # old one finish, it is closed at a later refresh
-                    self._retired.append(self._grpc)
-                    self._grpc = None
-                if self._grpc is None:
-                    self._grpc = self._tc.InferenceServerClient(self.target, channel_args=self.channel_args,
-                                                                **c.grpc_tls_kwargs(self.tls, self.tls_files))
-                    self._grpc_born = now
+                    self._retired.append(self._grpc.pop(index))
+                    client = None
+                if client is None:
+                    target = self.target if len(self.addresses) == 1 else self.addresses.all[index]
+                    client = self._grpc[index] = self._tc.InferenceServerClient(target, channel_args=self.channel_args,
+                                                                                **c.grpc_tls_kwargs(self.tls, self.tls_files))
+                    self._grpc_born[index] = now
                     while len(self._retired) > 1:
                         self._retired.pop(0).close()
-                return self._grpc
-        me, ident = threading.current_thread(), threading.get_ident()
+                return client
+        me, ident = threading.current_thread(), (threading.get_ident(), index)
         entry = self._http.get(ident)
         if entry is not None and entry[0] is not me:
             # a thread id is reused only after its thread ended; that thread's client cannot be used from this one
@@ -143,20 +151,21 @@ class RankerClient(c.RetryingClient):
             if entry[2] != timeout:
                 if not _retime(entry[1], timeout):
                     entry[1].close()
-                    entry[1] = self._new_http(timeout)
+                    entry[1] = self._new_http(timeout, index)
                 entry[2] = timeout
             if time.monotonic() - self._swept > 1.0:
                 self._sweep()
             return entry[1]
-        client = self._new_http(timeout)
+        client = self._new_http(timeout, index)
         with self._lock:
             self._http[ident] = [me, client, timeout]
         self._sweep()
         return client
 
-    def _new_http(self, timeout: float):
+    def _new_http(self, timeout: float, index: int = 0):
         tls = {"ssl": True, "ssl_options": c.http_ssl_options(self.tls_files)} if self.tls else {}
-        return c.http_client_class(self._tc.InferenceServerClient)(self.address, connection_timeout=timeout, network_timeout=timeout, **tls)
+        return c.http_client_class(self._tc.InferenceServerClient)(self.addresses.all[index], connection_timeout=timeout,
+                                                                   network_timeout=timeout, **tls)
 
     def _sweep(self) -> None:
         """Close the HTTP clients of threads that have ended."""
@@ -169,19 +178,21 @@ class RankerClient(c.RetryingClient):
 
     @property
     def open_http_clients(self) -> int:
-        """HTTP clients (one connection each) open now: at most one per live thread that called."""
+        """HTTP clients (one connection each) open now: at most one per live thread that called (per address)."""
         with self._lock:
             return len(self._http)
 
     def _call(self, fn: Callable[[object, float], T], timeout: Optional[float] = None) -> T:
         timeout = self.timeout if timeout is None else timeout
         state = c.RetryState(self.retry_policy, self.retry_budget)
+        index = self.addresses.first()
         while True:
             seen, token = c.watch_responses()
             try:
-                result = fn(self._client(timeout), timeout)
+                result = fn(self._client(timeout, index), timeout)
             except Exception as exc:  # noqa: BLE001 - mapped to the SDK's hierarchy below
                 error = c.with_retry_after(c.explain(map_error(exc), self.tls, self.tls_files), seen)
+                index = self.addresses.after(index, error)
                 delay = state.delay_after(error)
                 if delay is None:
                     raise error from None
@@ -258,9 +269,9 @@ class RankerClient(c.RetryingClient):
             for _, client, _ in self._http.values():
                 client.close()
             self._http.clear()
-            if self._grpc is not None:
-                self._grpc.close()
-                self._grpc = None
+            for client in self._grpc.values():
+                client.close()
+            self._grpc.clear()
             for client in self._retired:
                 client.close()
             self._retired.clear()

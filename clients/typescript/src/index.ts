@@ -288,8 +288,55 @@ interface V2Tensor {
   data: unknown[];
 }
 
+/** How long an address whose server refused or dropped a call is tried last (as the Python SDK). */
+export const FAILED_ADDRESS_MS = 2000;
+
+/**
+ * The servers a client calls: one, or several for failover (`http://a:8000,b:8000`). Each call starts at the next address in
+ * turn, skipping one that failed in the last `FAILED_ADDRESS_MS`; each retry goes to the next address, so a server that is
+ * stopping (it refuses connections while it drains), restarting or gone costs a retrying client no failed call.
+ */
+export class Addresses {
+  readonly all: string[];
+  private turn = 0;
+  private readonly failedAt = new Map<number, number>();
+
+  constructor(baseUrls: string[]) {
+    this.all = baseUrls;
+  }
+
+  first(now = Date.now()): number {
+    if (this.all.length === 1) return 0;
+    const order = this.all.map((_, k) => (this.turn + k) % this.all.length);
+    this.turn = (this.turn + 1) % this.all.length;
+    const healthy = order.filter((i) => now - (this.failedAt.get(i) ?? -Infinity) >= FAILED_ADDRESS_MS);
+    return (healthy.length ? healthy : order)[0];
+  }
+
+  after(index: number, error: RankerError, now = Date.now()): number {
+    if (this.all.length === 1) return index;
+    if (error.retryable) this.failedAt.set(index, now);
+    return (index + 1) % this.all.length;
+  }
+}
+
+/** `http://a:8000,b:8000` (or `a:8000,b:8000`, or `https://...`) -> one base URL per address. */
+export function parseUrls(url: string): string[] {
+  const trimmed = url.trim();
+  const scheme = trimmed.includes("://") ? trimmed.slice(0, trimmed.indexOf("://")) : "http";
+  if (scheme !== "http" && scheme !== "https") {
+    throw new Error(`unsupported URL ${url}: the TypeScript client speaks HTTP/JSON (http:// or https://)`);
+  }
+  const rest = trimmed.includes("://") ? trimmed.slice(trimmed.indexOf("://") + 3) : trimmed;
+  const hosts = rest.replace(/\/+$/, "").split(",").map((h) => h.trim());
+  if (hosts.some((h) => !h)) throw new Error(`empty address in ${url}: write host:port[,host:port...]`);
+  return hosts.map((h) => `${scheme}://${h}`);
+}
+
 export class RankerClient {
   readonly baseUrl: string;
+  /** Every address of `url` (several, comma-separated, for failover). */
+  readonly addresses: Addresses;
   readonly model: string;
   readonly timeoutMs: number;
   readonly retries: number;
@@ -307,12 +354,12 @@ export class RankerClient {
   /** model -> its API check, done once (dropped when it failed, so a later call checks again). */
   private readonly checked = new Map<string, Promise<void>>();
 
-  /** `url`: `http://host:port`, `https://host[:port]` (or `host:port`). Safe to share across concurrent calls. */
+  /** `url`: `http://host:port`, `https://host[:port]` (or `host:port`); several comma-separated addresses
+   * (`http://a:8000,b:8000`) for failover: calls take them in turn, a retry goes to the next one. Safe to share across
+   * concurrent calls. */
   constructor(url: string, options: ClientOptions = {}) {
-    this.baseUrl = (url.includes("://") ? url : `http://${url}`).replace(/\/+$/, "");
-    if (!this.baseUrl.startsWith("http://") && !this.baseUrl.startsWith("https://")) {
-      throw new Error(`unsupported URL ${url}: the TypeScript client speaks HTTP/JSON (http:// or https://)`);
-    }
+    this.addresses = new Addresses(parseUrls(url));
+    this.baseUrl = this.addresses.all[0];
     this.secure = this.baseUrl.startsWith("https://");
     const tls = options.tls ?? {};
     if (!this.secure && (tls.ca || tls.cert || tls.key)) throw new Error("tls options are for https:// URLs");
@@ -343,10 +390,10 @@ export class RankerClient {
   }
 
   /** One HTTP exchange: status, `Retry-After` and body text. */
-  private send(method: string, path: string, body: string | undefined, headers: Record<string, string>, timeoutMs: number): Promise<{ status: number; retryAfter?: string; text: string }> {
+  private send(method: string, path: string, body: string | undefined, headers: Record<string, string>, timeoutMs: number, index = 0): Promise<{ status: number; retryAfter?: string; text: string }> {
     return new Promise((resolve, reject) => {
       const request = (this.secure ? https : http).request(
-        this.baseUrl + path,
+        this.addresses.all[index] + path,
         { method, agent: this.agent, headers: body === undefined ? headers : { ...headers, "Content-Type": "application/json" }, signal: AbortSignal.timeout(timeoutMs) },
         (response) => {
           const chunks: Uint8Array[] = [];
@@ -365,15 +412,15 @@ export class RankerClient {
     });
   }
 
-  private toError(err: any, timeoutMs: number): RankerError {
+  private toError(err: any, timeoutMs: number, index = 0): RankerError {
     if (err instanceof RankerError) return err;
     if (err?.name === "TimeoutError" || err?.name === "AbortError") return new Timeout(`no answer within ${timeoutMs} ms`);
     const code = err?.code ?? err?.cause?.code;
     if (TLS_CODES.has(code) || String(code).startsWith("ERR_SSL_")) {
-      return new TlsError(`TLS handshake with ${this.baseUrl} failed: ${code} ${err?.message ?? ""} (an untrusted server certificate: pass the CA that signed it as tls.ca; a server that wants a client certificate: tls.cert and tls.key)`);
+      return new TlsError(`TLS handshake with ${this.addresses.all[index]} failed: ${code} ${err?.message ?? ""} (an untrusted server certificate: pass the CA that signed it as tls.ca; a server that wants a client certificate: tls.cert and tls.key)`);
     }
     if (typeof code !== "string") return new RankerError(`${err?.name ?? "Error"}: ${err?.message ?? err}`); // not the network's: not retried
-    const error = new Unavailable(`cannot reach ${this.baseUrl}: ${code} ${err?.message ?? ""}`.trimEnd());
+    const error = new Unavailable(`cannot reach ${this.addresses.all[index]}: ${code} ${err?.message ?? ""}`.trimEnd());
     error.reached = !NOT_SENT.has(code);
     return error;
   }
@@ -381,12 +428,14 @@ export class RankerClient {
   private async request(method: string, path: string, body: string | undefined, headers: Record<string, string> | undefined, timeoutMs: number): Promise<any> {
     const sent = mergeHeaders(this.headers, headers);
     const state = new RetryState(this, this.retryBudget);
+    let index = this.addresses.first();
     for (;;) {
       let result: any;
       try {
-        result = await this.exchange(method, path, body, sent, timeoutMs);
+        result = await this.exchange(method, path, body, sent, timeoutMs, index);
       } catch (err: any) {
-        const error = this.toError(err, timeoutMs);
+        const error = this.toError(err, timeoutMs, index);
+        index = this.addresses.after(index, error);
         const delay = state.delayAfter(error);
         if (delay === undefined) throw error;
         this.onRetry?.(error, state.attempt, delay);
@@ -399,8 +448,8 @@ export class RankerClient {
   }
 
   /** One attempt: the parsed JSON body, or the error its status (first) and body say. */
-  private async exchange(method: string, path: string, body: string | undefined, headers: Record<string, string>, timeoutMs: number): Promise<any> {
-    const response = await this.send(method, path, body, headers, timeoutMs);
+  private async exchange(method: string, path: string, body: string | undefined, headers: Record<string, string>, timeoutMs: number, index = 0): Promise<any> {
+    const response = await this.send(method, path, body, headers, timeoutMs, index);
     const ok = response.status >= 200 && response.status < 300;
     let parsed: any;
     try {
@@ -415,7 +464,7 @@ export class RankerClient {
     const fromServer = typeof parsed?.error === "string";
     const message = fromServer
       ? parsed.error
-      : `HTTP ${response.status} from ${this.baseUrl} or a gateway in front of it, with a body that is not Triton's JSON: ${JSON.stringify(response.text.slice(0, 200))}`;
+      : `HTTP ${response.status} from ${this.addresses.all[index]} or a gateway in front of it, with a body that is not Triton's JSON: ${JSON.stringify(response.text.slice(0, 200))}`;
     const error = errorFromStatus(response.status, message, fromServer);
     error.retryAfterMs = parseRetryAfter(response.retryAfter);
     throw error;

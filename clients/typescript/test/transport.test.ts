@@ -139,3 +139,23 @@ test("inOrder keeps the order and never runs more than its limit at once", async
   assert.deepEqual(out, [50, 10, 40, 20, 30, 0, 60]);
   assert.equal(most, 3);
 });
+
+test("several addresses: a retry goes to the next one, and new calls skip a server that refused for a while", async () => {
+  const body = JSON.stringify({ outputs: [{ name: "indices", datatype: "INT32", shape: [1], data: [0] }, { name: "scores", datatype: "FP32", shape: [1], data: [1.5] }] });
+  const g = await gateway(200, body, { "Content-Type": "application/json" });
+  const closed = http.createServer();
+  await new Promise<void>((resolve) => closed.listen(0, "127.0.0.1", resolve));
+  const refused = (closed.address() as AddressInfo).port;
+  await new Promise((resolve) => closed.close(resolve)); // nothing listens there now: connections are refused
+  const retries: string[] = [];
+  const client = new RankerClient(`http://127.0.0.1:${refused},${g.url.slice("http://".length)}`, { onRetry: (e) => retries.push(e.constructor.name) });
+  try {
+    assert.deepEqual(client.addresses.all, [`http://127.0.0.1:${refused}`, g.url]);
+    for (let i = 0; i < 4; i++) assert.equal((await client.rank("sofa", ["gray sofa"]))[0].score, 1.5);
+    assert.deepEqual(retries, ["Unavailable"]); // the first call met the refusing server once; the next ones went elsewhere
+    assert.equal(g.seen.requests, 4);
+  } finally {
+    client.close();
+    await g.close();
+  }
+});

@@ -467,7 +467,17 @@ def remove_bytecode(repo: str | Path) -> list[Path]:
         if not cache.is_dir() or cache.is_symlink():
             continue
         try:
-            shutil.rmtree(cache)
+            for attempt in range(3):  # another server's stubs on the same repository may be writing or removing it too
+                try:
+                    shutil.rmtree(cache)
+                    break
+                except FileNotFoundError:
+                    if not cache.exists():
+                        break
+                except OSError:
+                    if attempt == 2 or not cache.exists():
+                        raise
+                    time.sleep(0.1)
         except OSError as exc:
             raise BuildError(f"cannot remove {cache} ({exc.strerror}): the server could run that bytecode instead of the "
                              "verified model.py; remove it, or serve a copy of the repository") from None

@@ -257,6 +257,39 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
             return False
 
 
+PORT_FLAGS = {"HTTP": "--http-port", "gRPC": "--grpc-port", "metrics": "--metrics-port"}
+
+
+def serve_ports(s: ServeSettings) -> dict[str, int]:
+    """Role -> port of the endpoints a server (or the proxy of ``serve --releases``) listens on."""
+    return {"HTTP": s.http_port, "gRPC": s.grpc_port, "metrics": s.metrics_port}
+
+
+def busy_ports(host: str, ports: dict[str, int]) -> list[str]:
+    """One line per process holding ports of ``ports`` (role -> port) that cannot be bound on
+    ``host`` now, naming the process listening on them when this user can see it."""
+    from rankserve.server.processes import port_owner
+
+    owners: dict[str, list[str]] = {}
+    for role, port in ports.items():
+        if not port_free(port, host):
+            owners.setdefault(port_owner(port) or "", []).append(f"{role} port {port}")
+    lines = []
+    for owner, taken in owners.items():
+        names = taken[0] if len(taken) == 1 else ", ".join(taken[:-1]) + " and " + taken[-1]
+        lines.append(f"the {names} on {host} {'is' if len(taken) == 1 else 'are'} already in use"
+                     + (f" by {owner}" if owner else " (by a process of another user)"))
+    return lines
+
+
+def require_free_ports(host: str, ports: dict[str, int]) -> None:
+    """Raise :class:`ServeError` naming every port of ``ports`` already taken on ``host``."""
+    busy = busy_ports(host, ports)
+    if busy:
+        flags = ", ".join(PORT_FLAGS[r] for r in ports if r in PORT_FLAGS)
+        raise ServeError("; ".join(busy) + f": stop it, or choose other ports ({flags})")
+
+
 def free_serve_settings(**overrides) -> ServeSettings:
     """Serve settings on three distinct free loopback ports."""
     ports: list[int] = []
@@ -265,6 +298,25 @@ def free_serve_settings(**overrides) -> ServeSettings:
         if port not in ports:
             ports.append(port)
     return ServeSettings(http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], **overrides)
+
+
+_STARTED = {"gRPC": re.compile(r'"Started GRPCInferenceService at ([^"]+)"'),
+            "HTTP": re.compile(r'"Started HTTPService at ([^"]+)"'),
+            "metrics": re.compile(r'"Started Metrics Service at ([^"]+)"')}
+"""Triton's log lines for each endpoint it bound (2.51: gRPC first, then HTTP, then metrics)."""
+_BIND_FAILURE = re.compile(r'failed to start (\w+) service: ([^"\n]*)', re.IGNORECASE)
+
+
+def started_endpoints(log_text: str) -> set[str]:
+    """The endpoints (``HTTP``, ``gRPC``, ``metrics``) the server whose log this is has bound."""
+    return {role for role, pattern in _STARTED.items() if pattern.search(log_text)}
+
+
+def bind_failure(log_text: str) -> str | None:
+    """What Triton said when it could not open an endpoint (a port taken between the check and the
+    start), or None."""
+    match = _BIND_FAILURE.search(log_text)
+    return f"tritonserver failed to start its {match.group(1)} service: {match.group(2).strip()}" if match else None
 
 
 def repository_models(repo: Path) -> list[str]:
@@ -324,6 +376,8 @@ class EmbeddedServer:
 
             raise ServeError(f"{self.repo} holds no model (no */config.pbtxt): build one first with {build_hint(self.repo)}")
         install = find_triton()
+        if self.argv is None:  # another command line chooses its own ports
+            require_free_ports(self.settings.host, serve_ports(self.settings))
         self._tmp = Path(tempfile.mkdtemp(prefix="rankserve-triton-"))
         backends = make_backend_directory(install, self._tmp / "backends")
         log_path = self.log_path or self._tmp / "tritonserver.log"
@@ -356,8 +410,24 @@ class EmbeddedServer:
         except OSError:
             return 0
 
+    def _log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace") if self.log_path else ""
+        except OSError:
+            return ""
+
+    def owns_endpoints(self) -> bool:
+        """Whether this server's own tritonserver runs and its log says it bound the HTTP endpoint
+        (and gRPC and metrics, for rankserve's own command line): the endpoints answer for it and
+        not for another process on the same ports."""
+        if self.process is None or self.process.poll() is not None:
+            return False
+        needed = {"HTTP"} if self.argv else {"HTTP", "gRPC", "metrics"}
+        return needed <= started_endpoints(self._log_text())
+
     def is_ready(self) -> bool:
-        return self._get("/v2/health/ready") == 200 and all(
+        """This server (:meth:`owns_endpoints`) and every model of its repository are ready."""
+        return self.owns_endpoints() and self._get("/v2/health/ready") == 200 and all(
             self._get(f"/v2/models/{m}/ready") == 200 for m in self.models
         )
 
@@ -386,6 +456,11 @@ class EmbeddedServer:
         while time.monotonic() < deadline:
             if stop is not None and stop.is_set():
                 return self
+            failure = bind_failure(self._log_text())
+            if failure:  # a port taken between the check and the start: report it, never retry it
+                self.stop(grace_s=3)
+                raise ServeError(f"{failure} (another process took the port after rankserve checked it: stop it, or choose "
+                                 f"other ports with --http-port/--grpc-port/--metrics-port; full log: {self.log_path})")
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
                 raise self._startup_error(f"tritonserver exited (code {code}) before it was ready")

@@ -9,12 +9,10 @@ the repository must have as many running stubs as its configuration has instance
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from rankserve.server.processes import server_pids, stub_processes
+from rankserve.server.processes import _stat, listening_inodes, port_owner, server_pids, stub_processes
 
 
 def expected_stubs(repo: str | Path) -> dict[str, int]:
@@ -37,26 +35,75 @@ def stub_problems(expected: dict[str, int], running: Counter) -> list[str]:
             if running.get(m, 0) < n]
 
 
-def _ok(url: str) -> bool:
+def url_port(url: str) -> int | None:
+    """The port of a server URL in any form the SDK takes (:func:`rankserve_client.parse_url`)."""
+    from rankserve_client import parse_url
+
+    protocol, address, tls = parse_url(url, None)
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit() and not host.endswith(":"):
+        return int(port)
+    return 443 if tls else 8000 if protocol == "http" else 8001
+
+
+def _repository_of(pid: int, proc: Path) -> str | None:
     try:
-        with urllib.request.urlopen(url, timeout=3) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+        args = (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    return next((a.split("=", 1)[1] for a in args if a.startswith("--model-repository=")), None)
 
 
-def check(url: str, repo: str | Path, model: str | None = None, proc: Path = Path("/proc")) -> tuple[list[str], str]:
-    """(problems, summary line) for the server at ``url`` serving ``repo`` on this host; with
-    ``model``, that model must also report ready (a readiness check rather than a liveness one)."""
-    url = url.rstrip("/")
-    if not _ok(f"{url}/v2/health/live"):
+def served_repository(port: int, proc: Path = Path("/proc")) -> tuple[int, str] | None:
+    """(tritonserver pid, model repository) of the server listening on ``port`` of this host: the
+    tritonserver itself, or the one ``rankserve serve --releases`` runs behind its proxy on that port."""
+    owner = port_owner(port, proc)
+    if owner is None:
+        return None
+    pid = int(owner.split()[1])
+    candidates = [pid] + [int(e.name) for e in proc.iterdir() if e.name.isdigit() and (_stat(int(e.name), proc) or (0, 0))[1] == pid]
+    for candidate in candidates:
+        stat = _stat(candidate, proc)
+        repo = _repository_of(candidate, proc) if stat is not None and stat[3] == "tritonserver" else None
+        if repo:
+            return candidate, repo
+    return None
+
+
+def _probe(url: str, model: str | None) -> tuple[bool, bool]:
+    """(live, ``model`` ready or no model asked) through the SDK (every URL form, HTTP or gRPC)."""
+    from rankserve_client import RankerClient
+
+    with RankerClient(url, check_api=False, retries=0, timeout=3) as client:
+        live = client.is_live()
+        return live, live and (model is None or client.is_ready(model))
+
+
+def check(url: str, repo: str | Path | None = None, model: str | None = None, proc: Path = Path("/proc")) -> tuple[list[str], str]:
+    """(problems, summary line) for the server at ``url`` (``host:port``, ``http://``, ``https://``,
+    ``grpc://``, ``grpcs://``) serving ``repo`` on this host (None: the repository of the
+    tritonserver listening on the URL's port); with ``model``, that model must also report ready
+    (a readiness check rather than a liveness one)."""
+    try:
+        live, ready = _probe(url, model)
+    except ValueError as exc:  # a URL the SDK refuses
+        return [str(exc)], ""
+    if not live:
         return [f"tritonserver at {url} is not live"], ""
-    if model and not _ok(f"{url}/v2/models/{model}/ready"):
+    if not ready:
         return [f"model {model} is not ready"], ""
-    servers = server_pids(repo, proc)
-    if len(servers) != 1:
-        return [f"expected one tritonserver serving {repo} on this host, found {len(servers)}"], ""
-    running = Counter(s.model for s in stub_processes(servers[0], proc))
+    if repo is None:
+        found = served_repository(url_port(url), proc)
+        if found is None:
+            return [f"cannot tell which repository the server at {url} serves (no tritonserver of this user listens on its "
+                    "port here): pass --model-repository"], ""
+        server, repo = found
+    else:
+        servers = server_pids(repo, proc)
+        if len(servers) != 1:
+            return [f"expected one tritonserver serving {repo} on this host, found {len(servers)}"], ""
+        server = servers[0]
+    running = Counter(s.model for s in stub_processes(server, proc))
     expected = expected_stubs(repo)
     problems = stub_problems(expected, running)
-    return problems, f"server live, {sum(min(running[m], n) for m, n in expected.items())}/{sum(expected.values())} Python-backend stubs running"
+    return problems, f"server live ({repo}), {sum(min(running[m], n) for m, n in expected.items())}/{sum(expected.values())} Python-backend stubs running"

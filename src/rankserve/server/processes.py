@@ -9,6 +9,7 @@ in ``/dev/shm``; :func:`remove_shm_regions` removes exactly those the server's s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,3 +117,46 @@ def remove_shm_regions(regions: list[str], shm: Path = Path("/dev/shm")) -> list
         except FileNotFoundError:
             pass
     return removed
+
+
+_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
+
+
+def listening_inodes(port: int, proc: Path = Path("/proc")) -> set[str]:
+    """The socket inodes listening on TCP ``port`` (any address, IPv4 or IPv6), from ``/proc/net/tcp*``."""
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (proc / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == _LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def port_owner(port: int, proc: Path = Path("/proc")) -> str | None:
+    """``pid N (command line)`` of a process of this user listening on TCP ``port``, or None when
+    it cannot be told (no listener, or another user's process: its descriptors are not readable)."""
+    wanted = {f"socket:[{inode}]" for inode in listening_inodes(port, proc)}
+    if not wanted:
+        return None
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in wanted:
+                    args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                    words = " ".join(args).split()
+                    shown = " ".join([Path(words[0]).name, *words[1:]]) if words else "?"
+                    return f"pid {entry.name} ({shown[:80]}{'...' if len(shown) > 80 else ''})"
+            except OSError:
+                continue
+    return None

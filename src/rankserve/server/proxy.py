@@ -7,14 +7,91 @@ one, each when it is between requests (its last bytes went to the client and not
 ``quiet_s``), and at ``timeout_s`` whatever is left. A client whose connection closes gets a
 connection error that both SDKs retry (ranking is idempotent). Bytes are copied as they are: TLS,
 HTTP/1.1 keep-alive and HTTP/2 (gRPC) pass through unchanged.
+
+The gRPC port's connections are HTTP/2: many calls share one connection, which is seldom idle
+under load. The proxy reads the frame headers going by (not their contents) to count each
+connection's open streams; a drain sends the client a ``GOAWAY`` (the server is going away: finish
+the calls already sent, start no new one here) between two frames, and closes the connection once
+its open streams have all ended. :meth:`TcpProxy.stop_listening` then :meth:`TcpProxy.drain`
+of every connection is how ``rankserve serve`` stops under load: new connections are refused,
+calls in flight finish (up to the drain timeout), and no call meets a server that is unloading.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_DATA, _HEADERS, _RST_STREAM, _GOAWAY = 0x0, 0x1, 0x3, 0x7
+_END_STREAM = 0x1
+
+
+def goaway_frame(last_stream_id: int, error_code: int = 0) -> bytes:
+    """An HTTP/2 GOAWAY frame (RFC 9113, 6.8): streams up to ``last_stream_id`` finish, no new ones."""
+    return struct.pack(">I", 8)[1:] + bytes([_GOAWAY, 0]) + struct.pack(">III", 0, last_stream_id & 0x7FFFFFFF, error_code)
+
+
+class H2Streams:
+    """The open streams of one HTTP/2 connection, from the frame headers of both directions.
+
+    ``feed(data, from_client)`` takes the bytes as they pass; a stream opens with the client's
+    HEADERS and ends when the server's HEADERS or DATA carry END_STREAM, or with a RST_STREAM
+    from either side. :attr:`at_boundary` says whether the server-to-client bytes so far end
+    between two frames (where a frame of the proxy's own may go)."""
+
+    def __init__(self) -> None:
+        self.open: set[int] = set()
+        self.last_client_stream = 0
+        self._preface = len(H2_PREFACE)
+        self.readable = True
+        """False once the client's first bytes were not HTTP/2's preface (TLS, say): nothing is read or sent then."""
+        self._buf = {True: b"", False: b""}
+        self._skip = {True: 0, False: 0}
+
+    @property
+    def at_boundary(self) -> bool:
+        return self._skip[False] == 0 and not self._buf[False]
+
+    def feed(self, data: bytes, from_client: bool) -> None:
+        if not self.readable:
+            return
+        if from_client and self._preface:
+            cut = min(self._preface, len(data))
+            seen = len(H2_PREFACE) - self._preface
+            if data[:cut] != H2_PREFACE[seen:seen + cut]:
+                self.readable = False
+                return
+            data, self._preface = data[cut:], self._preface - cut
+        while data:
+            if self._skip[from_client]:  # the rest of a frame's payload
+                cut = min(self._skip[from_client], len(data))
+                data, self._skip[from_client] = data[cut:], self._skip[from_client] - cut
+                continue
+            buf = self._buf[from_client] + data[:9 - len(self._buf[from_client])]
+            data = data[9 - len(self._buf[from_client]):]
+            if len(buf) < 9:
+                self._buf[from_client] = buf
+                return
+            self._buf[from_client] = b""
+            length = int.from_bytes(buf[:3], "big")
+            kind, flags, stream = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            self._skip[from_client] = length
+            self._frame(kind, flags, stream, from_client)
+
+    def _frame(self, kind: int, flags: int, stream: int, from_client: bool) -> None:
+        if not stream:
+            return
+        if kind == _RST_STREAM:
+            self.open.discard(stream)
+        elif from_client and kind == _HEADERS and stream > self.last_client_stream:
+            self.open.add(stream)
+            self.last_client_stream = stream
+        elif not from_client and kind in (_HEADERS, _DATA) and flags & _END_STREAM:
+            self.open.discard(stream)
 
 
 @dataclass(eq=False)
@@ -25,13 +102,31 @@ class _Connection:
     last_activity: float = field(default_factory=time.monotonic)
     awaiting_backend: bool = False
     """The client sent bytes the backend has not answered yet (a request in flight)."""
+    h2: H2Streams | None = None
+    """The gRPC port's connections: their HTTP/2 streams."""
+    goaway_wanted: bool = False
+    """Being drained: a GOAWAY goes to the client at the next frame boundary."""
+    goaway_sent: bool = False
 
     def close(self) -> None:
         for w in (self.client, self.backend):
             if w is not None and not w.is_closing():
                 w.close()
 
+    @property
+    def http2(self) -> bool:
+        return self.h2 is not None and self.h2.readable
+
+    def send_goaway(self) -> None:
+        """Tell an HTTP/2 client to start no new call here, if the server's bytes are between frames now."""
+        self.goaway_wanted = True
+        if self.http2 and not self.goaway_sent and self.h2.at_boundary and not self.client.is_closing():
+            self.client.write(goaway_frame(self.h2.last_client_stream))
+            self.goaway_sent = True
+
     def idle(self, now: float, quiet_s: float) -> bool:
+        if self.http2:  # HTTP/2: no call open, and the client was told to go away
+            return self.goaway_sent and not self.h2.open and now - self.last_activity >= quiet_s
         return not self.awaiting_backend and now - self.last_activity >= quiet_s
 
 
@@ -39,8 +134,10 @@ class TcpProxy:
     """``listen``: role -> public port on ``host`` (e.g. {"http": 8000, "grpc": 8001}); the backend
     gives each role its address. Runs its own event loop in a daemon thread."""
 
-    def __init__(self, host: str, listen: dict[str, int], block_size: int = 1 << 16) -> None:
-        self.host, self.listen, self.block_size = host, dict(listen), block_size
+    def __init__(self, host: str, listen: dict[str, int], block_size: int = 1 << 16, http2: tuple[str, ...] = ("grpc",)) -> None:
+        """``http2``: the roles whose connections are HTTP/2 (drained with GOAWAY)."""
+        self.host, self.listen, self.block_size, self.http2 = host, dict(listen), block_size, tuple(http2)
+        self._draining = False
         self._backend: dict[str, tuple[str, int]] | None = None
         self.generation = 0
         self._conns: set[_Connection] = set()
@@ -81,6 +178,18 @@ class TcpProxy:
         """Close every connection of a generation older than ``before``: idle ones as they become idle,
         the rest at ``timeout_s``; (closed idle, closed at the timeout)."""
         return self._run(self._drain(before, quiet_s, timeout_s), timeout=timeout_s + 10)
+
+    def stop_listening(self) -> None:
+        """Refuse new connections from now on (the ports close); open ones carry on until drained."""
+        async def close() -> None:
+            self._draining = True
+            for server in self._servers:
+                server.close()
+        self._run(close())
+
+    def drain_all(self, quiet_s: float = 0.005, timeout_s: float = 10.0) -> tuple[int, int]:
+        """:meth:`drain` every connection (after :meth:`stop_listening`: the stop under load)."""
+        return self.drain(self.generation + 1, quiet_s, timeout_s)
 
     def stop(self) -> None:
         if self._thread.is_alive():
@@ -128,6 +237,7 @@ class TcpProxy:
                     self._conns.discard(c)
                 return idle, len(old)
             for c in old:
+                c.send_goaway()
                 if c.idle(now, quiet_s):
                     c.close()
                     self._conns.discard(c)
@@ -136,9 +246,9 @@ class TcpProxy:
 
     async def _handle(self, role: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
-        conn = _Connection(self.generation, writer)
+        conn = _Connection(self.generation, writer, h2=H2Streams() if role in self.http2 else None)
         backend = self._backend
-        if backend is None:
+        if backend is None or self._draining:
             self.refused += 1
             writer.close()
             return
@@ -166,7 +276,11 @@ class TcpProxy:
                     break
                 conn.awaiting_backend = to_backend
                 conn.last_activity = time.monotonic()
+                if conn.h2 is not None:
+                    conn.h2.feed(data, from_client=to_backend)
                 writer.write(data)
+                if not to_backend and conn.goaway_wanted:
+                    conn.send_goaway()  # a drain that found the server mid-frame: now, between frames
                 await writer.drain()
                 conn.last_activity = time.monotonic()
         except (ConnectionError, OSError):

@@ -17,7 +17,7 @@ import numpy as np
 
 from rankserve.server.embedded import EmbeddedServer, free_port, free_serve_settings
 from rankserve.server.proxy import TcpProxy
-from rankserve.server.rollout import backend_of
+from rankserve.server.supervisor import backend_of
 
 TEXTS = [f"product {i}: a solid oak dining table with {i % 7} matching chairs and a walnut finish" for i in range(20)]
 

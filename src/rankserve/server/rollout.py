@@ -13,7 +13,6 @@ reported; a release that failed is not tried again until the pointer moves.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -21,27 +20,12 @@ from typing import Callable
 
 from rankserve import releases as rel
 from rankserve.errors import RankserveError, ServeError
-from rankserve.server.embedded import EmbeddedServer, free_port
+from rankserve.server.embedded import EmbeddedServer, require_free_ports, serve_ports
 from rankserve.server.proxy import TcpProxy
-from rankserve.server.supervisor import STARTING_GRACE_S, RequestCounter, RestartPolicy
+from rankserve.server.supervisor import STARTING_GRACE_S, RequestCounter, RestartPolicy, backend_of, internal_settings  # noqa: F401
 from rankserve.settings import ServeSettings
 
 ROLES = ("http", "grpc", "metrics")
-
-
-def internal_settings(settings: ServeSettings) -> ServeSettings:
-    """``settings`` on three free loopback ports (the proxy holds the public ones)."""
-    ports: list[int] = []
-    while len(ports) < 3:
-        port = free_port()
-        if port not in ports and port not in (settings.http_port, settings.grpc_port, settings.metrics_port):
-            ports.append(port)
-    return dataclasses.replace(settings, host="127.0.0.1", http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2])
-
-
-def backend_of(server: EmbeddedServer) -> dict[str, tuple[str, int]]:
-    s = server.settings
-    return {"http": (s.host, s.http_port), "grpc": (s.host, s.grpc_port), "metrics": (s.host, s.metrics_port)}
 
 
 class ReleaseServer:
@@ -94,11 +78,15 @@ class ReleaseServer:
         start is abandoned at once and ``server`` stays None."""
         if stop is not None:
             self._stop = stop
+        require_free_ports(self.settings.host, serve_ports(self.settings))  # the proxy's public ports, first
         name = rel.current(self.releases)
         if name is None:
             raise ServeError(f"{self.releases} has no current release: `rankserve promote NAME --releases {self.releases}` first "
                              f"(published: {', '.join(rel.list_releases(self.releases)) or 'none'})")
-        self.proxy.start()
+        try:
+            self.proxy.start()
+        except OSError as exc:  # taken between the check and the start
+            raise ServeError(f"cannot listen on the public ports of {self.settings.host}: {exc.strerror or exc}") from None
         try:
             self.server = self._start_server(name)
         except BaseException:
@@ -180,7 +168,13 @@ class ReleaseServer:
         code = None
         try:
             if self.server is not None:
-                self.log("stopping tritonserver (in-flight requests finish first)...")
+                self.log(f"draining: new connections refused, requests in flight finish (at most "
+                         f"{self.settings.drain_timeout_s:g} s)...")
+                started = time.monotonic()
+                self.proxy.stop_listening()
+                idle, forced = self.proxy.drain_all(timeout_s=self.settings.drain_timeout_s)
+                self.log(f"drained in {time.monotonic() - started:.2f} s: {idle} connections closed between requests, "
+                         f"{forced} at the drain timeout; stopping tritonserver...")
                 code = self.server.stop()
                 self.server = None
         finally:

@@ -10,6 +10,15 @@ disk between restarts is refused). A stop request (SIGTERM, Ctrl-C) is honoured 
 a serving server stops gracefully (in-flight requests finish within the exit timeout), one that
 is starting or waiting for readiness is stopped at once (:data:`STARTING_GRACE_S`), a pending
 restart is abandoned; no stub or shared-memory region is left behind.
+
+The public ports belong to rankserve's :class:`Front` (a TCP proxy, see ``server/proxy.py``);
+tritonserver listens on internal loopback ports behind it. Triton 2.51 drains badly by itself: on
+SIGTERM it keeps taking HTTP requests while any is in flight, and once a model has unloaded
+answers "unknown model" (not retried) until its endpoints close. So a stop drains in front of it
+first (:meth:`Front.drain`): the public ports close (new connections are refused: the SDKs retry
+that, a load balancer sees the replica not ready), each open connection is closed once it is
+between requests (HTTP/2 clients are sent GOAWAY and their calls in flight finish), the rest at
+``drain_timeout_s``; only then is tritonserver stopped, with nothing left in flight.
 """
 
 from __future__ import annotations
@@ -20,8 +29,11 @@ import urllib.request
 from collections import deque
 from typing import Callable
 
+import dataclasses
+
 from rankserve.errors import ServeError
-from rankserve.server.embedded import EmbeddedServer
+from rankserve.server.embedded import EmbeddedServer, free_port, require_free_ports, serve_ports
+from rankserve.server.proxy import TcpProxy
 from rankserve.settings import ServeSettings
 
 STARTING_GRACE_S = 3.0
@@ -136,15 +148,71 @@ def watch(server: EmbeddedServer, stop: threading.Event, interval_s: float,
     return None
 
 
+def internal_settings(settings: ServeSettings) -> ServeSettings:
+    """``settings`` on three free loopback ports (the proxy holds the public ones)."""
+    ports: list[int] = []
+    while len(ports) < 3:
+        port = free_port()
+        if port not in ports and port not in (settings.http_port, settings.grpc_port, settings.metrics_port):
+            ports.append(port)
+    return dataclasses.replace(settings, host="127.0.0.1", http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2])
+
+
+def backend_of(server: EmbeddedServer) -> dict[str, tuple[str, int]]:
+    s = server.settings
+    return {"http": (s.host, s.http_port), "grpc": (s.host, s.grpc_port), "metrics": (s.host, s.metrics_port)}
+
+
+class Front:
+    """The public HTTP, gRPC and metrics ports of ``settings``, held by a :class:`TcpProxy` in
+    front of whichever server is current (:meth:`serve`), and drained before a stop (:meth:`drain`)."""
+
+    def __init__(self, settings: ServeSettings, log: Callable[[str], None] = print) -> None:
+        self.settings, self.log = settings, log
+        self.proxy = TcpProxy(settings.host, {"http": settings.http_port, "grpc": settings.grpc_port,
+                                              "metrics": settings.metrics_port})
+
+    def start(self) -> "Front":
+        """Listen on the public ports; :class:`ServeError` naming any port already taken."""
+        require_free_ports(self.settings.host, serve_ports(self.settings))
+        try:
+            self.proxy.start()
+        except OSError as exc:  # taken between the check and the start
+            raise ServeError(f"cannot listen on the public ports of {self.settings.host}: {exc.strerror or exc} "
+                             "(choose other ports: --http-port, --grpc-port, --metrics-port)") from None
+        return self
+
+    def serve(self, server: EmbeddedServer) -> int:
+        """New connections go to ``server`` from now on (the proxy's generation)."""
+        return self.proxy.set_backend(backend_of(server))
+
+    def drain(self) -> tuple[int, int]:
+        """Refuse new connections, let each open one finish its request in flight (HTTP/2: GOAWAY,
+        then its calls in flight), up to ``drain_timeout_s``; (closed when idle, closed at the timeout)."""
+        started = time.monotonic()
+        self.proxy.stop_listening()
+        open_ = self.proxy.connections()
+        idle, forced = self.proxy.drain_all(timeout_s=self.settings.drain_timeout_s)
+        self.log(f"drained in {time.monotonic() - started:.2f} s: {open_} open connections; {idle} closed by rankserve between "
+                 f"requests, {open_ - idle - forced} by their clients (gRPC: told to go away), {forced} at the "
+                 f"{self.settings.drain_timeout_s:g} s drain timeout")
+        return idle, forced
+
+    def stop(self) -> None:
+        self.proxy.stop()
+
+
 def supervise(make_server: Callable[[], EmbeddedServer], settings: ServeSettings, stop: threading.Event,
               log: Callable[[str], None] = print, on_ready: Callable[[EmbeddedServer], None] | None = None,
-              before_start: Callable[[], object] | None = None) -> int | None:
+              before_start: Callable[[], object] | None = None, front: Front | None = None) -> int | None:
     """Serve until ``stop`` is set, restarting a broken server; the last server's exit code (None
     when stopped before any server ran).
 
     ``before_start`` runs before every start (e.g. verify the repository); what it raises ends
-    supervision. Raises :class:`ServeError` when a server does not become ready or the restart
-    policy gives up."""
+    supervision. ``front``: the started :class:`Front` on the public ports (``make_server`` then
+    makes servers on internal ports, e.g. :func:`internal_settings`): each ready server is put
+    behind it, and a stop drains it before the server stops. Raises :class:`ServeError` when a
+    server does not become ready or the restart policy gives up."""
     policy = RestartPolicy.of(settings)
     restarts = 0
     code = None
@@ -165,13 +233,21 @@ def supervise(make_server: Callable[[], EmbeddedServer], settings: ServeSettings
         ready_at = time.monotonic()
         if restarts:
             log(f"restart {restarts}: tritonserver ready again after {ready_at - started:.1f} s")
+        if front is not None:
+            front.serve(server)
         if on_ready is not None:
             on_ready(server)
         taken = RequestCounter(server)
         problem = watch(server, stop, settings.health_interval_s, taken.read)
         if problem is None:
-            log("stopping tritonserver (in-flight requests finish first)...")
-            return server.stop()
+            if front is not None:
+                log(f"draining: new connections refused, requests in flight finish (at most {settings.drain_timeout_s:g} s)...")
+                front.drain()
+            log("stopping tritonserver...")
+            stopping = time.monotonic()
+            code = server.stop()
+            log(f"tritonserver stopped in {time.monotonic() - stopping:.2f} s")
+            return code
         taken.read()  # the server may still answer (a stub died): its requests up to now
         served = taken.served
         log(f"{problem}: restarting tritonserver ({'it had taken requests' if served else 'no request had reached it'})")
