@@ -87,3 +87,16 @@ def test_other_pair_templates_count_the_query_and_texts_apart(make, tmp_path):
     _, counts = encode_request(tok, "sofa 枕", ["sofa", "枕 table"], (), unknown, count=True)
     texts_tokens = sum(len(tok.encode(t, add_special_tokens=False).ids) for t in ("sofa", "枕 table"))
     assert counts == TokenCounts(1, 2, 1, texts_tokens)
+
+
+def test_the_sdk_reads_token_counts_as_the_server_writes_them():
+    """The Python SDK is installed on its own, so it has its own TokenCounts: the same fields in the
+    order of the ``token_counts`` output, and the same "mostly unknown" threshold as the server's."""
+    import dataclasses
+
+    from rankserve_client import _common as sdk
+
+    assert sdk.MOSTLY_UNKNOWN == MOSTLY_UNKNOWN
+    assert [f.name for f in dataclasses.fields(sdk.TokenCounts)] == [f.name for f in dataclasses.fields(TokenCounts)]
+    counts = TokenCounts(3, 5, 1, 10)
+    assert sdk.TokenCounts(*counts.as_array().tolist()).query_mostly_unknown == counts.query_mostly_unknown
