@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from rankserve.server.processes import _stat, listening_inodes, port_owner, server_pids, stub_processes
+from rankserve.server.processes import _stat, port_owner, server_pids, stub_processes
 
 
 def expected_stubs(repo: str | Path) -> dict[str, int]:

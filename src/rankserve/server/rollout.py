@@ -20,9 +20,8 @@ from typing import Callable
 
 from rankserve import releases as rel
 from rankserve.errors import RankserveError, ServeError
-from rankserve.server.embedded import EmbeddedServer, require_free_ports, serve_ports
-from rankserve.server.proxy import TcpProxy
-from rankserve.server.supervisor import STARTING_GRACE_S, RequestCounter, RestartPolicy, backend_of, internal_settings  # noqa: F401
+from rankserve.server.embedded import EmbeddedServer
+from rankserve.server.supervisor import STARTING_GRACE_S, Front, RequestCounter, RestartPolicy, backend_of, internal_settings  # noqa: F401
 from rankserve.settings import ServeSettings
 
 ROLES = ("http", "grpc", "metrics")
@@ -37,8 +36,8 @@ class ReleaseServer:
         """``admin_key``: the key of every server's restricted APIs (default: a random one per server)."""
         self.releases, self.settings, self.log_dir, self.log = Path(releases), settings, Path(log_dir), log
         self.admin_key = admin_key
-        self.proxy = TcpProxy(settings.host, {"http": settings.http_port, "grpc": settings.grpc_port,
-                                              "metrics": settings.metrics_port})
+        self.front = Front(settings, log)  # the public ports, as plain `rankserve serve` holds them
+        self.proxy = self.front.proxy
         self.server: EmbeddedServer | None = None
         self.release: str | None = None
         self.failed: str | None = None
@@ -78,15 +77,12 @@ class ReleaseServer:
         start is abandoned at once and ``server`` stays None."""
         if stop is not None:
             self._stop = stop
-        require_free_ports(self.settings.host, serve_ports(self.settings))  # the proxy's public ports, first
+        self.front.start()  # the public ports first: names one already taken
         name = rel.current(self.releases)
         if name is None:
+            self.front.stop()
             raise ServeError(f"{self.releases} has no current release: `rankserve promote NAME --releases {self.releases}` first "
                              f"(published: {', '.join(rel.list_releases(self.releases)) or 'none'})")
-        try:
-            self.proxy.start()
-        except OSError as exc:  # taken between the check and the start
-            raise ServeError(f"cannot listen on the public ports of {self.settings.host}: {exc.strerror or exc}") from None
         try:
             self.server = self._start_server(name)
         except BaseException:
@@ -170,11 +166,8 @@ class ReleaseServer:
             if self.server is not None:
                 self.log(f"draining: new connections refused, requests in flight finish (at most "
                          f"{self.settings.drain_timeout_s:g} s)...")
-                started = time.monotonic()
-                self.proxy.stop_listening()
-                idle, forced = self.proxy.drain_all(timeout_s=self.settings.drain_timeout_s)
-                self.log(f"drained in {time.monotonic() - started:.2f} s: {idle} connections closed between requests, "
-                         f"{forced} at the drain timeout; stopping tritonserver...")
+                self.front.drain()
+                self.log("stopping tritonserver...")
                 code = self.server.stop()
                 self.server = None
         finally:

@@ -23,13 +23,12 @@ between requests (HTTP/2 clients are sent GOAWAY and their calls in flight finis
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import urllib.request
 from collections import deque
 from typing import Callable
-
-import dataclasses
 
 from rankserve.errors import ServeError
 from rankserve.server.embedded import EmbeddedServer, free_port, require_free_ports, serve_ports
