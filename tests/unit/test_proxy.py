@@ -213,3 +213,64 @@ def test_stop_under_load_refuses_new_connections_sends_goaway_and_lets_calls_in_
     assert frames[0][:3] == (0x7, 0, 0) and frames[0][3][:4] == (3).to_bytes(4, "big")  # GOAWAY first: no new call
     assert [(f[0], f[2]) for f in frames[1:]] == [(HEADERS, 1), (HEADERS, 3)]  # both calls answered, then closed
     assert (closed_idle, forced) == (1, 0) and 0.9 < took < 3
+
+
+# -- HTTP/1.1 (the HTTP and metrics ports): a connection is closed only between messages -----------
+
+class _SlowBodyBackend(socketserver.ThreadingTCPServer):
+    """An HTTP/1.1 server that sends each answer's head at once and its body ``pause`` seconds later,
+    in two chunks (``Transfer-Encoding: chunked``) or by ``Content-Length``."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, pause: float, chunked: bool) -> None:
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(inner) -> None:
+                while True:
+                    line = inner.rfile.readline()
+                    if not line:
+                        return
+                    while inner.rfile.readline() not in (b"\r\n", b""):  # the rest of the head (no body)
+                        pass
+                    if chunked:
+                        inner.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+                        time.sleep(pause)
+                        inner.wfile.write(b"6\r\nsecond\r\n0\r\n\r\n")
+                    else:
+                        inner.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nfirst")
+                        time.sleep(pause)
+                        inner.wfile.write(b"second")
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    sock.settimeout(5)
+    data = b""
+    while more := sock.recv(65536):
+        data += more
+    return data
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "content-length"])
+def test_a_stop_waits_for_an_http_answer_written_in_pieces_and_then_closes_its_connection(chunked):
+    """The proxy used to call an HTTP connection idle 5 ms after the backend's last bytes: an answer
+    whose body came 0.3 s after its head was cut at the head."""
+    backend = _SlowBodyBackend(pause=0.3, chunked=chunked)
+    proxy = TcpProxy("127.0.0.1", {"http": free_port()}).start()
+    try:
+        proxy.set_backend({"http": ("127.0.0.1", backend.server_address[1])})
+        sock = socket.create_connection(("127.0.0.1", proxy.listen["http"]), timeout=5)
+        sock.sendall(b"GET /v2/models/ranker HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.1)  # the head has come through; the body has not
+        proxy.stop_listening()
+        closed_idle, forced = proxy.drain_all(timeout_s=5)
+        answer = _read_all(sock)
+    finally:
+        proxy.stop()
+        backend.shutdown()
+        backend.server_close()
+    assert answer.endswith(b"0\r\n\r\n" if chunked else b"firstsecond"), answer  # whole, then closed
+    assert (closed_idle, forced) == (1, 0)

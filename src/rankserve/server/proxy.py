@@ -3,9 +3,11 @@
 ``rankserve serve --releases`` keeps the HTTP, gRPC and metrics ports on this proxy and runs
 tritonserver on internal loopback ports. :meth:`TcpProxy.set_backend` sends new connections to
 another server at once; :meth:`TcpProxy.drain` then closes the connections still going to the old
-one, each when it is between requests (its last bytes went to the client and nothing moved for
-``quiet_s``), and at ``timeout_s`` whatever is left. A client whose connection closes gets a
-connection error that both SDKs retry (ranking is idempotent). Bytes are copied as they are: TLS,
+one, each when it is between requests, and at ``timeout_s`` whatever is left. On the HTTP and
+metrics ports "between requests" means every request read so far has been answered in full, from
+the HTTP/1.1 framing (:mod:`rankserve.server.http1`); bytes that are not followable HTTP/1.1
+fall back to "the backend's bytes came last and nothing moved for ``quiet_s``". A client whose
+connection closes gets a connection error that both SDKs retry (ranking is idempotent). Bytes are copied as they are: TLS,
 HTTP/1.1 keep-alive and HTTP/2 (gRPC) pass through unchanged.
 
 The gRPC port's connections are HTTP/2: many calls share one connection, which is seldom idle
@@ -24,6 +26,8 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+
+from rankserve.server.http1 import H1Messages
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _DATA, _HEADERS, _RST_STREAM, _GOAWAY = 0x0, 0x1, 0x3, 0x7
@@ -104,6 +108,8 @@ class _Connection:
     """The client sent bytes the backend has not answered yet (a request in flight)."""
     h2: H2Streams | None = None
     """The gRPC port's connections: their HTTP/2 streams."""
+    h1: H1Messages | None = None
+    """The other ports' connections (HTTP and metrics): their HTTP/1.1 requests and answers."""
     goaway_wanted: bool = False
     """Being drained: a GOAWAY goes to the client at the next frame boundary."""
     goaway_sent: bool = False
@@ -127,6 +133,9 @@ class _Connection:
     def idle(self, now: float, quiet_s: float) -> bool:
         if self.http2:  # HTTP/2: no call open, and the client was told to go away
             return self.goaway_sent and not self.h2.open and now - self.last_activity >= quiet_s
+        if self.h1 is not None and self.h1.readable:  # HTTP/1.1: every request answered in full
+            return self.h1.between_messages and now - self.last_activity >= quiet_s
+        # bytes the proxy cannot follow: idle once the backend spoke last and nothing moved for quiet_s
         return not self.awaiting_backend and now - self.last_activity >= quiet_s
 
 
@@ -173,6 +182,16 @@ class TcpProxy:
     def connections(self, generation: int | None = None) -> int:
         """Open connections (of one backend generation, or all)."""
         return self._run(self._call(lambda: sum(1 for c in self._conns if generation is None or c.generation == generation)))
+
+    def framing(self) -> dict[str, int]:
+        """Open connections by how their boundaries are found: ``http1`` (HTTP/1.1 framing followed),
+        ``http2`` (frame headers followed) and ``quiet`` (bytes not followed: idle after a quiet spell)."""
+        def count() -> dict[str, int]:
+            out = {"http1": 0, "http2": 0, "quiet": 0}
+            for c in self._conns:
+                out["http2" if c.http2 else "http1" if c.h1 is not None and c.h1.readable else "quiet"] += 1
+            return out
+        return self._run(self._call(count))
 
     def drain(self, before: int, quiet_s: float = 0.02, timeout_s: float = 10.0) -> tuple[int, int]:
         """Close every connection of a generation older than ``before``: idle ones as they become idle,
@@ -246,7 +265,8 @@ class TcpProxy:
 
     async def _handle(self, role: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
-        conn = _Connection(self.generation, writer, h2=H2Streams() if role in self.http2 else None)
+        conn = _Connection(self.generation, writer, h2=H2Streams() if role in self.http2 else None,
+                           h1=None if role in self.http2 else H1Messages())
         backend = self._backend
         if backend is None or self._draining:
             self.refused += 1
@@ -278,6 +298,8 @@ class TcpProxy:
                 conn.last_activity = time.monotonic()
                 if conn.h2 is not None:
                     conn.h2.feed(data, from_client=to_backend)
+                elif conn.h1 is not None:
+                    conn.h1.feed(data, from_client=to_backend)
                 writer.write(data)
                 if not to_backend and conn.goaway_wanted:
                     conn.send_goaway()  # a drain that found the server mid-frame: now, between frames
