@@ -162,7 +162,7 @@ def _serve(args) -> None:
 
     from rankserve.builder.repository import build_hint, recorded_ranker, remove_bytecode, verify_for_start, verify_repository
     from rankserve.server.embedded import EmbeddedServer
-    from rankserve.server.supervisor import Front, internal_settings, supervise
+    from rankserve.server.supervisor import Front, internal_settings, stop_notice, supervise
 
     if args.releases:
         if args.model_repository:
@@ -206,8 +206,7 @@ def _serve(args) -> None:
         print(f"  response cache  {cache}")
         print(f"  watching the server and its {len(server.stubs)} Python-backend stubs every {settings.health_interval_s:g} s; "
               "a broken server is restarted", flush=True)
-        print(f"Ctrl-C or SIGTERM stops it. New connections are then refused at once, requests in flight finish (at most "
-              f"{settings.drain_timeout_s:g} s, --drain-timeout), then tritonserver stops.", flush=True)
+        print(stop_notice(settings), flush=True)
 
     verified = [args.model_repository]  # just verified above: the first start only removes bytecode
 
@@ -231,9 +230,9 @@ def _serve_releases(args) -> None:
     import threading
 
     from rankserve import releases
-    from rankserve.server.rollout import ReleaseServer
-
     from rankserve.server.embedded import read_admin_key
+    from rankserve.server.rollout import ReleaseServer
+    from rankserve.server.supervisor import stop_notice
 
     admin_key = read_admin_key(args.admin_key_file) if args.admin_key_file else None
     settings = _serve_settings(args)
@@ -259,8 +258,7 @@ def _serve_releases(args) -> None:
     print(f"  through a TCP proxy to tritonserver on {server.server.http_url}; logs {log_dir}")
     print(f"  following {args.releases}/current (rankserve promote / rollback): a new release is started, "
           "switched to when ready, and the old one drained; a broken server is replaced the same way", flush=True)
-    print(f"Ctrl-C or SIGTERM stops it. New connections are then refused at once, requests in flight finish (at most "
-          f"{s.drain_timeout_s:g} s, --drain-timeout), then tritonserver stops.", flush=True)
+    print(stop_notice(s), flush=True)
     code = server.run(stop)
     print(f"stopped (exit code {code})", flush=True)
 

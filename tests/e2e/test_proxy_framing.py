@@ -2,6 +2,7 @@
 Triton sends (rankings, refusals, health, metadata, metrics), so a stop closes each HTTP connection
 exactly when its last request has been answered, never by a guess from quiet time."""
 
+import re
 import threading
 import time
 import urllib.request
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.triton
 
 def test_every_http_answer_triton_sends_is_followed_and_a_stop_waits_for_the_one_in_flight(tiny_repo, dataset, tmp_path):
     texts = [p.text for p in dataset.products.values()]
-    long = ("solid wood dining table", [texts[i % len(texts)] for i in range(TINY.tokenize.max_candidates)])
+    long = ("solid wood dining table", [(texts[i % len(texts)] + " ") * 4 for i in range(TINY.tokenize.max_candidates)])
     with EmbeddedServer(tiny_repo, free_serve_settings(), tmp_path / "tritonserver.log") as server:
         proxy = TcpProxy("127.0.0.1", {"http": free_port(), "metrics": free_port()}, http2=()).start()
         try:
@@ -40,25 +41,38 @@ def test_every_http_answer_triton_sends_is_followed_and_a_stop_waits_for_the_one
             assert b"nv_inference_request_success" in scrape.read()
             assert proxy.framing()["quiet"] == 0, proxy.framing()  # every open connection followed
 
-            # a stop while a long ranking is in flight: it is answered whole, then its connection closes
+            # a stop while a long ranking is in flight: it is answered whole, then its connection closes.
+            # The client's connection is open and its API checked first, and the drain starts once the
+            # request has reached the server (Triton's tokenize counter), so it cannot be refused at the door.
             result, errors = [], []
+            client = RankerClient(url, retries=0)
+            client.rank("outdoor rug", texts[:2])
+            sent = _tokenized(server.metrics_url)
 
             def rank_long() -> None:
                 try:
-                    with RankerClient(url, retries=0) as c:
-                        result.append(c.rank(*long, top_k=3))
+                    result.append(client.rank(*long, top_k=3))
                 except Exception as exc:  # noqa: BLE001 -- reported below
                     errors.append(exc)
 
             asker = threading.Thread(target=rank_long)
             asker.start()
-            time.sleep(0.05)  # the request is at the server (it takes about 0.2 s)
+            deadline = time.monotonic() + 30
+            while _tokenized(server.metrics_url) <= sent and time.monotonic() < deadline:
+                time.sleep(0.002)
             assert proxy.framing()["quiet"] == 0
             proxy.stop_listening()
             closed_idle, forced = proxy.drain_all(timeout_s=10)
             asker.join(timeout=30)
+            client.close()
             assert not errors and len(result[0]) == 3, errors
             assert forced == 0 and closed_idle >= 1 and proxy.connections() == 0
             raw.close()
         finally:
             proxy.stop()
+
+
+def _tokenized(metrics_url: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    found = re.search(r'^nv_inference_request_success\{model="tokenize",version="1"\} ([0-9.e+]+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0

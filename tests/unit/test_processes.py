@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from rankserve.server.processes import SHM_PREFIX, alive, parse_stub_args, remove_shm_regions, server_pids, stub_processes
+from rankserve.server.processes import (SHM_PREFIX, alive, parse_stub_args, port_owner, remove_shm_regions, served_repository,
+                                        server_pids, stub_processes)
 from rankserve.server.supervisor import RestartBudget
 
 # as ps shows a Triton 2.51 stub (measured)
@@ -34,6 +35,35 @@ def test_stubs_are_the_servers_children_and_zombies_are_dead(tmp_path):
     assert alive(11, tmp_path) and not alive(12, tmp_path) and not alive(14, tmp_path)
     assert [s.pid for s in stub_processes(99, tmp_path)] == [13]  # a command name with spaces and parentheses
     assert server_pids("/models", tmp_path) == [10] and server_pids("/other", tmp_path) == []
+
+
+def _listen(root: Path, pid: int, port: int, inode: int) -> None:
+    """``pid`` holds a socket listening on ``port`` (as /proc/net/tcp and /proc/PID/fd show it)."""
+    net = root / "net"
+    net.mkdir(exist_ok=True)
+    head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    table = net / "tcp"
+    rows = table.read_text() if table.exists() else head
+    table.write_text(rows + f"   0: 0100007F:{port:04X} 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 {inode}\n")
+    fd = root / str(pid) / "fd"
+    fd.mkdir(exist_ok=True)
+    (fd / "3").symlink_to(f"socket:[{inode}]")
+
+
+def test_the_owner_and_repository_of_a_port_are_read_from_the_listener_or_the_server_behind_its_proxy(tmp_path):
+    _proc(tmp_path, 30, "S", 1, ["/venv/bin/python", "-m", "rankserve", "serve", "--model-repository", "/models"], comm="python")
+    _proc(tmp_path, 31, "S", 30, ["/bin/tritonserver", "--model-repository=/models", "--http-port=40000"], comm="tritonserver")
+    _proc(tmp_path, 32, "S", 31, STUB_ARGS)
+    _proc(tmp_path, 40, "S", 1, ["/bin/tritonserver", "--model-repository=/direct"], comm="tritonserver")
+    _proc(tmp_path, 50, "S", 1, ["/usr/bin/nc", "-l", "9000"], comm="nc")
+    _listen(tmp_path, 30, 8000, 111)  # serve's proxy holds the public port
+    _listen(tmp_path, 40, 8100, 222)
+    _listen(tmp_path, 50, 9000, 333)
+    assert port_owner(8000, tmp_path) == "pid 30 (python -m rankserve serve --model-repository /models)"
+    assert served_repository(8000, tmp_path) == (31, "/models")  # the tritonserver behind the proxy
+    assert served_repository(8100, tmp_path) == (40, "/direct")
+    assert served_repository(9000, tmp_path) is None and port_owner(9000, tmp_path) == "pid 50 (nc -l 9000)"
+    assert port_owner(8200, tmp_path) is None and served_repository(8200, tmp_path) is None  # nobody listens
 
 
 def test_only_named_triton_regions_are_removed(tmp_path):

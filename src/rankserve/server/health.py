@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from rankserve.server.processes import _stat, port_owner, server_pids, stub_processes
+from rankserve.server.processes import served_repository, server_pids, stub_processes
 
 
 def expected_stubs(repo: str | Path) -> dict[str, int]:
@@ -44,30 +44,6 @@ def url_port(url: str) -> int | None:
     if sep and port.isdigit() and not host.endswith(":"):
         return int(port)
     return 443 if tls else 8000 if protocol == "http" else 8001
-
-
-def _repository_of(pid: int, proc: Path) -> str | None:
-    try:
-        args = (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return None
-    return next((a.split("=", 1)[1] for a in args if a.startswith("--model-repository=")), None)
-
-
-def served_repository(port: int, proc: Path = Path("/proc")) -> tuple[int, str] | None:
-    """(tritonserver pid, model repository) of the server listening on ``port`` of this host: the
-    tritonserver itself, or the one ``rankserve serve --releases`` runs behind its proxy on that port."""
-    owner = port_owner(port, proc)
-    if owner is None:
-        return None
-    pid = int(owner.split()[1])
-    candidates = [pid] + [int(e.name) for e in proc.iterdir() if e.name.isdigit() and (_stat(int(e.name), proc) or (0, 0))[1] == pid]
-    for candidate in candidates:
-        stat = _stat(candidate, proc)
-        repo = _repository_of(candidate, proc) if stat is not None and stat[3] == "tritonserver" else None
-        if repo:
-            return candidate, repo
-    return None
 
 
 def _probe(url: str, model: str | None) -> tuple[bool, bool]:

@@ -62,43 +62,48 @@ def alive(pid: int, proc: Path = Path("/proc")) -> bool:
     return stat is not None and stat[0] not in ("Z", "X")
 
 
+def _cmdline(pid: int, proc: Path) -> list[str] | None:
+    """The command line of ``pid`` (empty arguments dropped), or None when it cannot be read."""
+    try:
+        return [a for a in (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+    except OSError:
+        return None
+
+
+def children(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """The live child processes of ``pid``."""
+    out = []
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            stat = _stat(int(entry.name), proc)
+            if stat is not None and stat[1] == pid and stat[0] not in ("Z", "X"):
+                out.append(int(entry.name))
+    return sorted(out)
+
+
 def stub_processes(server_pid: int, proc: Path = Path("/proc")) -> list[StubProcess]:
     """The live Python-backend stubs of the tritonserver process ``server_pid`` (its children)."""
     stubs = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        stat = _stat(int(entry.name), proc)
-        if stat is None or stat[1] != server_pid or stat[0] in ("Z", "X"):
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        stub = parse_stub_args(int(entry.name), [a for a in args if a])
+    for pid in children(server_pid, proc):
+        stub = parse_stub_args(pid, _cmdline(pid, proc) or [])
         if stub is not None:
             stubs.append(stub)
     return sorted(stubs, key=lambda s: s.instance)
 
 
+def tritonserver_repositories(pid: int, proc: Path = Path("/proc")) -> list[str]:
+    """The ``--model-repository`` paths of ``pid`` when it is a live tritonserver, else []."""
+    stat = _stat(pid, proc)
+    if stat is None or stat[3] != "tritonserver" or stat[0] in ("Z", "X"):
+        return []
+    return [a.split("=", 1)[1] for a in _cmdline(pid, proc) or [] if a.startswith("--model-repository=")]
+
+
 def server_pids(model_repository: str | Path, proc: Path = Path("/proc")) -> list[int]:
     """The running ``tritonserver`` processes serving ``model_repository``."""
     wanted = Path(model_repository).resolve()
-    pids = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        stat = _stat(int(entry.name), proc)
-        if stat is None or stat[3] != "tritonserver" or stat[0] in ("Z", "X"):
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        repos = [a.split("=", 1)[1] for a in args if a.startswith("--model-repository=")]
-        if any(Path(r).resolve() == wanted for r in repos):
-            pids.append(int(entry.name))
-    return sorted(pids)
+    return sorted(int(e.name) for e in proc.iterdir() if e.name.isdigit()
+                  and any(Path(r).resolve() == wanted for r in tritonserver_repositories(int(e.name), proc)))
 
 
 def dead_stubs(stubs: list[StubProcess], proc: Path = Path("/proc")) -> list[StubProcess]:
@@ -137,9 +142,9 @@ def listening_inodes(port: int, proc: Path = Path("/proc")) -> set[str]:
     return inodes
 
 
-def port_owner(port: int, proc: Path = Path("/proc")) -> str | None:
-    """``pid N (command line)`` of a process of this user listening on TCP ``port``, or None when
-    it cannot be told (no listener, or another user's process: its descriptors are not readable)."""
+def listening_pid(port: int, proc: Path = Path("/proc")) -> int | None:
+    """The process of this user listening on TCP ``port``, or None when it cannot be told (no
+    listener, or another user's process: its descriptors are not readable)."""
     wanted = {f"socket:[{inode}]" for inode in listening_inodes(port, proc)}
     if not wanted:
         return None
@@ -153,10 +158,31 @@ def port_owner(port: int, proc: Path = Path("/proc")) -> str | None:
         for fd in fds:
             try:
                 if os.readlink(fd) in wanted:
-                    args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-                    words = " ".join(args).split()
-                    shown = " ".join([Path(words[0]).name, *words[1:]]) if words else "?"
-                    return f"pid {entry.name} ({shown[:80]}{'...' if len(shown) > 80 else ''})"
+                    return int(entry.name)
             except OSError:
                 continue
+    return None
+
+
+def port_owner(port: int, proc: Path = Path("/proc")) -> str | None:
+    """``pid N (command line)`` of the process of this user listening on TCP ``port``, or None
+    (:func:`listening_pid`)."""
+    pid = listening_pid(port, proc)
+    if pid is None:
+        return None
+    words = " ".join(_cmdline(pid, proc) or []).split()
+    shown = " ".join([Path(words[0]).name, *words[1:]]) if words else "?"
+    return f"pid {pid} ({shown[:80]}{'...' if len(shown) > 80 else ''})"
+
+
+def served_repository(port: int, proc: Path = Path("/proc")) -> tuple[int, str] | None:
+    """(tritonserver pid, model repository) of the server listening on ``port`` of this host: the
+    tritonserver itself, or the one ``rankserve serve`` runs behind its proxy on that port."""
+    pid = listening_pid(port, proc)
+    if pid is None:
+        return None
+    for candidate in [pid, *children(pid, proc)]:
+        repos = tritonserver_repositories(candidate, proc)
+        if repos:
+            return candidate, repos[0]
     return None

@@ -7,8 +7,8 @@ one, each when it is between requests, and at ``timeout_s`` whatever is left. On
 metrics ports "between requests" means every request read so far has been answered in full, from
 the HTTP/1.1 framing (:mod:`rankserve.server.http1`); bytes that are not followable HTTP/1.1
 fall back to "the backend's bytes came last and nothing moved for ``quiet_s``". A client whose
-connection closes gets a connection error that both SDKs retry (ranking is idempotent). Bytes are copied as they are: TLS,
-HTTP/1.1 keep-alive and HTTP/2 (gRPC) pass through unchanged.
+connection closes gets a connection error that both SDKs retry (ranking is idempotent). Bytes are
+copied as they are: TLS, HTTP/1.1 keep-alive and HTTP/2 (gRPC) pass through unchanged.
 
 The gRPC port's connections are HTTP/2: many calls share one connection, which is seldom idle
 under load. The proxy reads the frame headers going by (not their contents) to count each
@@ -123,6 +123,10 @@ class _Connection:
     def http2(self) -> bool:
         return self.h2 is not None and self.h2.readable
 
+    @property
+    def http1(self) -> bool:
+        return self.h1 is not None and self.h1.readable
+
     def send_goaway(self) -> None:
         """Tell an HTTP/2 client to start no new call here, if the server's bytes are between frames now."""
         self.goaway_wanted = True
@@ -133,7 +137,7 @@ class _Connection:
     def idle(self, now: float, quiet_s: float) -> bool:
         if self.http2:  # HTTP/2: no call open, and the client was told to go away
             return self.goaway_sent and not self.h2.open and now - self.last_activity >= quiet_s
-        if self.h1 is not None and self.h1.readable:  # HTTP/1.1: every request answered in full
+        if self.http1:  # HTTP/1.1: every request answered in full
             return self.h1.between_messages and now - self.last_activity >= quiet_s
         # bytes the proxy cannot follow: idle once the backend spoke last and nothing moved for quiet_s
         return not self.awaiting_backend and now - self.last_activity >= quiet_s
@@ -189,7 +193,7 @@ class TcpProxy:
         def count() -> dict[str, int]:
             out = {"http1": 0, "http2": 0, "quiet": 0}
             for c in self._conns:
-                out["http2" if c.http2 else "http1" if c.h1 is not None and c.h1.readable else "quiet"] += 1
+                out["http2" if c.http2 else "http1" if c.http1 else "quiet"] += 1
             return out
         return self._run(self._call(count))
 

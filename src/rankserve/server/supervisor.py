@@ -162,6 +162,12 @@ def backend_of(server: EmbeddedServer) -> dict[str, tuple[str, int]]:
     return {"http": (s.host, s.http_port), "grpc": (s.host, s.grpc_port), "metrics": (s.host, s.metrics_port)}
 
 
+def stop_notice(settings: ServeSettings) -> str:
+    """What a stop does, as ``rankserve serve`` tells it at the start."""
+    return (f"Ctrl-C or SIGTERM stops it. New connections are then refused at once, requests in flight finish (at most "
+            f"{settings.drain_timeout_s:g} s, --drain-timeout), then tritonserver stops.")
+
+
 class Front:
     """The public HTTP, gRPC and metrics ports of ``settings``, held by a :class:`TcpProxy` in
     front of whichever server is current (:meth:`serve`), and drained before a stop (:meth:`drain`)."""
